@@ -1,0 +1,3 @@
+from fsagent.cli import main
+
+raise SystemExit(main())

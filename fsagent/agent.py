@@ -1,0 +1,236 @@
+"""The agent: one trio nursery that owns the mount and every service.
+
+Design notes
+------------
+* **Components.** Each capability (uploads, jobs, the RPC server, the monitor) is a
+  ``Component``: it may add entries to the mounted root, contribute a section to
+  ``status``, run long-lived tasks in the agent's nursery (``serve``), and make its
+  state durable at shutdown (``checkpoint``). ``build_components`` is the one list of
+  them; adding a capability is adding a line there.
+* **Start-up order.** Lock the state dir (one agent per state), open and migrate the
+  database, clear a stale mount, build the tree, mount, start the services, and only
+  then log "mounted": nothing is served before the state it serves is ready.
+* **Shutdown order** (SIGTERM or SIGINT): ``pyfuse3.terminate()`` stops taking new
+  requests while in-flight ones finish (bounded by ``shutdown_timeout``, after which
+  they are cancelled); the services are cancelled; every component checkpoints
+  (shielded from cancellation); the database is flushed; the filesystem is
+  unmounted; the run is marked clean. A second signal skips the wait. If the mount
+  vanishes underneath us (an admin's ``fusermount3 -u``), the same path runs.
+* **Blocking work** goes through ``agent.to_thread`` (a shared CapacityLimiter of
+  ``worker_threads``), so no component can starve the event loop or the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pyfuse3
+import trio
+
+from . import __version__
+from .config import Config
+from .db import Database
+from .fs import Directory, DynamicFile, Filesystem, Node
+from .mountpoint import lock_state_dir, prepare_mount_point
+
+__all__ = ["Agent", "Component", "run_agent"]
+
+log = logging.getLogger(__name__)
+
+
+class Component:
+    """Base for a capability plugged into the agent. Every hook is optional."""
+
+    name = "component"
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+
+    def root_entries(self) -> dict[bytes, Node]:
+        """Top-level entries this component adds to the mounted tree."""
+        return {}
+
+    def status(self) -> dict[str, Any]:
+        """This component's section of ``status`` (JSON-serialisable)."""
+        return {}
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Long-running tasks; call ``task_status.started()`` once ready."""
+        task_status.started()
+
+    async def checkpoint(self) -> None:
+        """Make in-flight state durable. Runs at shutdown, shielded from cancellation."""
+
+
+def build_components(agent: Agent) -> list[Component]:
+    """Every capability of the agent, in start-up order."""
+    return [
+        PlaceholderTree(agent),
+    ]
+
+
+class PlaceholderTree(Component):
+    """``uploads/`` and ``jobs/`` as empty read-only directories, until their owners land."""
+
+    name = "tree"
+
+    def root_entries(self) -> dict[bytes, Node]:
+        return {b"uploads": Directory(), b"jobs": Directory()}
+
+
+class Agent:
+    def __init__(self, config: Config):
+        self.config = config
+        self.started_wall = time.time()
+        self.started = time.monotonic()
+        self.pid = os.getpid()
+        self.limiter = trio.CapacityLimiter(config.worker_threads)
+        self.db: Database | None = None
+        self.fs: Filesystem | None = None
+        self.components: list[Component] = []
+        self.mounted = trio.Event()
+        self.shutting_down = trio.Event()
+        self._lock_fd: int | None = None
+
+    # -- helpers for components ---------------------------------------------------------
+
+    async def to_thread(self, fn: Callable, *args: Any) -> Any:
+        """Run blocking work in a worker thread under the agent's capacity limit."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    def component(self, name: str) -> Component:
+        for c in self.components:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def status(self) -> dict[str, Any]:
+        try:
+            st = os.statvfs(self.config.state_dir)
+            free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        except OSError:
+            free = total = None
+        out: dict[str, Any] = {
+            "version": __version__,
+            "pid": self.pid,
+            "started": self.started_wall,
+            "uptime_seconds": round(time.monotonic() - self.started, 3),
+            "mount": str(self.config.mount),
+            "state_dir": str(self.config.state_dir),
+            "socket": str(self.config.socket_path),
+            "store_free_bytes": free,
+            "store_total_bytes": total,
+            "previous_run_clean": self.db.previous_run_clean if self.db else None,
+        }
+        for c in self.components:
+            section = c.status()
+            if section:
+                out[c.name] = section
+        return out
+
+    def render_status(self) -> bytes:
+        return (json.dumps(self.status(), indent=2, sort_keys=True) + "\n").encode()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        cfg = self.config
+        self._lock_fd = lock_state_dir(cfg.state_dir)
+        prepare_mount_point(cfg.mount)
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database.open(cfg.database_path)
+        self.db.begin_run(self.pid, __version__)
+        if not self.db.previous_run_clean:
+            log.warning("the previous agent did not stop cleanly; recovering")
+        self.components = build_components(self)
+        root = Directory()
+        root.add(b"status", DynamicFile(self.render_status))
+        for component in self.components:
+            for name, node in component.root_entries().items():
+                if name in root._children:
+                    raise RuntimeError(f"{component.name} adds {name!r} twice to the root")
+                root.add(name, node)
+        self.fs = Filesystem(root, statfs_path=cfg.state_dir)
+        for node in root._children.values():
+            self.fs.register(node, permanent=True)
+
+    def _mount_options(self) -> set[str]:
+        options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+        options |= {"fsname=fsagent", "subtype=fsagent"}
+        if self.config.allow_other:
+            options.add("allow_other")
+        return options
+
+    async def run(self) -> None:
+        self._prepare()
+        cfg = self.config
+        pyfuse3.init(self.fs, str(cfg.mount), self._mount_options())
+        unmounted = False
+        try:
+            self.mounted.set()
+            async with trio.open_nursery() as nursery:
+                for component in self.components:
+                    await nursery.start(component.serve)
+                nursery.start_soon(self.db.flush_periodically, cfg.db_flush_seconds)
+                fuse_done = trio.Event()
+                nursery.start_soon(self._fuse_main, fuse_done, nursery.cancel_scope)
+                nursery.start_soon(self._watch_signals, fuse_done, nursery.cancel_scope)
+                log.info("mounted at %s (state %s, pid %d)", cfg.mount, cfg.state_dir,
+                         self.pid)
+        finally:
+            with trio.CancelScope(shield=True):
+                self.shutting_down.set()
+                for component in reversed(self.components):
+                    try:
+                        await component.checkpoint()
+                    except Exception:
+                        log.exception("checkpoint of %s failed", component.name)
+                await self.db.flush()
+                try:
+                    pyfuse3.close(unmount=True)
+                    unmounted = True
+                except Exception:
+                    log.exception("unmounting %s failed", cfg.mount)
+                if unmounted:
+                    self.db.end_run()
+                self.db.close()
+                log.info("unmounted %s; stopped cleanly", cfg.mount)
+
+    async def _fuse_main(self, fuse_done: trio.Event, cancel_scope: trio.CancelScope) -> None:
+        try:
+            await pyfuse3.main()
+        finally:
+            fuse_done.set()
+            if not self.shutting_down.is_set():
+                log.info("FUSE session ended (mount removed externally?); shutting down")
+            cancel_scope.cancel()
+
+    async def _watch_signals(self, fuse_done: trio.Event, cancel_scope: trio.CancelScope):
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("%s: finishing in-flight requests, then unmounting",
+                         signal.Signals(signum).name)
+                self.shutting_down.set()
+                pyfuse3.terminate()
+                break
+            # Wait for in-flight requests, but not forever; a second signal cuts it short.
+            with trio.move_on_after(self.config.shutdown_timeout):
+                async with trio.open_nursery() as waiters:
+                    async def second_signal():
+                        async for _ in signals:
+                            log.warning("second signal: not waiting for in-flight requests")
+                            waiters.cancel_scope.cancel()
+                    waiters.start_soon(second_signal)
+                    await fuse_done.wait()
+                    waiters.cancel_scope.cancel()
+            cancel_scope.cancel()
+
+
+async def run_agent(config: Config) -> None:
+    await Agent(config).run()

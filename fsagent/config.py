@@ -1,0 +1,239 @@
+"""Every setting fsagent has: its name, type, default, check and documentation.
+
+Design notes
+------------
+* One flat table (``SETTINGS``) is the single source of truth. The TOML loader, the
+  command-line overrides, the README's configuration reference and the error messages
+  are all derived from it, so a setting cannot exist in one place and not another.
+* Precedence, lowest first: the embedded defaults, the TOML file (``--config``),
+  then command-line flags. An unknown key is an error, never silently ignored: a
+  misspelt ``setle_seconds`` must not leave a lab running on the default.
+* Relative paths in a TOML file are relative to that file's directory (so a config
+  can travel with its state); relative paths from flags or defaults are relative to
+  the working directory. Every path is made absolute once, here.
+* Every failure is a ``ConfigError`` whose ``str()`` is one line naming the setting;
+  the CLI prints it and exits 2 before anything is mounted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Config", "ConfigError", "SETTINGS", "Setting", "load_config"]
+
+
+class ConfigError(Exception):
+    """A setting is unknown, malformed or unusable. ``str()`` is a one-line message."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+
+
+# --- value parsers: each takes the raw TOML/flag value and the base dir for paths ------
+
+
+def _path(value: Any, base: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a path string, got {value!r}")
+    return (base / os.path.expanduser(value)).resolve()
+
+
+def _optional_path(value: Any, base: Path) -> Path | None:
+    if value is None or value == "":
+        return None
+    return _path(value, base)
+
+
+def _path_list(value: Any, base: Path) -> tuple[Path, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of paths, got {value!r}")
+    return tuple(_path(v, base) for v in value)
+
+
+def _int_at_least(minimum: int) -> Callable[[Any, Path], int]:
+    def parse(value: Any, base: Path) -> int:
+        # bool is an int subclass in Python; `true` is never a sensible byte count.
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                value = int(value)
+            else:
+                raise ValueError(f"expected an integer, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _number_at_least(minimum: float) -> Callable[[Any, Path], float]:
+    def parse(value: Any, base: Path) -> float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+        if not number >= minimum:  # also rejects NaN
+            raise ValueError(f"must be at least {minimum:g}, got {value}")
+        return number
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[Any, Path], str]:
+    def parse(value: Any, base: Path) -> str:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return value.lower()
+
+    return parse
+
+
+def _bool(value: Any, base: Path) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _argv(value: Any, base: Path) -> tuple[str, ...]:
+    # An argv list, never a shell string: nothing a user uploads can become shell syntax.
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of strings (an argv), got {value!r}")
+    return tuple(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: Callable[[Any, Path], Any]
+    default: Any  # raw value, parsed like user input (relative to the working dir)
+    doc: str
+    type_doc: str
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("mount", _path, "./mnt", "Where the FUSE filesystem is mounted. Created if missing; "
+            "must be an empty directory (a stale mount left by a crash is cleared).", "path"),
+    Setting("state_dir", _path, "./.fsagent", "Durable state: the SQLite database and the "
+            "uploaded data. Must be on a local disk; `df` on the mount reports its space.", "path"),
+    Setting("socket", _optional_path, None, "Unix socket of the msgpack-RPC API. "
+            "Default: `STATE_DIR/rpc.sock`.", "path"),
+    Setting("log_level", _choice(*LOG_LEVELS), "info", "Log verbosity on stderr: "
+            + ", ".join(LOG_LEVELS) + ".", "string"),
+    Setting("allow_other", _bool, False, "Let every local user use the mount (FUSE "
+            "`allow_other` with `default_permissions`). Needs `user_allow_other` in "
+            "/etc/fuse.conf for a non-root agent.", "bool"),
+    Setting("shutdown_timeout", _number_at_least(0.5), 8.0, "Seconds a SIGTERM/SIGINT waits "
+            "for in-flight FUSE requests before they are cancelled; the checkpoint and unmount "
+            "follow.", "seconds"),
+    Setting("db_flush_seconds", _number_at_least(0.01), 0.5, "How often batched bookkeeping "
+            "(per-file counters, timestamps) is written to SQLite in one transaction.",
+            "seconds"),
+    Setting("worker_threads", _int_at_least(1), 4, "Worker threads for blocking work (disk "
+            "I/O of real size, hashing, SQLite): the capacity limit that keeps the event loop "
+            "free.", "integer"),
+)
+
+_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Resolved settings. Paths are absolute. Build it with ``load_config``."""
+
+    mount: Path
+    state_dir: Path
+    socket: Path | None
+    log_level: str
+    allow_other: bool
+    shutdown_timeout: float
+    db_flush_seconds: float
+    worker_threads: int
+    config_file: Path | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.socket if self.socket is not None else self.state_dir / "rpc.sock"
+
+    @property
+    def database_path(self) -> Path:
+        return self.state_dir / "fsagent.db"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.state_dir / "data"
+
+    @property
+    def log_level_number(self) -> int:
+        return getattr(logging, self.log_level.upper())
+
+
+def load_config(
+    config_file: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    cwd: Path | None = None,
+) -> Config:
+    """Defaults, then the TOML file, then ``overrides`` (flags; ``None`` values ignored)."""
+    cwd = Path(cwd or os.getcwd())
+    raw: dict[str, tuple[Any, Path]] = {s.name: (s.default, cwd) for s in SETTINGS}
+    file_path = None
+    if config_file is not None:
+        file_path = (cwd / config_file).resolve()
+        try:
+            with open(file_path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError("config", f"no such file: {file_path}") from None
+        except OSError as e:
+            raise ConfigError("config", f"cannot read {file_path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("config", f"{file_path} is not valid TOML: {e}") from None
+        for key, value in data.items():
+            if key not in _BY_NAME:
+                raise ConfigError(key, f"unknown setting in {file_path}")
+            raw[key] = (value, file_path.parent)
+    for key, value in (overrides or {}).items():
+        if key not in _BY_NAME:
+            raise ConfigError(key, "unknown setting")
+        if value is not None:
+            raw[key] = (value, cwd)
+    values = {}
+    for setting in SETTINGS:
+        value, base = raw[setting.name]
+        try:
+            values[setting.name] = setting.parse(value, base)
+        except ValueError as e:
+            raise ConfigError(setting.name, str(e)) from None
+    config = Config(**values, config_file=file_path)
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: Config) -> None:
+    mount, state = config.mount, config.state_dir
+    if mount == state or mount in state.parents:
+        raise ConfigError("state_dir", f"{state} is inside the mount point {mount}")
+    if mount.is_relative_to(config.data_dir):
+        raise ConfigError("mount", f"{mount} is inside the data directory {config.data_dir}")
+
+
+def reference_markdown() -> str:
+    """The configuration reference table, as the README shows it."""
+    lines = ["| setting | type | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        default = "—" if s.default is None else f"`{json.dumps(s.default)}`"
+        lines.append(f"| `{s.name}` | {s.type_doc} | {default} | {s.doc} |")
+    return "\n".join(lines)

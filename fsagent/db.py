@@ -1,0 +1,237 @@
+"""The one SQLite database: schema, migrations, and the only connection.
+
+Design notes
+------------
+* **One owner.** This module owns the connection, the pragmas and every migration.
+  Other modules never open the file; they pass functions to ``Database.run`` (worker
+  thread) or stage writes with ``Database.stage``.
+* **Migrations per component.** ``MIGRATIONS`` maps a component name ("agent",
+  "uploads", "jobs", ...) to its ordered list of SQL scripts; the table
+  ``schema_version`` records how many of each have run. Components evolve
+  independently and append-only: never edit a shipped script, add the next one.
+  A database written by a newer fsagent (more scripts applied than this one knows)
+  is refused rather than guessed at.
+* **Durability.** WAL with ``synchronous=FULL``: a committed transaction survives
+  power loss. That costs one fsync per commit, so callers never commit per FUSE call:
+  per-file bookkeeping (bytes present, timestamps) goes through ``stage()``, which
+  coalesces by key and is written by ``flush()`` in one transaction, every
+  ``db_flush_seconds`` and at explicit durability points (checkpoints, shutdown).
+* **Threads.** The connection is used from one worker thread at a time
+  (``CapacityLimiter(1)`` plus a lock for the synchronous start-up/shutdown path), so
+  no SQLite call ever runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+__all__ = ["Database", "DatabaseError", "MIGRATIONS"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class DatabaseError(Exception):
+    pass
+
+
+MIGRATIONS: dict[str, Sequence[str]] = {
+    "agent": (
+        # 1: one row per agent start; `stopped` stays NULL until a clean shutdown, so the
+        # next start can tell a crash (kill -9, power loss) from a clean stop.
+        """
+        CREATE TABLE agent_runs (
+            id INTEGER PRIMARY KEY,
+            pid INTEGER NOT NULL,
+            version TEXT NOT NULL,
+            started REAL NOT NULL,
+            stopped REAL
+        );
+        """,
+    ),
+}
+
+
+class Database:
+    """The agent's SQLite state. Create with ``Database.open``."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path):
+        self._conn = conn
+        self.path = path
+        self._lock = threading.Lock()
+        self._limiter = trio.CapacityLimiter(1)
+        # key -> (sql, params); a later stage() with the same key replaces the earlier.
+        self._staged: dict[Any, tuple[str, Sequence[Any]]] = {}
+        self.run_id: int | None = None
+        self.previous_run_clean: bool = True
+        self.flush_count = 0
+
+    # -- opening and migrating --------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path) -> Database:
+        """Open (creating if needed) and migrate. Synchronous: call before serving."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as e:
+            raise DatabaseError(f"cannot open database {path}: {e}") from None
+        db = cls(conn, path)
+        db._migrate()
+        return db
+
+    def _migrate(self) -> None:
+        conn = self._conn
+        with self._lock:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                " component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+            )
+            applied = dict(conn.execute("SELECT component, version FROM schema_version"))
+            for component, version in applied.items():
+                known = len(MIGRATIONS.get(component, ()))
+                if version > known:
+                    raise DatabaseError(
+                        f"{self.path}: component {component!r} is at schema version "
+                        f"{version}, this fsagent knows only {known}; refusing to downgrade"
+                    )
+            for component, scripts in MIGRATIONS.items():
+                have = applied.get(component, 0)
+                for number, script in enumerate(scripts[have:], start=have + 1):
+                    log.info("migrating %s schema to version %d", component, number)
+                    with self._transaction():
+                        for statement in _split_statements(script):
+                            conn.execute(statement)
+                        conn.execute(
+                            "INSERT INTO schema_version(component, version) VALUES (?, ?)"
+                            " ON CONFLICT(component) DO UPDATE SET version = excluded.version",
+                            (component, number),
+                        )
+
+    def schema_versions(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._conn.execute("SELECT component, version FROM schema_version"))
+
+    # -- agent runs: crash detection ----------------------------------------------------
+
+    def begin_run(self, pid: int, version: str) -> None:
+        """Record this start; remember whether the previous run stopped cleanly."""
+        with self._lock, self._transaction():
+            row = self._conn.execute(
+                "SELECT stopped FROM agent_runs ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+            self.previous_run_clean = row is None or row[0] is not None
+            cur = self._conn.execute(
+                "INSERT INTO agent_runs(pid, version, started) VALUES (?, ?, ?)",
+                (pid, version, time.time()),
+            )
+            self.run_id = cur.lastrowid
+
+    def end_run(self) -> None:
+        """Mark this run clean. Call last, after everything else is durable."""
+        self.flush_sync()
+        with self._lock, self._transaction():
+            self._conn.execute(
+                "UPDATE agent_runs SET stopped = ? WHERE id = ?", (time.time(), self.run_id)
+            )
+
+    # -- running work -------------------------------------------------------------------
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` in a worker thread, inside one transaction."""
+        async with self._limiter:
+            return await trio.to_thread.run_sync(self._run_locked, fn, args)
+
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """The same, on the calling thread: only for start-up and shutdown."""
+        return self._run_locked(fn, args)
+
+    def _run_locked(self, fn: Callable[..., T], args: tuple) -> T:
+        with self._lock, self._transaction():
+            return fn(self._conn, *args)
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        # isolation_level=None puts sqlite3 in autocommit mode, so transactions are
+        # explicit here: one BEGIN..COMMIT (one fsync) per unit of work, never per statement.
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        else:
+            self._conn.execute("COMMIT")
+
+    # -- batched bookkeeping --------------------------------------------------------------
+
+    def stage(self, key: Any, sql: str, params: Sequence[Any]) -> None:
+        """Queue a write for the next flush; a later write with the same key replaces it.
+
+        Cheap and synchronous: safe to call from any FUSE handler on the event loop.
+        """
+        self._staged[key] = (sql, params)
+
+    @property
+    def staged_count(self) -> int:
+        return len(self._staged)
+
+    async def flush(self) -> None:
+        """Write everything staged so far in one transaction (one fsync)."""
+        if not self._staged:
+            return
+        async with self._limiter:
+            await trio.to_thread.run_sync(self.flush_sync)
+
+    def flush_sync(self) -> None:
+        with self._lock:
+            if not self._staged:
+                return
+            # Swap under the lock: stage() calls that race with us land in the fresh dict.
+            batch, self._staged = self._staged, {}
+            with self._transaction():
+                for sql, params in batch.values():
+                    self._conn.execute(sql, params)
+            self.flush_count += 1
+
+    async def flush_periodically(
+        self, interval: float, *, task_status=trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            await self.flush()
+
+    def close(self) -> None:
+        self.flush_sync()
+        with self._lock:
+            self._conn.close()
+
+
+def _split_statements(script: str) -> list[str]:
+    """Split a migration script into statements (sqlite3 runs one per execute).
+
+    A ``;`` ends a statement only where SQLite agrees the text so far is complete, so
+    semicolons inside strings and trigger bodies are kept.
+    """
+    statements, start = [], 0
+    for i, ch in enumerate(script):
+        if ch == ";" and sqlite3.complete_statement(script[start : i + 1]):
+            statements.append(script[start : i + 1].strip())
+            start = i + 1
+    if script[start:].strip():
+        raise DatabaseError(f"incomplete SQL statement in migration: {script[start:].strip()[:60]}")
+    return statements

@@ -1,0 +1,153 @@
+"""Shared fixtures: a real agent in a subprocess on a temporary mount.
+
+``agent_factory(...)`` starts ``fsagent run`` as a child process with its own mount
+point and state dir, waits until the mount is served *by that process* (the
+``status`` file carries its pid: after a kill -9 the kernel may still answer stat
+from its caches, so a mere ``stat`` proves nothing), and always tears it down:
+SIGTERM, then SIGKILL, then a lazy unmount, even when the test failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fsagent.mountpoint import is_mount_point, lazy_unmount
+
+FSAGENT = [sys.executable, "-m", "fsagent"]
+
+
+class AgentProcess:
+    def __init__(self, base: Path, *, config: str | None = None, args: list[str] = (),
+                 mount: Path | None = None, state: Path | None = None,
+                 env: dict | None = None):
+        self.base = base
+        self.mount = mount or base / "mnt"
+        self.state = state or base / "state"
+        self.config_path = None
+        self.extra_args = list(args)
+        self.env = env
+        if config is not None:
+            self.config_path = base / "fsagent.toml"
+            self.config_path.write_text(config)
+        self.proc: subprocess.Popen | None = None
+        self.log_path = base / f"agent-{time.monotonic_ns()}.log"
+        self.logs: list[Path] = []
+
+    @property
+    def socket(self) -> Path:
+        return self.state / "rpc.sock"
+
+    @property
+    def uploads(self) -> Path:
+        return self.mount / "uploads"
+
+    @property
+    def jobs(self) -> Path:
+        return self.mount / "jobs"
+
+    def argv(self) -> list[str]:
+        argv = FSAGENT + ["run", "--mount", str(self.mount), "--state-dir", str(self.state),
+                          "--log-level", "debug"]
+        if self.config_path:
+            argv += ["--config", str(self.config_path)]
+        return argv + self.extra_args
+
+    def start(self, timeout: float = 20.0) -> AgentProcess:
+        self.log_path = self.base / f"agent-{len(self.logs)}.log"
+        self.logs.append(self.log_path)
+        log = open(self.log_path, "wb")
+        env = dict(os.environ, **(self.env or {}))
+        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+        log.close()
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.status()["pid"] == self.proc.pid:
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"agent not ready after {timeout}s:\n{self.log()}")
+
+    def status(self) -> dict:
+        return json.loads((self.mount / "status").read_text())
+
+    def log(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.stop(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        if is_mount_point(self.mount):
+            lazy_unmount(self.mount)
+
+
+@pytest.fixture
+def agent_factory(tmp_path):
+    """Make (not start) agents: ``agent_factory(config=..., args=[...]).start()``."""
+    made: list[AgentProcess] = []
+
+    def make(**kwargs) -> AgentProcess:
+        a = AgentProcess(tmp_path, **kwargs)
+        made.append(a)
+        return a
+
+    yield make
+    failures = []
+    for a in made:
+        try:
+            a.cleanup()
+        except Exception as e:  # keep cleaning the others
+            failures.append(e)
+    if failures:
+        raise failures[0]
+
+
+@pytest.fixture
+def agent(agent_factory) -> AgentProcess:
+    """A running agent with the default configuration."""
+    return agent_factory().start()
+
+
+def run_fsagent(*args: str, cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run the CLI to completion (for commands that exit)."""
+    return subprocess.run(FSAGENT + list(args), capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    """``cli("run", "--mount", ...)`` runs the fsagent command to completion."""
+    return run_fsagent

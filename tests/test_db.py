@@ -1,0 +1,102 @@
+"""The SQLite state: migrations, crash detection, batched writes, worker threads."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import trio
+
+from fsagent import db as dbmod
+from fsagent.db import Database, DatabaseError
+
+
+def test_migrations_run_once_and_are_recorded(tmp_path):
+    d = Database.open(tmp_path / "a.db")
+    assert d.schema_versions()["agent"] == len(dbmod.MIGRATIONS["agent"])
+    d.close()
+    d = Database.open(tmp_path / "a.db")  # re-open: nothing re-applied, no error
+    assert d.schema_versions()["agent"] == len(dbmod.MIGRATIONS["agent"])
+    assert d.run_sync(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0]) == "wal"
+    d.close()
+
+
+def test_new_component_migrations_apply_on_an_existing_database(tmp_path, monkeypatch):
+    Database.open(tmp_path / "a.db").close()
+    monkeypatch.setitem(dbmod.MIGRATIONS, "extra", (
+        "CREATE TABLE t1 (x INTEGER);",
+        "ALTER TABLE t1 ADD COLUMN y TEXT; CREATE INDEX t1_y ON t1(y);",
+    ))
+    d = Database.open(tmp_path / "a.db")
+    assert d.schema_versions()["extra"] == 2
+    d.run_sync(lambda c: c.execute("INSERT INTO t1(x, y) VALUES (1, 'a')"))
+    d.close()
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    d = Database.open(tmp_path / "a.db")
+    d.run_sync(lambda c: c.execute("UPDATE schema_version SET version = 99"))
+    d.close()
+    with pytest.raises(DatabaseError, match="refusing to downgrade"):
+        Database.open(tmp_path / "a.db")
+
+
+def test_failed_migration_leaves_nothing_half_done(tmp_path, monkeypatch):
+    monkeypatch.setitem(dbmod.MIGRATIONS, "extra", (
+        "CREATE TABLE good (x INTEGER); CREATE TABLE good (x INTEGER);",  # 2nd fails
+    ))
+    with pytest.raises(Exception):
+        Database.open(tmp_path / "a.db")
+    monkeypatch.delitem(dbmod.MIGRATIONS, "extra")
+    d = Database.open(tmp_path / "a.db")
+    assert "extra" not in d.schema_versions()
+    assert d.run_sync(lambda c: c.execute(
+        "SELECT count(*) FROM sqlite_master WHERE name = 'good'").fetchone()[0]) == 0
+
+
+def test_unclean_previous_run_is_detected(tmp_path):
+    d = Database.open(tmp_path / "a.db")
+    d.begin_run(1, "x")
+    assert d.previous_run_clean
+    d.close()  # no end_run: as after kill -9
+    d = Database.open(tmp_path / "a.db")
+    d.begin_run(2, "x")
+    assert not d.previous_run_clean
+    d.end_run()
+    d.close()
+    d = Database.open(tmp_path / "a.db")
+    d.begin_run(3, "x")
+    assert d.previous_run_clean
+
+
+async def test_staged_writes_coalesce_into_one_transaction(tmp_path, monkeypatch):
+    monkeypatch.setitem(dbmod.MIGRATIONS, "extra", ("CREATE TABLE c (k TEXT PRIMARY KEY, n INT);",))
+    d = Database.open(tmp_path / "a.db")
+    for i in range(10_000):  # e.g. one per FUSE write
+        d.stage(("c", i % 10), "INSERT OR REPLACE INTO c(k, n) VALUES (?, ?)", (str(i % 10), i))
+    assert d.staged_count == 10
+    await d.flush()
+    assert d.flush_count == 1
+    rows = await d.run(lambda c: dict(c.execute("SELECT k, n FROM c")))
+    assert rows == {str(k): 9990 + k for k in range(10)}
+    await d.flush()  # nothing staged: no transaction at all
+    assert d.flush_count == 1
+    d.close()
+
+
+async def test_database_work_runs_off_the_event_loop(tmp_path):
+    d = Database.open(tmp_path / "a.db")
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await trio.sleep(0.01)
+            ticks += 1
+
+    async with trio.open_nursery() as n:
+        n.start_soon(ticker)
+        await d.run(lambda c: time.sleep(0.5))  # a slow query
+        n.cancel_scope.cancel()
+    assert ticks >= 20  # the loop kept running while the "query" blocked its thread
+    d.close()
