@@ -67,6 +67,10 @@ class Component:
     async def checkpoint(self) -> None:
         """Make in-flight state durable. Runs at shutdown, shielded from cancellation."""
 
+    def rpc_methods(self) -> dict[str, Callable[..., Any]]:
+        """msgpack-RPC methods this component serves: ``{"Name.op": async fn(*params)}``."""
+        return {}
+
 
 def build_components(agent: Agent) -> list[Component]:
     """Every capability of the agent, in start-up order."""
@@ -103,6 +107,15 @@ class Agent:
     async def to_thread(self, fn: Callable, *args: Any) -> Any:
         """Run blocking work in a worker thread under the agent's capacity limit."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    async def submit_job(self, kind: str, spec: dict[str, Any], *, priority: int = 0,
+                         owner_uid: int | None = None) -> str:
+        """The one hand-off point into the job engine (the component named "jobs").
+
+        Uploads call it with kind "import" when a file is verified; returns the job ID.
+        """
+        return await self.component("jobs").submit(
+            kind, spec, priority=priority, owner_uid=owner_uid)
 
     def component(self, name: str) -> Component:
         for c in self.components:
@@ -143,7 +156,7 @@ class Agent:
         cfg = self.config
         self._lock_fd = lock_state_dir(cfg.state_dir)
         prepare_mount_point(cfg.mount)
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        cfg.uploads_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database.open(cfg.database_path)
         self.db.begin_run(self.pid, __version__)
         if not self.db.previous_run_clean:

@@ -176,6 +176,11 @@ class Config:
         return self.state_dir / "data"
 
     @property
+    def uploads_dir(self) -> Path:
+        """Backing tree of ``MOUNT/uploads``: the same relative paths, on the state disk."""
+        return self.data_dir / "uploads"
+
+    @property
     def log_level_number(self) -> int:
         return getattr(logging, self.log_level.upper())
 
