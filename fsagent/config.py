@@ -105,6 +105,25 @@ def _bool(value: Any, base: Path) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"`` or ``"[::1]:9464"`` -> (host, port). ``ValueError`` if not."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT (port 0-65535), got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _optional_listen(value: Any, base: Path) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    parse_listen(value)
+    return value
+
+
 def _argv(value: Any, base: Path) -> tuple[str, ...]:
     # An argv list, never a shell string: nothing a user uploads can become shell syntax.
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -144,6 +163,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("worker_threads", _int_at_least(1), 4, "Worker threads for blocking work (disk "
             "I/O of real size, hashing, SQLite): the capacity limit that keeps the event loop "
             "free.", "integer"),
+    Setting("metrics_listen", _optional_listen, None, "Also serve `MOUNT/metrics` over "
+            "HTTP at `http://HOST:PORT/metrics` (e.g. `127.0.0.1:9464`; port 0 picks a free "
+            "one, shown in `status`). Unset: no listener.", "HOST:PORT"),
 )
 
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -161,6 +183,7 @@ class Config:
     shutdown_timeout: float
     db_flush_seconds: float
     worker_threads: int
+    metrics_listen: str | None = None
     config_file: Path | None = None
 
     @property

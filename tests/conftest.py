@@ -60,7 +60,8 @@ class AgentProcess:
             argv += ["--config", str(self.config_path)]
         return argv + self.extra_args
 
-    def start(self, timeout: float = 20.0) -> AgentProcess:
+    def start(self, timeout: float = 20.0, *, wait: bool = True) -> AgentProcess:
+        """Start the agent; with ``wait=False`` return at once (readiness is the test's)."""
         self.log_path = self.base / f"agent-{len(self.logs)}.log"
         self.logs.append(self.log_path)
         log = open(self.log_path, "wb")
@@ -68,7 +69,8 @@ class AgentProcess:
         self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
         log.close()
-        self.wait_ready(timeout)
+        if wait:
+            self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float) -> None:
