@@ -285,7 +285,8 @@ class Histogram(_Metric):
             cumulative = 0.0
             for bound, n in zip(self.buckets, series):
                 cumulative += n
-                le = ("le", _format_value(bound))
+                # "1.0", not "1": the canonical form, so le values compare as strings.
+                le = ("le", "+Inf" if math.isinf(bound) else repr(bound))
                 yield "_bucket", _labels_text(self.label_names, key, le), cumulative
             yield "_sum", _labels_text(self.label_names, key), series[-2]
             yield "_count", _labels_text(self.label_names, key), series[-1]
