@@ -229,3 +229,41 @@ def test_busy_metrics_port_is_a_one_line_config_error(agent_factory, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("fsagent: error: metrics_listen: ")
     assert not os.path.ismount(agent.mount)
     assert not (agent.state / "fsagent.db").exists()  # nothing touched
+
+
+# -- the docs and the dashboard name real metrics ----------------------------------------------
+
+
+def _exported_names(agent) -> tuple[set[str], set[str]]:
+    """(family names as documented, every sample name) of a live agent's metrics."""
+    families, samples = set(), set()
+    for family in text_string_to_metric_families((agent.mount / "metrics").read_text()):
+        families.add(family.name + ("_total" if family.type == "counter" else ""))
+        samples.update(s.name for s in family.samples)
+    return families, samples
+
+
+def test_readme_metrics_table_is_what_the_agent_exports(agent):
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = re.search(r"<!-- metrics-table:[^>]*-->\n(.*?)<!-- /metrics-table -->", readme, re.S)
+    assert table, "README lacks the metrics table markers"
+    documented = set(re.findall(r"^\| `(\w+)", table.group(1), re.M))
+    assert documented == _exported_names(agent)[0]
+
+
+def test_grafana_dashboard_queries_only_exported_metrics(agent):
+    import json
+    import re
+    from pathlib import Path
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "contrib" /
+                            "grafana-fsagent.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\bfsagent_\w+", e)}
+    documented, samples = _exported_names(agent)
+    # (A labelled counter with no series yet, like the FUSE errors, has no samples.)
+    assert used and used <= samples | documented, used - samples - documented
+    # Every agent-level metric but two supplementary timestamps is on the dashboard.
+    supplementary = {"fsagent_start_time_seconds", "fsagent_last_checkpoint_timestamp_seconds"}
+    assert documented - supplementary <= {re.sub(r"_bucket$", "", n) for n in used}
