@@ -96,10 +96,19 @@ async def _watchdog(agent: Agent, notifier: Notifier, limiter: trio.CapacityLimi
         await trio.sleep_until(deadline)
 
 
+def _status_line(agent: Agent) -> str:
+    # A component's counts() failing is its bug, logged; it must not stop the agent.
+    try:
+        return agent.status_line()
+    except Exception:
+        log.exception("building the STATUS= line failed")
+        return f"serving {agent.config.mount}"
+
+
 async def _status_updates(agent: Agent, notifier: Notifier, last: str) -> None:
     while True:
         await trio.sleep(STATUS_INTERVAL)
-        line = agent.status_line()
+        line = _status_line(agent)
         if line != last:
             notifier.status(line)
             last = line
@@ -136,7 +145,7 @@ async def supervise(agent: Agent, notifier: Notifier, *,
         if stall is not None:
             nursery.start_soon(_debug_stall, stall)
         await wait_until_serving(agent, limiter)
-        line = agent.status_line()
+        line = _status_line(agent)
         notifier.ready(line)
         agent.serving.set()
         log.debug("mount answers; told the service manager READY=1")

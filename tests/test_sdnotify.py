@@ -220,3 +220,34 @@ def test_stopping_at_sigterm(agent_factory, manager):
     assert fields["STOPPING"] == "1" and "SIGTERM" in fields["STATUS"]
     assert agent.proc.wait(10) == 0
     assert len(manager.with_key("STOPPING")) == 1
+
+
+def test_status_line_gathers_every_components_counts(tmp_path):
+    from fsagent.agent import Agent, Component
+    from fsagent.config import load_config
+    from fsagent.liveness import _status_line
+
+    class Uploads(Component):
+        name = "uploads"
+
+        def counts(self):
+            return {"uploads receiving": 2}
+
+    class Jobs(Component):
+        name = "jobs"
+
+        def counts(self):
+            return {"jobs running": 1, "jobs queued": 4}
+
+    class Broken(Component):
+        name = "broken"
+
+        def counts(self):
+            raise RuntimeError("bug")
+
+    agent = Agent(load_config(None, {"mount": "m", "state_dir": "s"}, cwd=tmp_path))
+    agent.components = [Uploads(agent), Jobs(agent)]
+    assert _status_line(agent) == (f"serving {tmp_path / 'm'}: uploads receiving 2, "
+                                   "jobs running 1, jobs queued 4, starting")
+    agent.components.append(Broken(agent))
+    assert _status_line(agent) == f"serving {tmp_path / 'm'}"  # logged, not raised
