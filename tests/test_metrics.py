@@ -267,3 +267,17 @@ def test_grafana_dashboard_queries_only_exported_metrics(agent):
     # Every agent-level metric but two supplementary timestamps is on the dashboard.
     supplementary = {"fsagent_start_time_seconds", "fsagent_last_checkpoint_timestamp_seconds"}
     assert documented - supplementary <= {re.sub(r"_bucket$", "", n) for n in used}
+
+
+def test_database_flushes_feed_the_latency_histogram(tmp_path):
+    from fsagent.db import Database
+    db = Database.open(tmp_path / "x.db")
+    flush_seconds = Registry().histogram("fsagent_db_flush_seconds", "h")
+    db.on_flush = flush_seconds.observe
+    db.flush_sync()  # nothing staged: no transaction, nothing observed
+    assert flush_seconds.count() == 0
+    db.stage("run", "INSERT INTO agent_runs(pid, version, started) VALUES (?, ?, ?)",
+             (1, "test", 0.0))
+    db.flush_sync()
+    assert db.flush_count == 1 and flush_seconds.count() == 1
+    db.close()
