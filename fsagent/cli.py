@@ -50,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="RPC Unix socket (default STATE_DIR/rpc.sock)")
     run.add_argument("--log-level", metavar="LEVEL", choices=LOG_LEVELS,
                      help=f"one of {', '.join(LOG_LEVELS)} (default info)")
+    run.add_argument("--export-root", metavar="DIR", action="append", dest="export_roots",
+                     help="a directory FileServer and monitors may serve (repeatable; "
+                     "replaces export_roots from the config)")
     run.set_defaults(func=cmd_run)
+    from .rpc._cli import add_rpc_commands
+    add_rpc_commands(sub)
     return parser
 
 
@@ -68,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     overrides = {
         "mount": args.mount, "state_dir": args.state_dir, "socket": args.socket,
-        "log_level": args.log_level,
+        "log_level": args.log_level, "export_roots": args.export_roots,
     }
     config = load_config(args.config, overrides)
     _setup_logging(config.log_level_number)
