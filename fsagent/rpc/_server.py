@@ -57,6 +57,8 @@ _current_peer: contextvars.ContextVar[Peer] = contextvars.ContextVar("fsagent_rp
 _peer_ids = itertools.count(1)
 # How long a connection closed for a protocol error may still drain queued replies.
 _DRAIN_SECONDS = 5.0
+# A TCP client that does not finish its TLS handshake is dropped after this long.
+_HANDSHAKE_SECONDS = 10.0
 
 
 def current_peer() -> Peer:
@@ -212,6 +214,11 @@ class RpcServer:
         log.debug("connection %d from %s", peer.id, label)
         reason = "closed"
         try:
+            if isinstance(stream, trio.SSLStream):
+                with trio.move_on_after(_HANDSHAKE_SECONDS) as scope:
+                    await stream.do_handshake()
+                if scope.cancelled_caught:
+                    raise trio.BrokenResourceError("no TLS handshake in time")
             async with stream, trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_loop, stream, outbox, peer, nursery.cancel_scope)
                 async with trio.open_nursery() as handlers:
@@ -225,6 +232,7 @@ class RpcServer:
                     nursery.cancel_scope.deadline = trio.current_time() + _DRAIN_SECONDS
         except* (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as group:
             reason = f"transport: {group.exceptions[0]}"
+            await trio.aclose_forcefully(stream)
         finally:
             peer._mark_closed()
             self.peers.discard(peer)
