@@ -61,7 +61,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 
 # Slack subtracted from the last good read's time when a rescan looks for files
 # modified during an overflow: the kernel stamps mtimes with a coarse (tick) clock.
-_MTIME_SLACK_NS = 20_000_000
+_MTIME_SLACK_NS = 10_000_000
 
 
 @dataclass(frozen=True)

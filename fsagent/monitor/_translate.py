@@ -128,6 +128,13 @@ class Translator:
                 del self.path_wd[directory]
             return
         if mask & (F.DELETE_SELF | F.MOVE_SELF):
+            # The kernel queues MOVED_FROM, MOVED_TO, then MOVE_SELF: a watched directory
+            # whose MOVED_FROM is still unpaired at its MOVE_SELF has left the tree. Resolve
+            # it now, before its watch reports new events under a stale path.
+            for cookie, (moved, is_dir, _) in list(self._moves.items()):
+                if moved == directory:
+                    del self._moves[cookie]
+                    self._moved_out(moved, is_dir)
             if directory == self.root:
                 what = "removed" if mask & F.DELETE_SELF else "moved away"
                 self._emit(("System", f"Watched directory {what}: {self.root}", False))
@@ -164,8 +171,10 @@ class Translator:
             elif path not in self.known:
                 self.known[path] = "p"
         elif mask & F.CLOSE_WRITE:
-            self._provisional.pop(path, None)
-            if self.known.get(path) == "f":
+            # A listed file whose writer closes it only now was still being written when
+            # its directory was listed: this close is its creation, not a modification.
+            listed = self._provisional.pop(path, None) is not None
+            if self.known.get(path) == "f" and not listed:
                 self._emit(("Modify", path, False))
             else:
                 self.known[path] = "f"
