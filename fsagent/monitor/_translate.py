@@ -183,19 +183,20 @@ class Translator:
             self._provisional.pop(path, None)
             self._removed(path)
 
-    def _removed(self, path: str) -> None:
+    def _removed(self, path: str, *, moved_away: bool = False) -> None:
         state = self.known.pop(path, None)
         if state == "d":
             for sub in sorted(self._under(path), reverse=True):
-                self._removed(sub)
-            self._forget_watch(path)
+                self._removed(sub, moved_away=moved_away)
+            if moved_away:  # still exists elsewhere: we stop watching it ourselves
+                self._forget_watch(path)
         if state in ("f", "d"):
             self._emit(("Delete", path, state == "d"))
 
     def _moved_out(self, path: str, is_dir: bool) -> None:
         self._provisional.pop(path, None)
         if path in self.known:
-            self._removed(path)
+            self._removed(path, moved_away=True)
 
     def _moved_in(self, path: str, is_dir: bool) -> None:
         if is_dir:
