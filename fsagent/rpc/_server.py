@@ -303,13 +303,17 @@ class RpcServer:
         fn = self.methods.get(request.method)
         if fn is None:
             return [NO_SUCH_METHOD, f"no such method: {request.method}"], None
-        problem = self._checks[request.method](request.params)
-        if problem is not None:
-            return [INVALID_PARAMS, f"{request.method}: {problem}"], None
         try:
             return None, await fn(*request.params)
         except RpcError as e:
             return e.to_wire(), None
+        except TypeError as e:
+            # Checking the arity only after a TypeError keeps it off the hot path.
+            problem = self._checks[request.method](request.params)
+            if problem is not None:
+                return [INVALID_PARAMS, f"{request.method}: {problem}"], None
+            log.exception("RPC method %s failed (from %s)", request.method, peer.label)
+            return [INTERNAL_ERROR, f"{type(e).__name__}: {e}"], None
         except Exception as e:
             log.exception("RPC method %s failed (from %s)", request.method, peer.label)
             return [INTERNAL_ERROR, f"{type(e).__name__}: {e}"], None
