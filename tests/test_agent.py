@@ -48,9 +48,10 @@ def test_status_size_matches_content_and_partial_reads_are_consistent(agent):
         time.sleep(0.05)
         rest = f.read()
     whole = first + rest
-    assert json.loads(whole)  # one snapshot, even across reads
-    assert os.stat(path).st_size == len(path.read_bytes()) or True  # size is rendered too
-    assert os.stat(path).st_size > 100
+    assert json.loads(whole)["pid"] == agent.proc.pid  # one snapshot, even across reads
+    # The reported size is the rendered size (give or take a digit of uptime), so tools
+    # that trust st_size see the whole document.
+    assert abs(os.stat(path).st_size - len(whole)) <= 3
 
 
 def test_status_is_read_only(agent):
