@@ -362,3 +362,20 @@ def test_watch_limit_is_reported_and_other_monitors_keep_working(tmp_path):
     watched = {f"{tmp_path}/a/{n}" for n in (1, 2, 3, 4)} - {
         m.rsplit(": ", 1)[1] for m in reported}
     assert eval(lines[2][2:]) == sorted([f"{tmp_path}/a/x"] + [f"{d}/x" for d in watched])
+
+
+async def test_file_still_open_when_its_new_directory_is_listed_is_created_at_close(
+        served, tmp_path):
+    agent, data = served
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    f = open(staging / "big.tif", "wb")  # opened for writing before the directory arrives
+    f.write(b"partial")
+    f.flush()
+    async with open_client(agent.socket) as c:
+        mid = await create(c, data, mode="Follow", ignore_dirs=True)
+        os.rename(staging, data / "run")
+        assert await synced(c, mid) == []  # listed, but its writer has not closed it
+        f.write(b" rest")
+        f.close()
+        assert await synced(c, mid) == [("Create", f"{data}/run/big.tif")]

@@ -10,12 +10,16 @@ Design notes
   then lists it, so nothing created in between is missed (the translator sorts out
   what the listing and the queued events both saw). A failed watch (``ENOSPC`` at the
   watch limit, ``EACCES``) is recorded, not raised: the monitor reports it and keeps
-  serving the rest. ``inotify_add_watch`` on an already watched directory returns its
+  serving the rest. Files of a new directory that some process still has open for
+  writing (a read lease is refused) are marked, so they are reported at their close
+  rather than at the listing. ``inotify_add_watch`` on an already watched directory returns its
   existing descriptor, which is what lets a rescan rebuild the watch table in place.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 
 import trio
@@ -60,8 +64,29 @@ class InotifyWatcher:
         self._inotify.close()
 
 
+def open_for_writing(path: str) -> bool:
+    """True if some process has ``path`` open for writing, by asking for a read lease
+    (which the kernel refuses with EAGAIN exactly then). Unknown (no lease support, not
+    our file) counts as False. A writer opening the file in the microseconds we hold
+    the lease waits for our release; its lease-break SIGIO is ignored (see
+    ``MonitorServer``)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as e:
+        return e.errno == errno.EAGAIN
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
+
+
 def walk(watcher: InotifyWatcher, top: str, *, recurse: bool, excluded,
-         with_mtime: bool = False) -> WalkResult:
+         with_mtime: bool = False, check_writers: bool = False) -> WalkResult:
     """Watch and list ``top`` (and, if ``recurse``, every directory below it)."""
     result = WalkResult(top)
     stack = [top]
@@ -89,6 +114,8 @@ def walk(watcher: InotifyWatcher, top: str, *, recurse: bool, excluded,
             except OSError:
                 continue
             result.entries.append((path, is_dir, mtime))
+            if check_writers and not is_dir and open_for_writing(path):
+                result.writing.add(path)
             if is_dir and recurse:
                 stack.append(path)
     return result

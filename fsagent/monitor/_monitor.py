@@ -189,7 +189,7 @@ class Monitor:
                 self._scope = scope
                 tr = self._translator = Translator(self.spec.root, self.spec.mode,
                                                    self._excluded)
-                first = await self._walk(watcher, self.spec.root)
+                first = await self._walk(watcher, self.spec.root, check_writers=False)
                 if self.spec.root not in dict(first.watched):
                     reason = next((f[2] for f in first.failures), "not a directory")
                     raise OmeroFSError(f"cannot watch {self.spec.root}: {reason}")
@@ -210,11 +210,12 @@ class Monitor:
                 self.state = STOPPED
             self._done.set()
 
-    async def _walk(self, watcher, top: str, *, with_mtime: bool = False):
+    async def _walk(self, watcher, top: str, *, with_mtime: bool = False,
+                    check_writers: bool = True):
         recurse = self.spec.mode != "Flat"
         return await self.agent.to_thread(
             lambda: walk(watcher, top, recurse=recurse, excluded=self._excluded,
-                         with_mtime=with_mtime))
+                         with_mtime=with_mtime, check_writers=check_writers))
 
     async def _settle(self, tr: Translator, watcher: InotifyWatcher) -> None:
         """Watch and list new directories (or rescan), then drain what queued meanwhile."""

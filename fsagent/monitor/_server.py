@@ -20,7 +20,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 import trio
@@ -63,6 +65,10 @@ class MonitorServer(Component):
         self.monitors: dict[str, Monitor] = {}
         self._watched_peers: set[int] = set()
         self._nursery: trio.Nursery | None = None
+        # The walker's read-lease probe (monitor/_inotify.py) may see a lease broken by a
+        # writer; the kernel then sends SIGIO, whose default action would kill the agent.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGIO, signal.SIG_IGN)
 
     def status(self) -> dict[str, Any]:
         return {"monitors": {mid: m.status() for mid, m in self.monitors.items()}}

@@ -21,7 +21,7 @@ Design notes
   thread) and hands back the listing with ``add_listing``. Listed entries are
   provisional until the adapter has drained the events queued meanwhile: a file
   whose ``IN_CREATE`` shows up in that drain was created after the watch and will be
-  reported at close; the others existed before the watch and are reported by
+  reported at close, and so is one the adapter found still open for writing; the others existed before the watch and are reported by
   ``finalize_listing`` (or silently known, for a start-up scan or a Recurse-mode
   move-in). No losses, no duplicates.
 * **Overflow** (``IN_Q_OVERFLOW``, wd -1) → System "Overflow" and ``need_rescan``. The
@@ -59,6 +59,7 @@ class WalkResult:
     watched: list[tuple[str, int]] = field(default_factory=list)
     entries: list[tuple[str, bool, int]] = field(default_factory=list)  # path, is_dir, mtime_ns
     failures: list[tuple[str, int, str]] = field(default_factory=list)  # path, errno, strerror
+    writing: set[str] = field(default_factory=set)  # files open for writing when listed
 
 
 class Translator:
@@ -264,6 +265,8 @@ class Translator:
                 self.known[path] = "d"
                 if report:
                     self._emit(("Create", path, True))
+            elif path in result.writing:
+                self.known[path] = "p"  # reported when its writer closes it
             else:
                 self.known[path] = "f"
                 self._provisional[path] = report
@@ -298,6 +301,8 @@ class Translator:
                 self.known[path] = "d" if is_dir else "f"
                 if is_dir:
                     self._emit(("Create", path, True))
+                elif path in result.writing:
+                    self.known[path] = "p"
                 else:
                     self._provisional[path] = True
             elif state == "f" and not is_dir and mtime_ns >= modified_since_ns:
