@@ -29,8 +29,8 @@ async def create(client, path, *, mtype="Persistent", etypes=ALL, mode="Flat",
     return mid
 
 
-def drain(client, monitor_id=None) -> list[tuple[str, str]]:
-    """Every (type, path) already received, without waiting."""
+def batches(client) -> list[list[dict]]:
+    """Every fsEventHappened batch already received, without waiting."""
     out = []
     while True:
         try:
@@ -38,9 +38,13 @@ def drain(client, monitor_id=None) -> list[tuple[str, str]]:
         except (trio.WouldBlock, trio.EndOfChannel):
             return out
         assert note.method == "fsEventHappened"
-        mid, batch = note.params
-        if monitor_id is None or mid == monitor_id:
-            out.extend((e["type"], e["fileId"]) for e in batch)
+        out.append(note.params)
+
+
+def drain(client, monitor_id=None) -> list[tuple[str, str]]:
+    """Every (type, path) already received, without waiting."""
+    return [(e["type"], e["fileId"]) for mid, batch in batches(client)
+            if monitor_id is None or mid == monitor_id for e in batch]
 
 
 async def synced(client, monitor_id) -> list[tuple[str, str]]:
@@ -49,14 +53,11 @@ async def synced(client, monitor_id) -> list[tuple[str, str]]:
     return drain(client, monitor_id)
 
 
-def batches(client) -> list[list[dict]]:
-    out = []
-    while True:
-        try:
-            note = client.notifications.receive_nowait()
-        except (trio.WouldBlock, trio.EndOfChannel):
-            return out
-        out.append(note.params[1])
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
 
 
-__all__ = ["export_agent", "create", "drain", "synced", "batches", "open_client"]
+__all__ = ["export_agent", "create", "drain", "synced", "batches", "open_client", "rss_kib"]

@@ -66,7 +66,7 @@ async def test_rename_pair_stays_in_one_batch_even_with_block_size_1(served):
             write(data / f"n{i}")
         os.rename(data / "a", data / "b")
         await c.call("MonitorServer.sync", mid)
-        got = [[(e["type"], e["fileId"]) for e in b] for b in batches(c)]
+        got = [[(e["type"], e["fileId"]) for e in b] for _, b in batches(c)]
         assert got == [[("Create", f"{data}/n0")], [("Create", f"{data}/n1")],
                        [("Create", f"{data}/n2")],
                        [("Delete", f"{data}/a"), ("Create", f"{data}/b")]]

@@ -8,7 +8,7 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rpcutil import export_agent
+from rpcutil import export_agent, rss_kib
 
 VALID = [
     [0, 1, "FileServer.getSize", ["/x"]],
@@ -42,13 +42,6 @@ frames = st.one_of(
 def _mutate(frame: bytes, at: int, junk: bytes) -> bytes:
     at %= len(frame)
     return frame[:at] + junk + frame[at + len(junk):]
-
-
-def rss_kib(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError
 
 
 def test_fuzzed_frames(agent_factory, tmp_path):

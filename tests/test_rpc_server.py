@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from fsagent.rpc import RpcError, open_client
-from rpcutil import export_agent
+from rpcutil import export_agent, rss_kib
 
 TOKEN = "correct-horse-battery-staple"
 
@@ -40,13 +40,6 @@ def read_messages(sock: socket.socket, count: int) -> list:
         unpacker.feed(data)
         out.extend(unpacker)
     return out
-
-
-def rss_kib(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_unix_socket_mode_is_0660(agent):
