@@ -89,8 +89,15 @@ class Component:
 
 def build_components(agent: Agent) -> list[Component]:
     """Every capability of the agent, in start-up order."""
+    from .fileserver import FileServer
+    from .monitor import MonitorServer
+    from .rpc._component import RpcComponent
+
     return [
         PlaceholderTree(agent),
+        FileServer(agent),
+        MonitorServer(agent),
+        RpcComponent(agent),  # last: serves the rpc_methods() of everything above
     ]
 
 

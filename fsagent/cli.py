@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="RPC Unix socket (default STATE_DIR/rpc.sock)")
     run.add_argument("--log-level", metavar="LEVEL", choices=LOG_LEVELS,
                      help=f"one of {', '.join(LOG_LEVELS)} (default info)")
+    run.add_argument("--export-root", metavar="DIR", action="append", dest="export_roots",
+                     help="a directory FileServer and monitors may serve (repeatable; "
+                     "replaces export_roots from the config)")
     run.set_defaults(func=cmd_run)
 
     config = sub.add_parser(
@@ -65,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("setting", nargs="?", metavar="SETTING",
                         choices=[s.name for s in SETTINGS], help="print only this value")
     config.set_defaults(func=cmd_config)
+    from .rpc._cli import add_rpc_commands
+    add_rpc_commands(sub)
     return parser
 
 
@@ -73,6 +78,10 @@ def _toml_value(value) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+        return json.dumps(f"{value[0]}:{value[1]}")  # a parsed HOST:PORT, printed as given
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(json.dumps(str(v)) for v in value) + "]"
     return json.dumps(str(value))  # a JSON string is a valid TOML basic string
 
 
@@ -93,7 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     overrides = {
         "mount": args.mount, "state_dir": args.state_dir, "socket": args.socket,
-        "log_level": args.log_level,
+        "log_level": args.log_level, "export_roots": args.export_roots,
     }
     config = load_config(args.config, overrides)
     configure_logging(config.log_level_number)
