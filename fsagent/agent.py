@@ -74,18 +74,21 @@ class Component:
 
 def build_components(agent: Agent) -> list[Component]:
     """Every capability of the agent, in start-up order."""
+    from .uploads import UploadsComponent  # components import Component from here
+
     return [
         PlaceholderTree(agent),
+        UploadsComponent(agent),
     ]
 
 
 class PlaceholderTree(Component):
-    """``uploads/`` and ``jobs/`` as empty read-only directories, until their owners land."""
+    """``jobs/`` as an empty read-only directory, until its owner lands."""
 
     name = "tree"
 
     def root_entries(self) -> dict[bytes, Node]:
-        return {b"uploads": Directory(), b"jobs": Directory()}
+        return {b"jobs": Directory()}
 
 
 class Agent:
