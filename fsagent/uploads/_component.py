@@ -241,6 +241,7 @@ class UploadsComponent(Component):
         t.apply(Event.CLOSE)
         self.tasks.save(t)
         self._want_checkpoint(t, consider=True)
+        self._notice_manifest(t)
 
     def truncated(self, rel: bytes, size: int) -> None:
         t = self.tasks.get(rel)
@@ -262,7 +263,10 @@ class UploadsComponent(Component):
 
     def mtime_set(self, rel: bytes, mtime_ns: int) -> None:
         t = self.tasks.get(rel)
-        if t is not None and t.held and mtime_ns != 0:
+        if t is None:
+            return
+        t.timed = mtime_ns != 0
+        if t.held and mtime_ns != 0:
             t.held = False  # rsync --inplace/--append finished and set the real time
             t.last_change = time.monotonic()
             self.tasks.save(t)
@@ -320,8 +324,11 @@ class UploadsComponent(Component):
         t.tracked = True
         t.present = st.st_size
         t.state = State.RECEIVING if t.writers else State.PARTIAL
-        t.renamed_by_rsync = from_rsync
+        # A finished rsync transfer sets the source's mtime on its temp file before the
+        # rename; an interrupted --partial does not (rsync < 3.5 even sets mtime 0, which
+        # marks it as unfinished for good). Without the explicit time, settling decides.
         t.held = from_rsync and st.st_mtime_ns == 0
+        t.renamed_by_rsync = from_rsync and t.timed and not t.held
         # rsync -X carries the source's user.fsagent.* declarations onto its temp file.
         for algorithm in ("size", *ALGORITHMS):
             name = FSAGENT_XATTR + algorithm.encode()

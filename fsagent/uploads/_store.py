@@ -65,6 +65,7 @@ class Task:
     generation: int = 0             # bumped on every change of the bytes
     last_change: float = dataclasses.field(default_factory=time.monotonic)
     since_checkpoint: int = 0
+    timed: bool = False             # a real mtime was set since the bytes last changed
     ended: bool = False
     stored: bool = False            # a row may exist: deleting must reach SQLite
 
@@ -84,6 +85,7 @@ class Task:
         self.generation += 1
         self.last_change = time.monotonic()
         self.computed = {}
+        self.timed = False
 
     @property
     def progress(self) -> float | None:
