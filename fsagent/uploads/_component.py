@@ -109,6 +109,8 @@ class UploadsComponent(Component):
         self._checkpoint_wakeup = trio.Event()
         self._checkpoint_done = trio.Event()
         self._importing: set[str] = set()
+        self._declared_sizes: set[Task] = set()  # uploads whose declared size reserves space
+        self._unsynced: set[Task] = set()        # written since their last checkpoint
         self.counters = {"write_calls": 0, "bytes_written": 0, "rehashed": 0, "checkpoints": 0,
                          "recovered_cuts": 0}
 
@@ -217,6 +219,7 @@ class UploadsComponent(Component):
         self.counters["write_calls"] += 1
         self.counters["bytes_written"] += written
         t.since_checkpoint += written
+        self._unsynced.add(t)
         if t.tracked and t.since_checkpoint >= self.config.checkpoint_bytes:
             self._want_checkpoint(t)
         return written
@@ -390,6 +393,7 @@ class UploadsComponent(Component):
             if size - t.present > self._space_for(t):
                 raise FUSEError(errno.ENOSPC)
             t.declared_size = size
+            self._declared_sizes.add(t)
             return
         algorithm = key.decode()
         if len(text) != DIGEST_HEX_LENGTH[algorithm] or not _HEX.match(text):
@@ -431,10 +435,12 @@ class UploadsComponent(Component):
         """Bytes ``t`` may still add: free space minus the reserve and others' declarations."""
         st = os.statvfs(self._root_path)
         free = st.f_bavail * st.f_frsize - self.config.store_reserve_bytes
-        reserved = sum(o.declared_size - o.present for o in self.tasks.by_path.values()
-                       if o is not t and o.declared_size is not None
-                       and o.declared_size > o.present
-                       and o.state not in (State.COMPLETE, State.FAILED))
+        reserved = 0
+        for o in list(self._declared_sizes):
+            if o.ended or o.declared_size is None or o.state is State.COMPLETE:
+                self._declared_sizes.discard(o)  # reservations end with the upload
+            elif o is not t and o.state is not State.FAILED:
+                reserved += max(0, o.declared_size - o.present)
         return free - reserved
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -452,9 +458,8 @@ class UploadsComponent(Component):
             if self._checkpoint_wakeup.is_set():
                 await trio.sleep(CLOSE_BATCH_SECONDS)
             self._checkpoint_wakeup = trio.Event()
-            for t in self.tasks.tracked():
-                if t.present > t.durable:
-                    self._checkpoint_wanted.add(t)
+            self._checkpoint_wanted |= {t for t in self._unsynced if t.tracked}
+            self._unsynced = {t for t in self._unsynced if not t.tracked and not t.ended}
             batch, self._checkpoint_wanted = self._checkpoint_wanted, set()
             consider, self._consider_after_checkpoint = self._consider_after_checkpoint, set()
             try:
@@ -538,6 +543,11 @@ class UploadsComponent(Component):
         out = [(a, v, f"user.fsagent.{a}") for a, v in sorted(t.client.items())]
         directory, _, name = t.rel.rpartition(b"/")
         base = self.backing(directory)
+        # Most directories have no manifest: a few failed stats here beat a thread hop.
+        candidates = [m for m, _ in manifest_names_for(name)
+                      if os.path.exists(base + b"/" + m)]
+        if not candidates:
+            return out
         try:
             found = await self.agent.to_thread(_read_manifests, base, name)
         except OSError as e:
@@ -577,7 +587,6 @@ class UploadsComponent(Component):
                 t.apply(Event.MISMATCH)
                 self.tasks.save(t)
                 log.warning("upload %s failed: %s", t.task_id, t.error)
-                await self._flush()
                 return
         rechecked = t.completed is not None and t.job is not None
         t.error = None
@@ -587,8 +596,9 @@ class UploadsComponent(Component):
             t.hasher = None
         if not rechecked:
             t.completed = time.time()
+        # Staged, not committed here: the data is already durable, and a crash before the
+        # next flush only means this file is verified again at start-up.
         self.tasks.save(t)
-        await self._flush()
         log.info("upload complete: %s (%d bytes, sha256 %s)", t.path, t.present,
                  t.computed["sha256"])
         if not rechecked:
@@ -701,6 +711,8 @@ class UploadsComponent(Component):
             t.present = size
             t.durable = min(t.durable, size)
             t.apply(Event.RESTART)
+            if t.declared_size is not None:
+                self._declared_sizes.add(t)
             self.tasks.add(t)
         for rel, size in files.items():
             if is_temporary_path(rel):
