@@ -7,14 +7,17 @@ or configuration problem, reported as one line on stderr with nothing mounted.
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import json
 import logging
 import sys
 
 import trio
 
 from . import __version__
-from .config import LOG_LEVELS, ConfigError, load_config
+from .config import LOG_LEVELS, SETTINGS, ConfigError, load_config
 from .db import DatabaseError
+from .logs import configure_logging
 
 __all__ = ["main", "build_parser"]
 
@@ -51,16 +54,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", metavar="LEVEL", choices=LOG_LEVELS,
                      help=f"one of {', '.join(LOG_LEVELS)} (default info)")
     run.set_defaults(func=cmd_run)
+
+    config = sub.add_parser(
+        "config", help="print the resolved configuration, or one setting's value",
+        description="Resolve the configuration exactly as `fsagent run` would (defaults, "
+        "then --config FILE) and print it as TOML, or print one setting's bare value "
+        "(what scripts and the systemd unit use: `fsagent config --config F mount`).",
+    )
+    config.add_argument("--config", metavar="FILE", help="TOML config file")
+    config.add_argument("setting", nargs="?", metavar="SETTING",
+                        choices=[s.name for s in SETTINGS], help="print only this value")
+    config.set_defaults(func=cmd_config)
     return parser
 
 
-def _setup_logging(level: int) -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # pyfuse3 logs every request at DEBUG; keep it one notch quieter than ours.
-    logging.getLogger("pyfuse3").setLevel(max(level, logging.INFO))
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.setting:
+        value = getattr(config, args.setting)
+        print("" if value is None else value)
+        return 0
+    for s in SETTINGS:
+        value = getattr(config, s.name)
+        print(f"# {s.name} = (unset)" if value is None else f"{s.name} = {_toml_value(value)}")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -71,7 +96,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
     }
     config = load_config(args.config, overrides)
-    _setup_logging(config.log_level_number)
+    configure_logging(config.log_level_number)
+    # A watchdog kill (SIGABRT) or a crash prints every thread's stack to the log.
+    faulthandler.enable()
     trio.run(run_agent, config)
     return 0
 

@@ -105,6 +105,25 @@ def _bool(value: Any, base: Path) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"`` or ``"[::1]:9464"`` -> (host, port). ``ValueError`` if not."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT (port 0-65535), got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _optional_listen(value: Any, base: Path) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    parse_listen(value)
+    return value
+
+
 def _argv(value: Any, base: Path) -> tuple[str, ...]:
     # An argv list, never a shell string: nothing a user uploads can become shell syntax.
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -158,6 +177,9 @@ SETTINGS: tuple[Setting, ...] = (
             "would eat into it fail with ENOSPC.", "bytes"),
     Setting("recent_uploads", _int_at_least(0), 100, "How many completed uploads "
             "`uploads.json` lists after the unfinished ones.", "integer"),
+    Setting("metrics_listen", _optional_listen, None, "Also serve `MOUNT/metrics` over "
+            "HTTP at `http://HOST:PORT/metrics` (e.g. `127.0.0.1:9464`; port 0 picks a free "
+            "one, shown in `status`). Unset: no listener.", "HOST:PORT"),
 )
 
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -180,6 +202,7 @@ class Config:
     checkpoint_seconds: float
     store_reserve_bytes: int
     recent_uploads: int
+    metrics_listen: str | None = None
     config_file: Path | None = None
 
     @property
