@@ -92,9 +92,11 @@ def build_components(agent: Agent) -> list[Component]:
     from .fileserver import FileServer
     from .monitor import MonitorServer
     from .rpc._component import RpcComponent
+    from .uploads import UploadsComponent  # components import Component from here
 
     return [
         PlaceholderTree(agent),
+        UploadsComponent(agent),
         FileServer(agent),
         MonitorServer(agent),
         RpcComponent(agent),  # last: serves the rpc_methods() of everything above
@@ -102,12 +104,12 @@ def build_components(agent: Agent) -> list[Component]:
 
 
 class PlaceholderTree(Component):
-    """``uploads/`` and ``jobs/`` as empty read-only directories, until their owners land."""
+    """``jobs/`` as an empty read-only directory, until its owner lands."""
 
     name = "tree"
 
     def root_entries(self) -> dict[bytes, Node]:
-        return {b"uploads": Directory(), b"jobs": Directory()}
+        return {b"jobs": Directory()}
 
 
 class Agent:

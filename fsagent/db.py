@@ -58,6 +58,35 @@ MIGRATIONS: dict[str, Sequence[str]] = {
         );
         """,
     ),
+    "uploads": (
+        # 1: one row per upload task (fsagent/uploads/_store.py); durable_offset is what
+        # crash recovery cuts an unfinished upload back to.
+        """
+        CREATE TABLE upload_tasks (
+            task_id TEXT PRIMARY KEY,
+            path TEXT NOT NULL,
+            state TEXT NOT NULL,
+            bytes_present INTEGER NOT NULL,
+            durable_offset INTEGER NOT NULL,
+            declared_size INTEGER,
+            client_md5 TEXT,
+            client_sha1 TEXT,
+            client_sha256 TEXT,
+            md5 TEXT,
+            sha1 TEXT,
+            sha256 TEXT,
+            job TEXT,
+            error TEXT,
+            held INTEGER NOT NULL DEFAULT 0,
+            renamed_by_rsync INTEGER NOT NULL DEFAULT 0,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            completed REAL
+        );
+        CREATE INDEX upload_tasks_path ON upload_tasks(path);
+        CREATE INDEX upload_tasks_completed ON upload_tasks(completed);
+        """,
+    ),
     "ops": (
         # 1: one row per completed shutdown checkpoint (components' checkpoint() and the
         # final flush), so the next run can report how long a stop takes.
