@@ -43,6 +43,8 @@ __all__ = ["Agent", "Component", "run_agent"]
 
 log = logging.getLogger(__name__)
 
+FUSE_MAX_TASKS = 1000  # concurrent FUSE requests (blocking `wait` reads included)
+
 
 class Component:
     """Base for a capability plugged into the agent. Every hook is optional."""
@@ -74,18 +76,21 @@ class Component:
 
 def build_components(agent: Agent) -> list[Component]:
     """Every capability of the agent, in start-up order."""
+    from .jobs import JobsComponent
+
     return [
         PlaceholderTree(agent),
+        JobsComponent(agent),
     ]
 
 
 class PlaceholderTree(Component):
-    """``uploads/`` and ``jobs/`` as empty read-only directories, until their owners land."""
+    """``uploads/`` as an empty read-only directory, until its owner lands."""
 
     name = "tree"
 
     def root_entries(self) -> dict[bytes, Node]:
-        return {b"uploads": Directory(), b"jobs": Directory()}
+        return {b"uploads": Directory()}
 
 
 class Agent:
@@ -217,7 +222,9 @@ class Agent:
 
     async def _fuse_main(self, fuse_done: trio.Event, cancel_scope: trio.CancelScope) -> None:
         try:
-            await pyfuse3.main()
+            # Each blocked read of a jobs/<id>/wait file holds one request task until its
+            # job ends; pyfuse3's default of 99 would let 99 waiters stall the mount.
+            await pyfuse3.main(max_tasks=FUSE_MAX_TASKS)
         finally:
             fuse_done.set()
             if not self.shutting_down.is_set():

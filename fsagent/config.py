@@ -144,6 +144,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("worker_threads", _int_at_least(1), 4, "Worker threads for blocking work (disk "
             "I/O of real size, hashing, SQLite): the capacity limit that keeps the event loop "
             "free.", "integer"),
+    Setting("max_concurrent_jobs", _int_at_least(1), 2, "Jobs that run at the same time; "
+            "the others wait in `pending`, highest priority first.", "integer"),
+    Setting("job_history", _int_at_least(0), 1000, "Finished jobs (success, failure, "
+            "cancelled) kept with their outputs; the oldest beyond this are removed.",
+            "integer"),
+    Setting("job_ttl", _number_at_least(1), 7 * 24 * 3600.0, "Seconds a finished job and its "
+            "outputs are kept after it finished.", "seconds"),
+    Setting("import_command", _argv, [], "Run for each import job after the file is recorded "
+            "in the manifest: an argv list (no shell) where `{path}`, `{sha256}` and `{task}` "
+            "are replaced; its output goes to the job's log and exit status 0 means success. "
+            "Empty: record only.", "argv"),
 )
 
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -161,6 +172,10 @@ class Config:
     shutdown_timeout: float
     db_flush_seconds: float
     worker_threads: int
+    max_concurrent_jobs: int
+    job_history: int
+    job_ttl: float
+    import_command: tuple[str, ...]
     config_file: Path | None = None
 
     @property
