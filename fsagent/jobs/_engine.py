@@ -77,6 +77,11 @@ class ShuttingDown(Exception):
         super().__init__("the agent is shutting down")
 
 
+def _clean(text: str) -> str:
+    """Text safe for SQLite and the files: undecodable file names become U+FFFD."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def orthanc_time(t: float | None) -> str | None:
     if t is None:
         return None
@@ -510,10 +515,11 @@ class Engine:
         if failure is not None:
             await self.agent.to_thread(shutil.rmtree, tmp, True)
             job.content = ctx.content
-            job.error_code, job.error_description = int(failure.code), failure.description
+            description = _clean(failure.description)
+            job.error_code, job.error_description = int(failure.code), description
             self._apply(job, "fail")
-            job.message = failure.description.splitlines()[0] if failure.description else ""
-            ctx.log(f"failure: {failure.description}")
+            job.message = description.splitlines()[0] if description else ""
+            ctx.log(f"failure: {description}")
         elif finished:
             outputs = await self.agent.to_thread(_publish, tmp, self.outputs_dir(job.id))
             if job.state is not State.RUNNING:  # cancelled during the publish
@@ -523,7 +529,7 @@ class Engine:
             job.error_code, job.error_description = 0, "Success"
             self._apply(job, "succeed")
             job.progress = 100
-            job.message = ctx.message or "done"
+            job.message = _clean(ctx.message or "done")
             ctx.log(f"success: {job.message}")
         else:
             # Stopped while still running: only the agent's shutdown does that. Leave the
