@@ -7,11 +7,22 @@ BIN    := $(VENV)/bin
 # fuse3/libfuse3-dev/pkg-config build and mount pyfuse3; rsync, attr (getfattr/setfattr),
 # zip/unzip, inotify-tools and e2fsprogs (mkfs for the small-store tests) are used by tests
 # and benches; python3-dev/-venv and gcc let a stock Debian python build pyfuse3.
+# systemd provides systemd-analyze (the tests verify the units); util-linux and passwd
+# provide setpriv and useradd (the multi-user tests run commands as a second user).
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
-                rsync attr zip unzip inotify-tools e2fsprogs
+                rsync attr zip unzip inotify-tools e2fsprogs systemd util-linux passwd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test setup system-packages bench clean
+# `make install`: the package in its own venv, the command on PATH, the units, the config
+# example (and a config, only if there is none: an upgrade never touches yours), the
+# README. Override the paths to stage an install elsewhere (the tests do).
+PREFIX     ?= /opt/fsagent
+BINDIR     ?= /usr/local/bin
+SYSCONFDIR ?= /etc
+UNITDIR    ?= /etc/systemd/system
+DOCDIR     ?= /usr/share/doc/fsagent
+
+.PHONY: run test setup system-packages bench clean install
 
 run: setup
 	$(BIN)/fsagent run $(ARGS)
@@ -37,6 +48,25 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
+
+install: system-packages
+	$(PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/python -m pip install -q --upgrade .
+	install -d $(BINDIR) $(SYSCONFDIR)/fsagent $(UNITDIR) $(DOCDIR)
+	ln -sfn $(PREFIX)/bin/fsagent $(BINDIR)/fsagent
+	install -m 0644 systemd/fsagent.toml.example $(SYSCONFDIR)/fsagent/fsagent.toml.example
+	[ -e $(SYSCONFDIR)/fsagent/fsagent.toml ] || \
+	  install -m 0644 systemd/fsagent.toml.example $(SYSCONFDIR)/fsagent/fsagent.toml
+	for unit in fsagent.service fsagent@.service; do \
+	  sed -e 's|/usr/local/bin/fsagent|$(BINDIR)/fsagent|g' \
+	      -e 's|/etc/fsagent/|$(SYSCONFDIR)/fsagent/|g' \
+	      -e 's|/usr/share/doc/fsagent/|$(DOCDIR)/|g' \
+	      systemd/$$unit > $(UNITDIR)/$$unit.tmp && mv $(UNITDIR)/$$unit.tmp $(UNITDIR)/$$unit; \
+	done
+	install -m 0644 README.md $(DOCDIR)/README.md
+	@if [ -d /run/systemd/system ] && [ "$(UNITDIR)" = /etc/systemd/system ]; then \
+	  systemctl daemon-reload; fi
+	@echo "installed; edit $(SYSCONFDIR)/fsagent/fsagent.toml, then: systemctl enable --now fsagent"
 
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -18,6 +18,11 @@ Design notes
   vanishes underneath us (an admin's ``fusermount3 -u``), the same path runs.
 * **Blocking work** goes through ``agent.to_thread`` (a shared CapacityLimiter of
   ``worker_threads``), so no component can starve the event loop or the machine.
+* **Under systemd** (``fsagent/liveness.py``): READY=1 once the mount answers, a
+  watchdog fed by a real round trip through the mount, STATUS= from ``counts()``,
+  STOPPING=1 as soon as shutdown begins. **Metrics**: ``agent.metrics`` is the one
+  registry, served as ``MOUNT/metrics`` (and over HTTP with ``metrics_listen``);
+  components register theirs in ``__init__``.
 """
 
 from __future__ import annotations
@@ -33,11 +38,14 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import __version__
+from . import __version__, liveness, metrics_http
+from .agent_metrics import last_checkpoint, record_checkpoint, register_agent_metrics
 from .config import Config
 from .db import Database
 from .fs import Directory, DynamicFile, Filesystem, Node
+from .metrics import CONTENT_TYPE, Registry
 from .mountpoint import lock_state_dir, prepare_mount_point
+from .sdnotify import Notifier
 
 __all__ = ["Agent", "Component", "run_agent"]
 
@@ -73,14 +81,27 @@ class Component:
         """msgpack-RPC methods this component serves: ``{"Name.op": async fn(*params)}``."""
         return {}
 
+    def counts(self) -> dict[str, int]:
+        """Live counts for systemd's one-line STATUS=, e.g. ``{"uploads receiving": 2}``.
+
+        Called on the event loop every few seconds: keep it cheap (no I/O).
+        """
+        return {}
+
 
 def build_components(agent: Agent) -> list[Component]:
     """Every capability of the agent, in start-up order."""
+    from .fileserver import FileServer
     from .jobs import JobsComponent
+    from .monitor import MonitorServer
+    from .rpc._component import RpcComponent
 
     return [
         PlaceholderTree(agent),
+        FileServer(agent),
+        MonitorServer(agent),
         JobsComponent(agent),
+        RpcComponent(agent),  # last: serves the rpc_methods() of everything above
     ]
 
 
@@ -104,8 +125,14 @@ class Agent:
         self.fs: Filesystem | None = None
         self.components: list[Component] = []
         self.mounted = trio.Event()
+        self.serving = trio.Event()  # the mount answered a read: READY=1 was sent
         self.shutting_down = trio.Event()
         self._lock_fd: int | None = None
+        self.metrics = Registry()
+        self.notifier = Notifier.from_environment()
+        self.metrics_address: str | None = None  # bound metrics_listen, once listening
+        self.last_checkpoint: tuple[float, float] | None = None  # (finished, seconds)
+        self._stopping_announced = False
 
     # -- helpers for components ---------------------------------------------------------
 
@@ -128,12 +155,16 @@ class Agent:
                 return c
         raise KeyError(name)
 
-    def status(self) -> dict[str, Any]:
+    def store_space(self) -> tuple[int | None, int | None]:
+        """(free, total) bytes of the state directory's filesystem, or (None, None)."""
         try:
             st = os.statvfs(self.config.state_dir)
-            free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
         except OSError:
-            free = total = None
+            return None, None
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+    def status(self) -> dict[str, Any]:
+        free, total = self.store_space()
         out: dict[str, Any] = {
             "version": __version__,
             "pid": self.pid,
@@ -145,6 +176,7 @@ class Agent:
             "store_free_bytes": free,
             "store_total_bytes": total,
             "previous_run_clean": self.db.previous_run_clean if self.db else None,
+            "metrics_listen": self.metrics_address,
         }
         for c in self.components:
             section = c.status()
@@ -154,6 +186,21 @@ class Agent:
 
     def render_status(self) -> bytes:
         return (json.dumps(self.status(), indent=2, sort_keys=True) + "\n").encode()
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: where we serve and the components' counts."""
+        parts = [f"{name} {n}" for c in self.components for name, n in c.counts().items()]
+        parts.append(f"{self.fs.open_handles} open files" if self.fs else "starting")
+        errors = sum(self.fs.errors.values()) if self.fs else 0
+        if errors:
+            parts.append(f"{errors} FUSE errors")
+        text = f"serving {self.config.mount}: " + ", ".join(parts)
+        return text.replace("\n", " ")
+
+    def _announce_stopping(self, why: str) -> None:
+        if not self._stopping_announced:
+            self._stopping_announced = True
+            self.notifier.stopping(why)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -166,9 +213,11 @@ class Agent:
         self.db.begin_run(self.pid, __version__)
         if not self.db.previous_run_clean:
             log.warning("the previous agent did not stop cleanly; recovering")
+        self.last_checkpoint = self.db.run_sync(last_checkpoint)
         self.components = build_components(self)
         root = Directory()
         root.add(b"status", DynamicFile(self.render_status))
+        root.add(b"metrics", DynamicFile(self.metrics.render))
         for component in self.components:
             for name, node in component.root_entries().items():
                 if name in root._children:
@@ -177,6 +226,7 @@ class Agent:
         self.fs = Filesystem(root, statfs_path=cfg.state_dir)
         for node in root._children.values():
             self.fs.register(node, permanent=True)
+        register_agent_metrics(self)
 
     def _mount_options(self) -> set[str]:
         options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
@@ -186,8 +236,10 @@ class Agent:
         return options
 
     async def run(self) -> None:
-        self._prepare()
         cfg = self.config
+        # Bind before touching any state: a busy port is a config error, nothing mounted.
+        listeners = await metrics_http.bind(cfg.metrics_listen) if cfg.metrics_listen else []
+        self._prepare()
         pyfuse3.init(self.fs, str(cfg.mount), self._mount_options())
         unmounted = False
         try:
@@ -196,6 +248,11 @@ class Agent:
                 for component in self.components:
                     await nursery.start(component.serve)
                 nursery.start_soon(self.db.flush_periodically, cfg.db_flush_seconds)
+                if listeners:
+                    self.metrics_address = metrics_http.bound_address(listeners)
+                    await nursery.start(metrics_http.serve, listeners, self.metrics.render,
+                                        CONTENT_TYPE)
+                await nursery.start(liveness.supervise, self, self.notifier)
                 fuse_done = trio.Event()
                 nursery.start_soon(self._fuse_main, fuse_done, nursery.cancel_scope)
                 nursery.start_soon(self._watch_signals, fuse_done, nursery.cancel_scope)
@@ -204,21 +261,26 @@ class Agent:
         finally:
             with trio.CancelScope(shield=True):
                 self.shutting_down.set()
+                self._announce_stopping("checkpointing and unmounting")
+                checkpoint_started = time.monotonic()
                 for component in reversed(self.components):
                     try:
                         await component.checkpoint()
                     except Exception:
                         log.exception("checkpoint of %s failed", component.name)
                 await self.db.flush()
+                checkpoint_seconds = time.monotonic() - checkpoint_started
                 try:
                     pyfuse3.close(unmount=True)
                     unmounted = True
                 except Exception:
                     log.exception("unmounting %s failed", cfg.mount)
                 if unmounted:
+                    self.db.run_sync(record_checkpoint, self.db.run_id, checkpoint_seconds)
                     self.db.end_run()
                 self.db.close()
-                log.info("unmounted %s; stopped cleanly", cfg.mount)
+                log.info("unmounted %s; stopped cleanly (checkpoint took %.3fs)", cfg.mount,
+                         checkpoint_seconds)
 
     async def _fuse_main(self, fuse_done: trio.Event, cancel_scope: trio.CancelScope) -> None:
         try:
@@ -236,6 +298,7 @@ class Agent:
             async for signum in signals:
                 log.info("%s: finishing in-flight requests, then unmounting",
                          signal.Signals(signum).name)
+                self._announce_stopping(f"{signal.Signals(signum).name}: stopping")
                 self.shutting_down.set()
                 pyfuse3.terminate()
                 break

@@ -7,14 +7,17 @@ or configuration problem, reported as one line on stderr with nothing mounted.
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import json
 import logging
 import sys
 
 import trio
 
 from . import __version__
-from .config import LOG_LEVELS, ConfigError, load_config
+from .config import LOG_LEVELS, SETTINGS, ConfigError, load_config
 from .db import DatabaseError
+from .logs import configure_logging
 
 __all__ = ["main", "build_parser"]
 
@@ -50,17 +53,48 @@ def build_parser() -> argparse.ArgumentParser:
                      help="RPC Unix socket (default STATE_DIR/rpc.sock)")
     run.add_argument("--log-level", metavar="LEVEL", choices=LOG_LEVELS,
                      help=f"one of {', '.join(LOG_LEVELS)} (default info)")
+    run.add_argument("--export-root", metavar="DIR", action="append", dest="export_roots",
+                     help="a directory FileServer and monitors may serve (repeatable; "
+                     "replaces export_roots from the config)")
     run.set_defaults(func=cmd_run)
+
+    config = sub.add_parser(
+        "config", help="print the resolved configuration, or one setting's value",
+        description="Resolve the configuration exactly as `fsagent run` would (defaults, "
+        "then --config FILE) and print it as TOML, or print one setting's bare value "
+        "(what scripts and the systemd unit use: `fsagent config --config F mount`).",
+    )
+    config.add_argument("--config", metavar="FILE", help="TOML config file")
+    config.add_argument("setting", nargs="?", metavar="SETTING",
+                        choices=[s.name for s in SETTINGS], help="print only this value")
+    config.set_defaults(func=cmd_config)
+    from .rpc._cli import add_rpc_commands
+    add_rpc_commands(sub)
     return parser
 
 
-def _setup_logging(level: int) -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # pyfuse3 logs every request at DEBUG; keep it one notch quieter than ours.
-    logging.getLogger("pyfuse3").setLevel(max(level, logging.INFO))
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+        return json.dumps(f"{value[0]}:{value[1]}")  # a parsed HOST:PORT, printed as given
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(json.dumps(str(v)) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.setting:
+        value = getattr(config, args.setting)
+        print("" if value is None else value)
+        return 0
+    for s in SETTINGS:
+        value = getattr(config, s.name)
+        print(f"# {s.name} = (unset)" if value is None else f"{s.name} = {_toml_value(value)}")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -68,10 +102,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     overrides = {
         "mount": args.mount, "state_dir": args.state_dir, "socket": args.socket,
-        "log_level": args.log_level,
+        "log_level": args.log_level, "export_roots": args.export_roots,
     }
     config = load_config(args.config, overrides)
-    _setup_logging(config.log_level_number)
+    configure_logging(config.log_level_number)
+    # A watchdog kill (SIGABRT) or a crash prints every thread's stack to the log.
+    faulthandler.enable()
     trio.run(run_agent, config)
     return 0
 

@@ -105,11 +105,47 @@ def _bool(value: Any, base: Path) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"`` or ``"[::1]:9464"`` -> (host, port). ``ValueError`` if not."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT (port 0-65535), got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _optional_listen(value: Any, base: Path) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    parse_listen(value)
+    return value
+
+
 def _argv(value: Any, base: Path) -> tuple[str, ...]:
     # An argv list, never a shell string: nothing a user uploads can become shell syntax.
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"expected a list of strings (an argv), got {value!r}")
     return tuple(value)
+
+
+def _optional_secret(value: Any, base: Path) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) < 16:
+        raise ValueError("expected a string of at least 16 characters")
+    return value
+
+
+def _optional_host_port(value: Any, base: Path) -> tuple[str, int] | None:
+    if value is None or value == "":
+        return None
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT (e.g. 0.0.0.0:8765), got {value!r}")
+    return host.strip("[]"), int(port)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +191,41 @@ SETTINGS: tuple[Setting, ...] = (
             "in the manifest: an argv list (no shell) where `{path}`, `{sha256}` and `{task}` "
             "are replaced; its output goes to the job's log and exit status 0 means success. "
             "Empty: record only.", "argv"),
+    Setting("metrics_listen", _optional_listen, None, "Also serve `MOUNT/metrics` over "
+            "HTTP at `http://HOST:PORT/metrics` (e.g. `127.0.0.1:9464`; port 0 picks a free "
+            "one, shown in `status`). Unset: no listener.", "HOST:PORT"),
+    # -- RPC, FileServer and monitors ----------------------------------------------------
+    Setting("export_roots", _path_list, [], "Directories FileServer may read and monitors may "
+            "watch (after resolving symlinks and `..`); anything else is an `OmeroFSError`. "
+            "None by default. `fsagent run --export-root DIR` (repeatable) replaces the "
+            "list.", "list of paths"),
+    Setting("readblock_max_bytes", _int_at_least(1), 16 * 2**20, "Largest `size` a "
+            "`FileServer.readBlock` call may ask for.", "bytes"),
+    Setting("rpc_max_message_bytes", _int_at_least(1024), 32 * 2**20, "Largest msgpack-RPC "
+            "message a client may send; a larger one closes that connection.", "bytes"),
+    Setting("rpc_max_in_flight", _int_at_least(1), 64, "Requests served concurrently per "
+            "connection; beyond that the agent stops reading from that client until one "
+            "finishes.", "integer"),
+    Setting("rpc_outbox_bytes", _int_at_least(65536), 16 * 2**20, "Replies and notifications "
+            "queued for one client that is slow to read; when full, its requests and "
+            "monitors wait.", "bytes"),
+    Setting("rpc_tcp_listen", _optional_host_port, None, "Also serve RPC on TCP at "
+            "`HOST:PORT` (port 0 picks one). Off by default; requires `rpc_token`.",
+            "host:port"),
+    Setting("rpc_token", _optional_secret, None, "Shared secret a TCP client must present "
+            "first (`auth` method); at least 16 characters.", "string"),
+    Setting("rpc_tls_cert", _optional_path, None, "PEM certificate chain: serve TCP over TLS "
+            "(with `rpc_tls_key`).", "path"),
+    Setting("rpc_tls_key", _optional_path, None, "PEM private key for `rpc_tls_cert`.",
+            "path"),
+    Setting("monitor_flush_ms", _int_at_least(1), 100, "A monitor sends its pending events at "
+            "least this often, even when fewer than its `blockSize`.", "milliseconds"),
+    Setting("monitor_grace_seconds", _number_at_least(0), 30.0, "Monitors of a client that "
+            "disconnects are destroyed after this long.", "seconds"),
+    Setting("monitor_max_pending_events", _int_at_least(100), 200000, "Events one monitor "
+            "holds for a client that is slow to read; beyond that they are dropped and "
+            "recovered like an inotify overflow (System `Overflow`, then a rescan).",
+            "integer"),
 )
 
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -172,10 +243,23 @@ class Config:
     shutdown_timeout: float
     db_flush_seconds: float
     worker_threads: int
-    max_concurrent_jobs: int
-    job_history: int
-    job_ttl: float
-    import_command: tuple[str, ...]
+    metrics_listen: str | None = None
+    export_roots: tuple[Path, ...] = ()
+    readblock_max_bytes: int = 16 * 2**20
+    rpc_max_message_bytes: int = 32 * 2**20
+    rpc_max_in_flight: int = 64
+    rpc_outbox_bytes: int = 16 * 2**20
+    rpc_tcp_listen: tuple[str, int] | None = None
+    rpc_token: str | None = None
+    rpc_tls_cert: Path | None = None
+    rpc_tls_key: Path | None = None
+    monitor_flush_ms: int = 100
+    monitor_grace_seconds: float = 30.0
+    monitor_max_pending_events: int = 200000
+    max_concurrent_jobs: int = 2
+    job_history: int = 1000
+    job_ttl: float = 7 * 24 * 3600.0
+    import_command: tuple[str, ...] = ()
     config_file: Path | None = None
 
     @property
@@ -243,6 +327,15 @@ def load_config(
 
 
 def _check_consistency(config: Config) -> None:
+    if config.rpc_tcp_listen is not None and config.rpc_token is None:
+        raise ConfigError("rpc_tcp_listen", "TCP needs rpc_token (clients must authenticate)")
+    if (config.rpc_tls_cert is None) != (config.rpc_tls_key is None):
+        raise ConfigError("rpc_tls_cert", "rpc_tls_cert and rpc_tls_key go together")
+    if config.rpc_tls_cert is not None and config.rpc_tcp_listen is None:
+        raise ConfigError("rpc_tls_cert", "TLS is for TCP: set rpc_tcp_listen too")
+    for root in config.export_roots:
+        if not root.is_dir():
+            raise ConfigError("export_roots", f"{root} is not a directory")
     mount, state = config.mount, config.state_dir
     if mount == state or mount in state.parents:
         raise ConfigError("state_dir", f"{state} is inside the mount point {mount}")

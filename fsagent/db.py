@@ -92,6 +92,17 @@ MIGRATIONS: dict[str, Sequence[str]] = {
         );
         """,
     ),
+    "ops": (
+        # 1: one row per completed shutdown checkpoint (components' checkpoint() and the
+        # final flush), so the next run can report how long a stop takes.
+        """
+        CREATE TABLE checkpoints (
+            run_id INTEGER PRIMARY KEY REFERENCES agent_runs(id),
+            finished REAL NOT NULL,
+            seconds REAL NOT NULL
+        );
+        """,
+    ),
 }
 
 
@@ -108,6 +119,8 @@ class Database:
         self.run_id: int | None = None
         self.previous_run_clean: bool = True
         self.flush_count = 0
+        # Called with each flush's duration in seconds (from the flushing thread).
+        self.on_flush: Callable[[float], None] | None = None
 
     # -- opening and migrating --------------------------------------------------------
 
@@ -236,10 +249,13 @@ class Database:
                 return
             # Swap under the lock: stage() calls that race with us land in the fresh dict.
             batch, self._staged = self._staged, {}
+            started = time.monotonic()
             with self._transaction():
                 for sql, params in batch.values():
                     self._conn.execute(sql, params)
             self.flush_count += 1
+            if self.on_flush is not None:
+                self.on_flush(time.monotonic() - started)
 
     async def flush_periodically(
         self, interval: float, *, task_status=trio.TASK_STATUS_IGNORED

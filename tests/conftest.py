@@ -60,7 +60,8 @@ class AgentProcess:
             argv += ["--config", str(self.config_path)]
         return argv + self.extra_args
 
-    def start(self, timeout: float = 20.0) -> AgentProcess:
+    def start(self, timeout: float = 20.0, *, wait: bool = True) -> AgentProcess:
+        """Start the agent; with ``wait=False`` return at once (readiness is the test's)."""
         self.log_path = self.base / f"agent-{len(self.logs)}.log"
         self.logs.append(self.log_path)
         log = open(self.log_path, "wb")
@@ -68,7 +69,8 @@ class AgentProcess:
         self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
         log.close()
-        self.wait_ready(timeout)
+        if wait:
+            self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float) -> None:
@@ -151,3 +153,56 @@ def run_fsagent(*args: str, cwd: Path | None = None, timeout: float = 30) -> sub
 def cli():
     """``cli("run", "--mount", ...)`` runs the fsagent command to completion."""
     return run_fsagent
+
+
+# -- a second, unprivileged user (multi-user lab machines) --------------------------------------
+
+OTHER_USER = "fsagent-test"
+
+
+class OtherUser:
+    """An unprivileged local user; ``run(argv)`` runs a command as that user."""
+
+    def __init__(self, name: str):
+        import pwd
+        pw = pwd.getpwnam(name)
+        self.name, self.uid, self.gid = name, pw.pw_uid, pw.pw_gid
+
+    def run(self, *argv: str, timeout: float = 20, **kwargs) -> subprocess.CompletedProcess:
+        # setpriv changes uid/gid and drops root's supplementary groups: nothing inherited.
+        return subprocess.run(
+            ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+             "--", *argv], capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def _ensure_user(name: str) -> None:
+    import pwd
+    try:
+        pwd.getpwnam(name)
+        return
+    except KeyError:
+        pass
+    result = subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                             "/usr/sbin/nologin", name], capture_output=True, text=True)
+    # 9: created meanwhile by another test run (other worktrees share this machine).
+    if result.returncode not in (0, 9):
+        raise RuntimeError(f"useradd {name}: {result.stderr.strip()}")
+
+
+@pytest.fixture(scope="session")
+def other_user() -> OtherUser:
+    """A second local user (created once, idempotently; needs root, as `make test` has)."""
+    _ensure_user(OTHER_USER)
+    return OtherUser(OTHER_USER)
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory every user can traverse (pytest's tmp_path is private to root)."""
+    import shutil
+    import tempfile
+    path = Path(tempfile.mkdtemp(prefix="fsagent-shared-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    if not is_mount_point(path / "mnt"):
+        shutil.rmtree(path, ignore_errors=True)

@@ -108,3 +108,26 @@ def test_flags_override_config_and_config_paths_are_relative_to_the_file(agent_f
     assert cfg.log_level == "debug"
     assert cfg.state_dir == tmp_path / ".fsagent"
     assert cfg.socket_path == tmp_path / ".fsagent" / "rpc.sock"
+
+
+def test_config_prints_the_resolved_settings(cli, tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text('mount = "m"\nallow_other = true\nmetrics_listen = "127.0.0.1:9464"\n')
+    one = cli("config", "--config", str(conf), "mount")
+    assert one.returncode == 0 and one.stdout == f"{tmp_path / 'm'}\n"
+    assert cli("config", "--config", str(conf), "socket").stdout == "\n"  # unset: empty
+    full = cli("config", "--config", str(conf))
+    assert full.returncode == 0
+    import tomllib
+    parsed = tomllib.loads(full.stdout)  # the output is itself a valid config
+    assert parsed["allow_other"] is True and parsed["mount"] == str(tmp_path / "m")
+    import dataclasses
+    from fsagent.config import load_config
+    (tmp_path / "again.toml").write_text(full.stdout)
+    assert load_config(tmp_path / "again.toml") == dataclasses.replace(
+        load_config(conf), config_file=tmp_path / "again.toml")
+
+
+def test_config_errors_are_one_line(cli, tmp_path):
+    _assert_one_line_error(cli("config", "--config", str(tmp_path / "nope.toml")), "no such file")
+    _assert_one_line_error(cli("config", "mountt"), "invalid choice")

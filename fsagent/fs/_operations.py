@@ -19,6 +19,7 @@ Design notes
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import logging
@@ -40,12 +41,14 @@ def _guard(method: Callable) -> Callable:
 
     @functools.wraps(method)
     async def guarded(self: Filesystem, *args):
+        self.requests[name] += 1
         try:
             return await method(self, *args)
         except FUSEError:
             raise
         except Exception:
             self.handler_errors += 1
+            self.errors[name] += 1
             log.exception("FUSE %s%r failed; answering EIO", name, _short(args))
             raise FUSEError(errno.EIO) from None
 
@@ -83,6 +86,9 @@ class Filesystem(pyfuse3.Operations):
         self._handles: dict[int, Handle | _DirHandle] = {}
         self._next_fh = 1
         self.handler_errors = 0
+        # Per-operation counts for the metrics: every request, and the unexpected failures.
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.errors: collections.Counter[str] = collections.Counter()
         self.root = root
         self.register(root, permanent=True)
 

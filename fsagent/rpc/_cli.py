@@ -1,0 +1,158 @@
+"""``fsagent call`` and ``fsagent watch``: the RPC API from a shell.
+
+Design notes
+------------
+* Both find the agent's socket with the same rules as ``fsagent run`` (``--socket``,
+  else ``--config``'s ``socket``/``state_dir``, else the defaults), so a command run
+  next to ``fsagent run`` needs no flags.
+* ``call`` parses each argument as JSON and, if it is not JSON, takes it as a plain
+  string, so ``fsagent call FileServer.getSize /data/a.tif`` works unquoted. The
+  result is printed as JSON; msgpack bin (``readBlock``) becomes
+  ``{"base64": "..."}``.
+* Exit codes: 0 success; 2 usage, configuration or connection problem (one line on
+  stderr); 3 the agent answered with an error (one line ``NAME: message``);
+  130 interrupted.
+* ``watch`` creates a Persistent monitor, starts it, prints one JSON line per event
+  (``{"monitorId", "fileId", "type"}``) and destroys it when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from typing import Any
+
+import trio
+
+from ..config import load_config
+from ._client import open_client
+from ._errors import RpcError
+
+__all__ = ["add_rpc_commands", "EXIT_ERROR_REPLY"]
+
+EXIT_ERROR_REPLY = 3
+
+
+def _add_socket_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", metavar="PATH", help="the agent's RPC Unix socket "
+                        "(default: from --config, else STATE_DIR/rpc.sock)")
+    parser.add_argument("--config", metavar="FILE", help="TOML config the agent runs with")
+    parser.add_argument("--state-dir", metavar="DIR", help="the agent's state dir")
+
+
+def add_rpc_commands(sub) -> None:
+    call = sub.add_parser(
+        "call", help="call one RPC method and print its result as JSON",
+        description="Call METHOD with ARGS (each parsed as JSON, else taken as a string) "
+        "and print the result as JSON. Exit 3 with `NAME: message` on an error reply.")
+    _add_socket_options(call)
+    call.add_argument("method", metavar="METHOD", help="e.g. FileServer.getStats")
+    call.add_argument("params", metavar="ARG", nargs="*", help="an argument (JSON or string)")
+    call.set_defaults(func=cmd_call)
+
+    watch = sub.add_parser(
+        "watch", help="watch a directory; print each event as a JSON line",
+        description="Create a Persistent monitor on PATH (inside an exported root) and "
+        "print each event as a JSON line until interrupted.")
+    _add_socket_options(watch)
+    watch.add_argument("path", metavar="PATH")
+    mode = watch.add_mutually_exclusive_group()
+    mode.add_argument("--recurse", action="store_const", dest="mode", const="Recurse",
+                      help="the whole tree, including directories created later")
+    mode.add_argument("--follow", action="store_const", dest="mode", const="Follow",
+                      help="like --recurse, and report files inside directories moved in")
+    watch.add_argument("--whitelist", metavar="EXT", nargs="+", default=[],
+                       help="extensions or globs of interest (tif, .tif, *.tif)")
+    watch.add_argument("--blacklist", metavar="GLOB", nargs="+", default=[],
+                       help="globs to ignore (not even watched)")
+    watch.add_argument("--ignore-sys-files", action="store_true",
+                       help="drop dotfiles, editor and partial files, .DS_Store, ...")
+    watch.add_argument("--ignore-dir-events", action="store_true")
+    watch.add_argument("--block-size", metavar="N", type=int, default=0,
+                       help="events per notification (0 = no limit)")
+    watch.set_defaults(func=cmd_watch, mode="Flat")
+
+
+def _socket(args: argparse.Namespace):
+    config = load_config(args.config, {"socket": args.socket, "state_dir": args.state_dir})
+    return config.socket_path
+
+
+def _param(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"base64": base64.b64encode(value).decode()}
+    if isinstance(value, dict):
+        return {str(_jsonable(k)): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _run_client(args: argparse.Namespace, body) -> int:
+    socket_path = _socket(args)
+
+    async def main():
+        try:
+            client_cm = open_client(socket_path)
+            async with client_cm as client:
+                return await body(client)
+        except OSError as e:
+            print(f"fsagent: error: cannot connect to {socket_path}: {e.strerror or e}",
+                  file=sys.stderr)
+            return 2
+        except RpcError as e:
+            print(f"fsagent: {e.name}: {e.message}", file=sys.stderr)
+            return EXIT_ERROR_REPLY
+        except trio.BrokenResourceError as e:
+            print(f"fsagent: error: the agent dropped the connection: {e}", file=sys.stderr)
+            return 2
+
+    return trio.run(main)
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    params = [_param(p) for p in args.params]
+
+    async def body(client):
+        result = await client.call(args.method, *params)
+        print(json.dumps(_jsonable(result), sort_keys=True))
+        return 0
+
+    return _run_client(args, body)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    async def body(client):
+        monitor_id = await client.call(
+            "MonitorServer.createMonitor", "Persistent", ["All"], args.mode, args.path,
+            args.whitelist, args.blacklist, 0.0, args.block_size, args.ignore_sys_files,
+            args.ignore_dir_events, False, None)
+        try:
+            await client.call("MonitorServer.startMonitor", monitor_id)
+            print(json.dumps({"monitorId": monitor_id, "watching": args.path}), flush=True)
+            async for note in client.notifications:
+                if note.method != "fsEventHappened" or len(note.params) != 2:
+                    continue
+                mid, events = note.params
+                for event in events:
+                    print(json.dumps({"monitorId": mid, **_jsonable(event)}), flush=True)
+        finally:
+            with trio.move_on_after(2) as scope:
+                scope.shield = True
+                try:
+                    await client.call("MonitorServer.destroyMonitor", monitor_id)
+                except (RpcError, trio.BrokenResourceError):
+                    pass
+        print("fsagent: error: the agent closed the connection", file=sys.stderr)
+        return 2
+
+    return _run_client(args, body)

@@ -1,0 +1,140 @@
+"""The trio msgpack-RPC client used by the CLI, the tests and other components.
+
+Design notes
+------------
+* A thin loop around ``_protocol.Connection``, like the server: one background task
+  reads, turning responses into the result of the waiting ``call`` (calls may be
+  issued concurrently from many tasks and are matched by msgid) and notifications
+  into ``client.notifications``, a bounded channel. A client that stops consuming
+  notifications stops reading, which pushes back on the server instead of growing
+  memory on either side.
+* ``open_client`` is the one way in: Unix socket by default, TCP (optionally TLS)
+  with the token sent as the first call. ``call_sync`` runs one call in its own
+  ``trio.run`` for synchronous code such as the CLI.
+* Error replies raise ``RpcError`` (``OmeroFSError`` for that name); a dropped
+  connection raises ``trio.BrokenResourceError`` in every waiting call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+
+from ._errors import RpcError
+from ._protocol import NEED_DATA, Connection, Notification, ProtocolError, Response
+
+__all__ = ["Client", "open_client", "call_sync"]
+
+# The client trusts the agent it talks to, so it accepts large replies
+# (getBulkDirectory of a big folder, readBlock up to its cap).
+CLIENT_MAX_MESSAGE_SIZE = 1 << 30
+CLIENT_MAX_CONTAINER_LEN = 1 << 24
+
+
+class Client:
+    def __init__(self, stream: trio.abc.Stream, *, notification_buffer: int = 1024):
+        self._stream = stream
+        self._conn = Connection(max_message_size=CLIENT_MAX_MESSAGE_SIZE,
+                                max_container_len=CLIENT_MAX_CONTAINER_LEN)
+        self._send_lock = trio.Lock()
+        self._waiting: dict[int, list] = {}   # msgid -> [Event, Response | None]
+        self._notify_send, self.notifications = trio.open_memory_channel(notification_buffer)
+        self._broken: BaseException | None = None
+
+    async def call(self, method: str, *params: Any) -> Any:
+        """Call ``method(*params)``; returns its result or raises ``RpcError``."""
+        if self._broken is not None:
+            raise trio.BrokenResourceError(f"connection lost: {self._broken}")
+        msgid, data = self._conn.send_request(method, params)
+        slot = [trio.Event(), None]
+        self._waiting[msgid] = slot
+        try:
+            async with self._send_lock:
+                await self._stream.send_all(data)
+            await slot[0].wait()
+        finally:
+            self._waiting.pop(msgid, None)
+        response = slot[1]
+        if response is None:
+            raise trio.BrokenResourceError(f"connection lost: {self._broken}")
+        if response.error is not None:
+            raise RpcError.from_wire(response.error)
+        return response.result
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                event = self._conn.next_event()
+                if event is NEED_DATA:
+                    data = await self._stream.receive_some(1 << 20)
+                    if not data:
+                        raise EOFError("the agent closed the connection")
+                    self._conn.receive_data(data)
+                elif isinstance(event, Response):
+                    slot = self._waiting.get(event.msgid)
+                    if slot is not None:
+                        slot[1] = event
+                        slot[0].set()
+                elif isinstance(event, Notification):
+                    await self._notify_send.send(event)
+                elif isinstance(event, ProtocolError):
+                    raise ValueError(f"protocol error from the agent: {event.reason}")
+        except (EOFError, ValueError, trio.BrokenResourceError, trio.ClosedResourceError,
+                ssl.SSLError) as e:
+            self._broken = e
+        finally:
+            if self._broken is None:
+                self._broken = trio.ClosedResourceError("client closed")
+            for slot in self._waiting.values():
+                slot[0].set()
+            self._notify_send.close()
+
+
+@contextlib.asynccontextmanager
+async def open_client(socket_path: str | os.PathLike | None = None, *,
+                      tcp: tuple[str, int] | None = None, token: str | None = None,
+                      ssl_context: ssl.SSLContext | None = None,
+                      server_hostname: str | None = None,
+                      notification_buffer: int = 1024) -> AsyncIterator[Client]:
+    """Connect to an agent: ``socket_path`` (Unix) or ``tcp=(host, port)``."""
+    if (socket_path is None) == (tcp is None):
+        raise ValueError("give exactly one of socket_path and tcp")
+    if socket_path is not None:
+        stream: trio.abc.Stream = await trio.open_unix_socket(os.fspath(socket_path))
+    else:
+        host, port = tcp
+        stream = await trio.open_tcp_stream(host, port)
+        if ssl_context is not None:
+            stream = trio.SSLStream(stream, ssl_context,
+                                    server_hostname=server_hostname or host)
+    client = Client(stream, notification_buffer=notification_buffer)
+    try:
+        async with stream, trio.open_nursery() as nursery:
+            nursery.start_soon(client._read_loop)
+            if tcp is not None and token is not None:
+                await client.call("auth", token)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The reader task never raises, so a group holds the caller's one exception:
+        # hand it back as it was raised, not wrapped.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+def call_sync(socket_path: str | os.PathLike, method: str, *params: Any) -> Any:
+    """One call from synchronous code (starts and ends its own trio run)."""
+
+    async def one_call():
+        async with open_client(socket_path) as client:
+            return await client.call(method, *params)
+
+    return trio.run(one_call)

@@ -1,0 +1,283 @@
+"""Metrics: the registry's exposition (checked by prometheus_client's own parser), the
+mount's ``metrics`` file, and the optional HTTP listener."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fsagent.config import ConfigError, load_config
+from fsagent.metrics import Registry
+from fsagent.metrics_http import BadRequest, parse_request_head, route
+
+
+def parse(text: str) -> dict:
+    """{family name: {(sample name, sorted labels): value}}, via the reference parser."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        out[family.name] = (family.type, {
+            (s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples})
+    return out
+
+
+def sample(families: dict, family: str, name: str | None = None, **labels) -> float:
+    return families[family][1][(name or family, tuple(sorted(labels.items())))]
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+
+def test_exposition_parses_and_carries_every_kind():
+    r = Registry()
+    c = r.counter("fsagent_things", "Things, counted")  # _total is added
+    c.inc()
+    c.inc(2.5)
+    by_state = r.counter("fsagent_uploads_finished_total", "By outcome", labels=("state",))
+    by_state.labels("complete").inc()
+    by_state.labels(state='odd "value"\\\n').inc(4)
+    g = r.gauge("fsagent_queue", "Queue length")
+    g.set(7)
+    g.dec(2)
+    r.gauge("fsagent_jobs", "Jobs by state and kind", labels=("state", "kind"),
+            collect=lambda: {("running", "import"): 2, ("queued", "archive"): 1})
+    h = r.histogram("fsagent_job_duration_seconds", "Job run time", labels=("kind",),
+                    buckets=(1, 10))
+    h.labels("import").observe(0.5)
+    h.labels("import").observe(5)
+    h.labels("import").observe(50)
+    families = parse(r.render().decode())
+    assert families["fsagent_things"][0] == "counter"
+    assert sample(families, "fsagent_things", "fsagent_things_total") == 3.5
+    assert sample(families, "fsagent_uploads_finished", "fsagent_uploads_finished_total",
+                  state="complete") == 1
+    assert sample(families, "fsagent_uploads_finished", "fsagent_uploads_finished_total",
+                  state='odd "value"\\\n') == 4
+    assert sample(families, "fsagent_queue") == 5
+    assert sample(families, "fsagent_jobs", state="running", kind="import") == 2
+    assert sample(families, "fsagent_jobs", state="queued", kind="archive") == 1
+    hist = "fsagent_job_duration_seconds"
+    assert families[hist][0] == "histogram"
+    assert sample(families, hist, hist + "_bucket", kind="import", le="1.0") == 1
+    assert sample(families, hist, hist + "_bucket", kind="import", le="10.0") == 2
+    assert sample(families, hist, hist + "_bucket", kind="import", le="+Inf") == 3
+    assert sample(families, hist, hist + "_count", kind="import") == 3
+    assert sample(families, hist, hist + "_sum", kind="import") == 55.5
+
+
+def test_programming_errors_fail_loudly():
+    r = Registry()
+    c = r.counter("fsagent_x_total", "x")
+    with pytest.raises(ValueError):
+        r.counter("fsagent_x_total", "again")
+    with pytest.raises(ValueError):
+        c.inc(-1)
+    with pytest.raises(ValueError):
+        r.gauge("bad name", "x")
+    with pytest.raises(ValueError):
+        r.gauge("fsagent_y", "y", labels=("le",))
+    labelled = r.gauge("fsagent_z", "z", labels=("state",))
+    with pytest.raises(ValueError):
+        labelled.set(1)
+    with pytest.raises(ValueError):
+        labelled.labels("a", "b")
+    with pytest.raises(TypeError):
+        r.counter("fsagent_c", "c", labels=("k",)).labels("v").set(3)
+
+
+def test_updates_from_threads_are_not_lost():
+    r = Registry()
+    c = r.counter("fsagent_n_total", "n")
+    h = r.histogram("fsagent_h_seconds", "h")
+
+    def work():
+        for _ in range(20000):
+            c.inc()
+            h.observe(0.002)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert c.value() == 80000
+    assert h.count() == 80000
+
+
+def test_nan_and_empty_families_parse():
+    r = Registry()
+    r.gauge("fsagent_unknown", "not known yet", collect=lambda: float("nan"))
+    r.counter("fsagent_errors_total", "none yet", labels=("op",), collect=dict)
+    families = parse(r.render().decode())
+    assert math.isnan(sample(families, "fsagent_unknown"))
+    assert families["fsagent_errors"][1] == {}
+
+
+# -- the HTTP core, on bytes ---------------------------------------------------------------------
+
+
+def test_http_core():
+    assert parse_request_head(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n") == (
+        "GET", "/metrics")
+    for bad in (b"\x16\x03\x01 TLS hello\r\n\r\n", b"GET /metrics\r\n\r\n", b"\r\n\r\n",
+                b"get /metrics HTTP/1.1\r\n\r\n"):
+        with pytest.raises(BadRequest):
+            parse_request_head(bad)
+    body = b"x 1\n"
+    ok = route("GET", "/metrics", lambda: body, "text/plain")
+    assert ok.startswith(b"HTTP/1.1 200 OK\r\n") and ok.endswith(b"\r\n\r\nx 1\n")
+    assert b"Content-Length: 4\r\n" in ok
+    assert route("HEAD", "/metrics", lambda: body, "text/plain").endswith(b"\r\n\r\n")
+    assert route("GET", "/", lambda: body, "t").startswith(b"HTTP/1.1 404 ")
+    post = route("POST", "/metrics", lambda: body, "t")
+    assert post.startswith(b"HTTP/1.1 405 ") and b"Allow: GET, HEAD" in post
+
+
+def test_metrics_listen_is_checked_like_every_setting(tmp_path):
+    for bad in ("9464", "localhost", "host:http", "host:70000", ":9464"):
+        with pytest.raises(ConfigError, match="metrics_listen"):
+            load_config(None, {"metrics_listen": bad}, cwd=tmp_path)
+    assert load_config(None, {"metrics_listen": "[::1]:9464"}, cwd=tmp_path).metrics_listen
+
+
+# -- the agent ---------------------------------------------------------------------------------
+
+
+def read_metrics(agent) -> dict:
+    return parse((agent.mount / "metrics").read_text())
+
+
+def test_metrics_file_parses_and_counters_move(agent):
+    path = agent.mount / "metrics"
+    st = os.stat(path)
+    assert st.st_mode & 0o777 == 0o444
+    before = read_metrics(agent)
+    reads = sample(before, "fsagent_fuse_requests", "fsagent_fuse_requests_total", op="read")
+    for _ in range(5):
+        (agent.mount / "status").read_bytes()
+    after = read_metrics(agent)
+    assert sample(after, "fsagent_fuse_requests", "fsagent_fuse_requests_total",
+                  op="read") >= reads + 5
+    assert sample(after, "fsagent_fuse_requests", "fsagent_fuse_requests_total",
+                  op="open") >= 5
+    assert sample(after, "fsagent_uptime_seconds") > sample(before, "fsagent_uptime_seconds")
+    vfs = os.statvfs(agent.state)
+    assert abs(sample(after, "fsagent_store_free_bytes") - vfs.f_bavail * vfs.f_frsize) < 2**28
+    assert sample(after, "fsagent_store_size_bytes") == vfs.f_blocks * vfs.f_frsize
+    assert sample(after, "fsagent_build_info", version=agent.status()["version"]) == 1
+    assert sample(after, "fsagent_previous_run_clean") == 1
+    assert after["fsagent_fuse_errors"][1] == {}  # no unexpected failures
+    assert after["fsagent_db_flush_seconds"][0] == "histogram"
+
+
+def test_checkpoint_latency_survives_into_the_next_run(agent):
+    assert math.isnan(sample(read_metrics(agent), "fsagent_last_checkpoint_seconds"))
+    assert agent.stop() == 0
+    agent.start()
+    families = read_metrics(agent)
+    seconds = sample(families, "fsagent_last_checkpoint_seconds")
+    assert 0 <= seconds < 5
+    assert sample(families, "fsagent_last_checkpoint_timestamp_seconds") > 0
+    assert "checkpoint took" in agent.log()
+
+
+def test_a_crash_shows_in_the_metrics(agent):
+    agent.kill9()
+    agent.start()
+    assert sample(read_metrics(agent), "fsagent_previous_run_clean") == 0
+
+
+def test_metrics_over_http(agent_factory):
+    agent = agent_factory(config='metrics_listen = "127.0.0.1:0"\n').start()
+    address = agent.status()["metrics_listen"]
+    assert address.startswith("127.0.0.1:") and not address.endswith(":0")
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        families = parse(r.read().decode())
+    assert sample(families, "fsagent_previous_run_clean") == 1
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"http://{address}/", timeout=10)
+    assert e.value.code == 404
+    # Garbage and a client that says nothing are answered or dropped; the agent lives on.
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"\x16\x03\x01garbage\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 400 ")
+    idle = socket.create_connection((host, int(port)), timeout=10)
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        assert r.status == 200  # an idle connection blocks nobody
+    idle.close()
+    assert agent.status()["pid"] == agent.proc.pid
+
+
+def test_busy_metrics_port_is_a_one_line_config_error(agent_factory, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        agent = agent_factory(config=f'metrics_listen = "127.0.0.1:{port}"\n')
+        result = subprocess.run(agent.argv(), capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fsagent: error: metrics_listen: ")
+    assert not os.path.ismount(agent.mount)
+    assert not (agent.state / "fsagent.db").exists()  # nothing touched
+
+
+# -- the docs and the dashboard name real metrics ----------------------------------------------
+
+
+def _exported_names(agent) -> tuple[set[str], set[str]]:
+    """(family names as documented, every sample name) of a live agent's metrics."""
+    families, samples = set(), set()
+    for family in text_string_to_metric_families((agent.mount / "metrics").read_text()):
+        families.add(family.name + ("_total" if family.type == "counter" else ""))
+        samples.update(s.name for s in family.samples)
+    return families, samples
+
+
+def test_readme_metrics_table_is_what_the_agent_exports(agent):
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = re.search(r"<!-- metrics-table:[^>]*-->\n(.*?)<!-- /metrics-table -->", readme, re.S)
+    assert table, "README lacks the metrics table markers"
+    documented = set(re.findall(r"^\| `(\w+)", table.group(1), re.M))
+    assert documented == _exported_names(agent)[0]
+
+
+def test_grafana_dashboard_queries_only_exported_metrics(agent):
+    import json
+    import re
+    from pathlib import Path
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "contrib" /
+                            "grafana-fsagent.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\bfsagent_\w+", e)}
+    documented, samples = _exported_names(agent)
+    # (A labelled counter with no series yet, like the FUSE errors, has no samples.)
+    assert used and used <= samples | documented, used - samples - documented
+    # Every agent-level metric but two supplementary timestamps is on the dashboard.
+    supplementary = {"fsagent_start_time_seconds", "fsagent_last_checkpoint_timestamp_seconds"}
+    assert documented - supplementary <= {re.sub(r"_bucket$", "", n) for n in used}
+
+
+def test_database_flushes_feed_the_latency_histogram(tmp_path):
+    from fsagent.db import Database
+    db = Database.open(tmp_path / "x.db")
+    flush_seconds = Registry().histogram("fsagent_db_flush_seconds", "h")
+    db.on_flush = flush_seconds.observe
+    db.flush_sync()  # nothing staged: no transaction, nothing observed
+    assert flush_seconds.count() == 0
+    db.stage("run", "INSERT INTO agent_runs(pid, version, started) VALUES (?, ?, ?)",
+             (1, "test", 0.0))
+    db.flush_sync()
+    assert db.flush_count == 1 and flush_seconds.count() == 1
+    db.close()

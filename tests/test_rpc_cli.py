@@ -1,0 +1,61 @@
+"""``fsagent call`` and ``fsagent watch`` against a live agent."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+from conftest import FSAGENT
+from rpcutil import export_agent
+
+
+def test_call_prints_json_and_exit_codes(agent_factory, tmp_path, cli):
+    agent, data = export_agent(agent_factory, tmp_path)
+    (data / "a.tif").write_bytes(b"abc")
+    sock = ["--socket", str(agent.socket)]
+    r = cli("call", *sock, "FileServer.getStats", str(data / "a.tif"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["size"] == 3
+    r = cli("call", *sock, "FileServer.readBlock", json.dumps(str(data / "a.tif")), "1", "5")
+    assert json.loads(r.stdout) == {"base64": "YmM="}
+    r = cli("call", *sock, "FileServer.getSize", "/etc/shadow")
+    assert r.returncode == 3
+    assert r.stderr == "fsagent: OmeroFSError: not under an exported root: /etc/shadow\n"
+    r = cli("call", *sock, "No.such")
+    assert r.returncode == 3 and r.stderr.startswith("fsagent: NoSuchMethod:")
+    # the socket found from --state-dir, as `run` would place it
+    r = cli("call", "--state-dir", str(agent.state), "FileServer.fileExists", str(data))
+    assert r.returncode == 0 and r.stdout.strip() == "true"
+
+
+def test_call_without_an_agent_is_exit_2(cli, tmp_path):
+    r = cli("call", "--socket", str(tmp_path / "none.sock"), "FileServer.getSize", "/x")
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "cannot connect" in r.stderr
+
+
+def test_watch_prints_events_as_json_lines(agent_factory, tmp_path):
+    agent, data = export_agent(agent_factory, tmp_path)
+    proc = subprocess.Popen(FSAGENT + ["watch", "--socket", str(agent.socket), str(data),
+                                       "--recurse", "--whitelist", "tif"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        header = json.loads(proc.stdout.readline())
+        assert header["watching"] == str(data)
+        (data / "sub").mkdir()
+        time.sleep(0.2)
+        (data / "sub" / "a.tif").write_bytes(b"x")
+        (data / "b.txt").write_bytes(b"x")
+        first = json.loads(proc.stdout.readline())
+        second = json.loads(proc.stdout.readline())
+        assert (first["type"], first["fileId"]) == ("Create", f"{data}/sub")
+        assert (second["type"], second["fileId"]) == ("Create", f"{data}/sub/a.tif")
+        assert second["monitorId"] == header["monitorId"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+    assert proc.returncode == 130
+    time.sleep(0.3)
+    assert agent.status()["monitors"]["monitors"] == {}  # destroyed on the way out
