@@ -51,6 +51,8 @@ __all__ = ["Agent", "Component", "run_agent"]
 
 log = logging.getLogger(__name__)
 
+FUSE_MAX_TASKS = 1000  # concurrent FUSE requests (blocking `wait` reads included)
+
 
 class Component:
     """Base for a capability plugged into the agent. Every hook is optional."""
@@ -90,26 +92,18 @@ class Component:
 def build_components(agent: Agent) -> list[Component]:
     """Every capability of the agent, in start-up order."""
     from .fileserver import FileServer
+    from .jobs import JobsComponent
     from .monitor import MonitorServer
     from .rpc._component import RpcComponent
     from .uploads import UploadsComponent  # components import Component from here
 
     return [
-        PlaceholderTree(agent),
         UploadsComponent(agent),
         FileServer(agent),
         MonitorServer(agent),
+        JobsComponent(agent),
         RpcComponent(agent),  # last: serves the rpc_methods() of everything above
     ]
-
-
-class PlaceholderTree(Component):
-    """``jobs/`` as an empty read-only directory, until its owner lands."""
-
-    name = "tree"
-
-    def root_entries(self) -> dict[bytes, Node]:
-        return {b"jobs": Directory()}
 
 
 class Agent:
@@ -282,7 +276,9 @@ class Agent:
 
     async def _fuse_main(self, fuse_done: trio.Event, cancel_scope: trio.CancelScope) -> None:
         try:
-            await pyfuse3.main()
+            # Each blocked read of a jobs/<id>/wait file holds one request task until its
+            # job ends; pyfuse3's default of 99 would let 99 waiters stall the mount.
+            await pyfuse3.main(max_tasks=FUSE_MAX_TASKS)
         finally:
             fuse_done.set()
             if not self.shutting_down.is_set():

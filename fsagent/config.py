@@ -194,6 +194,17 @@ SETTINGS: tuple[Setting, ...] = (
             "would eat into it fail with ENOSPC.", "bytes"),
     Setting("recent_uploads", _int_at_least(0), 100, "How many completed uploads "
             "`uploads.json` lists after the unfinished ones.", "integer"),
+    Setting("max_concurrent_jobs", _int_at_least(1), 2, "Jobs that run at the same time; "
+            "the others wait in `pending`, highest priority first.", "integer"),
+    Setting("job_history", _int_at_least(0), 1000, "Finished jobs (success, failure, "
+            "cancelled) kept with their outputs; the oldest beyond this are removed.",
+            "integer"),
+    Setting("job_ttl", _number_at_least(1), 7 * 24 * 3600.0, "Seconds a finished job and its "
+            "outputs are kept after it finished.", "seconds"),
+    Setting("import_command", _argv, [], "Run for each import job after the file is recorded "
+            "in the manifest: an argv list (no shell) where `{path}`, `{sha256}` and `{task}` "
+            "are replaced; its output goes to the job's log and exit status 0 means success. "
+            "Empty: record only.", "argv"),
     Setting("metrics_listen", _optional_listen, None, "Also serve `MOUNT/metrics` over "
             "HTTP at `http://HOST:PORT/metrics` (e.g. `127.0.0.1:9464`; port 0 picks a free "
             "one, shown in `status`). Unset: no listener.", "HOST:PORT"),
@@ -264,6 +275,10 @@ class Config:
     monitor_flush_ms: int = 100
     monitor_grace_seconds: float = 30.0
     monitor_max_pending_events: int = 200000
+    max_concurrent_jobs: int = 2
+    job_history: int = 1000
+    job_ttl: float = 7 * 24 * 3600.0
+    import_command: tuple[str, ...] = ()
     config_file: Path | None = None
 
     @property

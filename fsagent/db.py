@@ -87,6 +87,40 @@ MIGRATIONS: dict[str, Sequence[str]] = {
         CREATE INDEX upload_tasks_completed ON upload_tasks(completed);
         """,
     ),
+    "jobs": (
+        # 1: one row per job (fsagent/jobs/_engine.py writes it) and the repository
+        # manifest that import jobs fill and verify jobs check.
+        """
+        CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            seq INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            spec TEXT NOT NULL,
+            state TEXT NOT NULL,
+            priority INTEGER NOT NULL,
+            progress INTEGER NOT NULL,
+            message TEXT NOT NULL,
+            error_code INTEGER NOT NULL,
+            error_description TEXT NOT NULL,
+            content TEXT NOT NULL,
+            outputs TEXT NOT NULL,
+            owner_uid INTEGER,
+            created REAL NOT NULL,
+            completed REAL,
+            runtime REAL NOT NULL,
+            updated REAL NOT NULL
+        );
+        CREATE TABLE manifest (
+            path TEXT PRIMARY KEY,
+            size INTEGER NOT NULL,
+            sha256 TEXT NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            task TEXT,
+            job_id TEXT,
+            recorded REAL NOT NULL
+        );
+        """,
+    ),
     "ops": (
         # 1: one row per completed shutdown checkpoint (components' checkpoint() and the
         # final flush), so the next run can report how long a stop takes.

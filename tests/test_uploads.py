@@ -501,12 +501,25 @@ def test_xattrs_and_uploads_json(fast):
         open(fast.mount / "uploads.json", "w")
 
 
-def test_completed_upload_waits_for_a_job_engine(fast):
-    """Until the jobs component lands, the hand-off fails, is logged, and nothing is lost."""
-    (fast.uploads / "i.bin").write_bytes(b"i")
+def test_completed_upload_starts_an_import_job_end_to_end(fast):
+    """cp into uploads/ -> verified -> an import job (user.fsagent.job) that records the
+    file in the manifest, readable as jobs/<id>/ files."""
+    data = b"import me\n" * 1000
+    (fast.uploads / "i.bin").write_bytes(data)
     wait_state(fast.uploads / "i.bin", "complete")
-    assert xattr(fast.uploads / "i.bin", "job") == ""
-    assert "no job engine to import it; will retry" in fast.log()
-    fast.stop()
-    fast.start()
-    assert state(fast.uploads / "i.bin") == "complete"
+    deadline = time.monotonic() + 15
+    while not xattr(fast.uploads / "i.bin", "job") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job_id = xattr(fast.uploads / "i.bin", "job")
+    assert job_id, fast.log()
+    job = fast.jobs / job_id
+    assert (job / "wait").read_text().strip() == "success"
+    info = json.loads((job / "info.json").read_text())
+    assert info["Type"].lower() == "import" and info["State"].lower() == "success"
+    import sqlite3
+    with sqlite3.connect(fast.state / "fsagent.db") as db:
+        row = db.execute("SELECT size, sha256 FROM manifest WHERE path = ?",
+                         ("i.bin",)).fetchone()
+    assert row == (len(data), hashlib.sha256(data).hexdigest())
+    uploads = json.loads((fast.mount / "uploads.json").read_text())
+    assert [u["job"] for u in uploads if u["path"] == "i.bin"] == [job_id]

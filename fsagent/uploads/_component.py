@@ -720,10 +720,12 @@ class UploadsComponent(Component):
         for rel, size in files.items():
             if is_temporary_path(rel):
                 continue
+            # A file we hold no record of (created just before a crash, before its row was
+            # flushed, or put into the store by hand) is adopted at its size as partial: we
+            # never destroy bytes we cannot prove are garbage; a resumed rsync
+            # --append-verify checks the whole file and repairs it if it must.
             t = Task(rel=rel, present=size)
-            if not clean and size:
-                cuts.append((self.backing(rel), 0))
-                t.present = 0
+            t.durable = size
             self.tasks.add(t)
         if cuts:
             await self.agent.to_thread(_cut_back, cuts)

@@ -1,0 +1,99 @@
+"""Jobs: a persistent job engine whose status, control and outputs are files.
+
+Public surface:
+
+* ``JobsComponent`` — the agent component named ``"jobs"``: ``MOUNT/jobs/`` and
+  ``MOUNT/jobs.json``, the scheduler task, the ``jobs`` section of ``status``, the
+  ``Jobs.*`` RPC methods, and the hand-off verbs the uploads component calls
+  (``submit``, ``cancel_if_not_started``).
+* ``State``, ``IllegalMove``, ``UnknownVerb``, ``TRANSITIONS`` — the state machine.
+* ``KINDS`` — the registry of job kinds (``import``, ``archive``, ``verify``).
+
+Inside: ``_states`` (the transition table), ``_engine`` (verbs, scheduler,
+persistence, history), ``_kinds`` (the kind contract and path confinement),
+``_nodes`` (the FUSE tree), one module per kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from ..agent import Component
+from ..fs import DynamicFile, Node
+from . import _archive, _import, _verify  # noqa: F401  (each registers its kind)
+from ._engine import BadSpec, Engine, JobExists, NoSuchJob, ShuttingDown
+from ._kinds import KINDS
+from ._nodes import JobsDirectory, render_jobs_json
+from ._states import TRANSITIONS, IllegalMove, State, UnknownVerb
+
+__all__ = [
+    "JobsComponent", "State", "IllegalMove", "UnknownVerb", "TRANSITIONS", "KINDS",
+    "BadSpec", "NoSuchJob", "JobExists", "ShuttingDown",
+]
+
+
+class JobsComponent(Component):
+    name = "jobs"
+
+    def __init__(self, agent):
+        super().__init__(agent)
+        self.engine = Engine(agent)
+        self.engine.load()
+
+    # -- the hand-off contract with uploads ----------------------------------------------
+
+    async def submit(self, kind: str, spec: dict[str, Any], *, priority: int = 0,
+                     owner_uid: int | None = None) -> str:
+        return await self.engine.submit(kind, spec, priority=priority, owner_uid=owner_uid)
+
+    async def cancel_if_not_started(self, job_id: str) -> bool:
+        return await self.engine.cancel_if_not_started(job_id)
+
+    # -- component hooks -------------------------------------------------------------------
+
+    def root_entries(self) -> dict[bytes, Node]:
+        return {b"jobs": JobsDirectory(self.engine),
+                b"jobs.json": DynamicFile(lambda: render_jobs_json(self.engine))}
+
+    def status(self) -> dict[str, Any]:
+        return {"counts": self.engine.counts(), "runs_started": self.engine.started_count,
+                "evicted": self.engine.evicted_count,
+                "max_concurrent_jobs": self.agent.config.max_concurrent_jobs}
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await self.engine.serve(task_status=task_status)
+
+    async def checkpoint(self) -> None:
+        await self.engine.checkpoint()
+
+    def rpc_methods(self):
+        e = self.engine
+
+        async def show(job_id: str) -> dict:
+            return e.get(job_id).info()
+
+        async def listing() -> list[dict]:
+            return [j.info() for j in e.listing()]
+
+        async def submit(kind: str, spec: dict, priority: int = 0) -> str:
+            return await e.submit(kind, spec, priority=priority)
+
+        def verb(name: str):
+            async def control(job_id: str) -> str:
+                return (await e.control(job_id, name)).value
+            return control
+
+        async def wait(job_id: str) -> str:
+            return (await e.wait(job_id)).value
+
+        async def set_priority(job_id: str, priority: int) -> None:
+            await e.set_priority(job_id, priority)
+
+        return {
+            "Jobs.list": listing, "Jobs.show": show, "Jobs.submit": submit,
+            "Jobs.cancel": verb("cancel"), "Jobs.pause": verb("pause"),
+            "Jobs.resume": verb("resume"), "Jobs.retry": verb("retry"),
+            "Jobs.wait": wait, "Jobs.set_priority": set_priority,
+        }

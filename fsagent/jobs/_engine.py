@@ -1,0 +1,614 @@
+"""The job engine: the jobs, their verbs, the scheduler, persistence and history.
+
+Design notes
+------------
+* **One code path per verb.** ``submit``, ``control`` (cancel/pause/resume/retry),
+  ``set_priority`` and ``wait`` are the engine's public verbs; the ``control`` and
+  ``priority`` files, ``mkdir``+``spec``, the RPC methods and the CLI all call these,
+  never the state table or the database directly. Every state change goes through
+  ``_apply``, which asks ``_states.next_state``.
+* **Scheduling.** Pending jobs start highest ``priority`` first, then oldest first,
+  at most ``max_concurrent_jobs`` at a time. A job whose previous run is still
+  unwinding (paused or cancelled mid-step, then resumed or retried) does not start
+  again until that run has finished, so two runs of a job never overlap.
+* **Cooperative stop.** Pausing or cancelling a running job changes its state at
+  once (the files show it immediately) and cancels the run's scope; worker threads
+  notice at their next ``checkpoint`` and async work (a subprocess) is cancelled by
+  trio. The run then finds its job no longer ``running`` and throws its work away.
+* **Persistence.** A job's row is staged in the database under one key per job, so
+  the latest row always wins: progress ticks are staged (written every
+  ``db_flush_seconds``), state changes are staged and flushed before the verb
+  returns (one transaction, durable). On start, jobs found ``running`` were
+  interrupted (stop or crash): they are requeued with a message saying so.
+* **Outputs** live under ``STATE/jobs/<id>/``: ``log``, ``outputs/`` (published by
+  renaming ``outputs.tmp/`` after fsync, only on success). A run starts by clearing
+  both, which is how a retried or requeued kind resets its work.
+* **History.** Finished jobs beyond ``job_history`` (newest kept) or older than
+  ``job_ttl`` are removed with their directory; only finished jobs are ever evicted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ._kinds import KINDS, JobFailed, KindEnv, RunContext, SpecError, Stopped
+from ._states import ErrorCode, IllegalMove, State, next_state
+
+__all__ = ["Engine", "Job", "NoSuchJob", "BadSpec", "JobExists", "ShuttingDown",
+           "valid_job_name"]
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def valid_job_name(name: str) -> bool:
+    return _NAME.fullmatch(name) is not None
+
+
+class NoSuchJob(LookupError):
+    def __init__(self, job_id: str):
+        super().__init__(f"no job {job_id!r}")
+
+
+class BadSpec(ValueError):
+    """A refused submission; ``str()`` is the one-line reason."""
+
+
+class JobExists(Exception):
+    def __init__(self, job_id: str):
+        super().__init__(f"job {job_id!r} already exists")
+
+
+class ShuttingDown(Exception):
+    def __init__(self):
+        super().__init__("the agent is shutting down")
+
+
+def _clean(text: str) -> str:
+    """Text safe for SQLite and the files: undecodable file names become U+FFFD."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def orthanc_time(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}"
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    id: str
+    seq: int
+    kind: str
+    spec: dict[str, Any]
+    state: State
+    priority: int = 0
+    progress: int = 0
+    message: str = ""
+    error_code: int = 0
+    error_description: str = ""
+    content: dict[str, Any] = dataclasses.field(default_factory=dict)
+    outputs: list[str] = dataclasses.field(default_factory=list)
+    owner_uid: int | None = None
+    created: float = 0.0
+    completed: float | None = None
+    runtime: float = 0.0        # seconds spent running, over every run
+    updated: float = 0.0
+    # -- in memory only
+    ended: trio.Event = dataclasses.field(default_factory=trio.Event)
+    run_started: float | None = None   # monotonic start of the current run
+    ctx: RunContext | None = None
+    scope: trio.CancelScope | None = None
+
+    def effective_runtime(self) -> float:
+        extra = time.monotonic() - self.run_started if self.run_started is not None else 0.0
+        return round(self.runtime + extra, 3)
+
+    def live_progress(self) -> int:
+        # A running job's progress lives in its context (updated from worker threads).
+        if self.state is State.RUNNING and self.ctx is not None:
+            return self.ctx.progress
+        return self.progress
+
+    def live_message(self) -> str:
+        if self.state is State.RUNNING and self.ctx is not None and self.ctx.message:
+            return self.ctx.message
+        return self.message
+
+    def info(self) -> dict[str, Any]:
+        """The Orthanc-style record of ``info.json`` and ``jobs.json``."""
+        return {
+            "ID": self.id,
+            "Type": self.kind,
+            "State": self.state.orthanc,
+            "Progress": self.live_progress(),
+            "Priority": self.priority,
+            "Message": self.live_message(),
+            "ErrorCode": self.error_code,
+            "ErrorDescription": self.error_description,
+            "CreationTime": orthanc_time(self.created),
+            "CompletionTime": orthanc_time(self.completed),
+            "EffectiveRuntime": self.effective_runtime(),
+            "Timestamp": orthanc_time(self.updated),
+            "Content": self.content,
+            "Outputs": self.outputs,
+            "Spec": self.spec,
+        }
+
+    def row(self) -> tuple:
+        return (self.id, self.seq, self.kind, json.dumps(self.spec), self.state.value,
+                self.priority, self.live_progress(), self.live_message(), self.error_code,
+                self.error_description, json.dumps(self.content), json.dumps(self.outputs),
+                self.owner_uid, self.created, self.completed, self.runtime, self.updated)
+
+
+_COLUMNS = ("id, seq, kind, spec, state, priority, progress, message, error_code, "
+            "error_description, content, outputs, owner_uid, created, completed, runtime, "
+            "updated")
+_UPSERT = f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"
+_DELETE = "DELETE FROM jobs WHERE id = ?"
+
+
+def _job_from_row(row: tuple) -> Job:
+    (id_, seq, kind, spec, state, priority, progress, message, error_code, error_description,
+     content, outputs, owner_uid, created, completed, runtime, updated) = row
+    job = Job(id=id_, seq=seq, kind=kind, spec=json.loads(spec), state=State(state),
+              priority=priority, progress=progress, message=message, error_code=error_code,
+              error_description=error_description, content=json.loads(content),
+              outputs=json.loads(outputs), owner_uid=owner_uid, created=created,
+              completed=completed, runtime=runtime, updated=updated)
+    if job.state.final:
+        job.ended.set()
+    return job
+
+
+@dataclasses.dataclass(eq=False)
+class Draft:
+    """``mkdir jobs/NAME`` before a valid ``spec`` was written (kept in memory only)."""
+
+    id: str
+    owner_uid: int | None
+    created: float
+    message: str = ""
+
+
+class JobLog:
+    """Appends timestamped lines to a job's log file; safe from any thread."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, line: str) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8", errors="replace") as f:
+                f.write(f"{stamp} {line.rstrip()}\n")
+
+
+class Engine:
+    def __init__(self, agent):
+        self.agent = agent
+        self.config = agent.config
+        self.db = agent.db
+        self.jobs_dir: Path = self.config.state_dir / "jobs"
+        self.jobs: dict[str, Job] = {}
+        self.drafts: dict[str, Draft] = {}
+        self._seq = 0
+        self._active: set[str] = set()      # jobs with a run in progress (or unwinding)
+        self._wakeup = trio.Event()
+        self.started_count = 0              # runs started since the agent started
+        self.evicted_count = 0
+
+    # -- loading (start-up, synchronous) -------------------------------------------------
+
+    def load(self) -> None:
+        rows = self.db.run_sync(
+            lambda conn: conn.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY seq").fetchall())
+        for row in rows:
+            job = _job_from_row(row)
+            self.jobs[job.id] = job
+            self._seq = max(self._seq, job.seq)
+            if job.state is State.RUNNING:
+                job.state = next_state(job.id, "requeue", job.state)
+                job.runtime = round(job.runtime, 3)
+                job.progress = 0
+                job.message = "interrupted (the agent stopped while it ran); requeued"
+                job.updated = time.time()
+                self.db.stage(("job", job.id), _UPSERT, job.row())
+                JobLog(self.job_dir(job.id) / "log")(job.message)
+        self.db.flush_sync()
+        log.info("jobs: loaded %d jobs", len(self.jobs))
+
+    # -- paths -------------------------------------------------------------------------
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def outputs_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "outputs"
+
+    def log_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "log"
+
+    # -- lookups -----------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise NoSuchJob(job_id) from None
+
+    def listing(self) -> list[Job]:
+        return sorted(self.jobs.values(), key=lambda j: j.seq)
+
+    def counts(self) -> dict[str, int]:
+        out = {s.value: 0 for s in State}
+        for job in self.jobs.values():
+            out[job.state.value] += 1
+        return out
+
+    # -- verbs (the one code path for each) --------------------------------------------
+
+    async def submit(self, kind: str, spec: dict[str, Any], *, priority: int = 0,
+                     owner_uid: int | None = None, job_id: str | None = None) -> str:
+        """Validate and queue a job; returns its ID once the job is durable."""
+        if kind not in KINDS:
+            raise BadSpec(f"unknown job type {kind!r}; known: {', '.join(sorted(KINDS))}")
+        if not isinstance(spec, dict):
+            raise BadSpec("a spec is a JSON object")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise BadSpec(f"priority must be an integer, got {priority!r}")
+        if job_id is None:
+            job_id = str(uuid.uuid4())
+        elif job_id in self.jobs:
+            raise JobExists(job_id)
+        env = KindEnv(uploads_dir=self.config.uploads_dir, db=self.db,
+                      to_thread=self.agent.to_thread)
+        try:
+            normalised = await KINDS[kind].validate(dict(spec), env)
+        except SpecError as e:
+            raise BadSpec(f"{kind}: {e}") from None
+        if job_id in self.jobs:  # another submit took the name while we validated
+            raise JobExists(job_id)
+        self._seq += 1
+        now = time.time()
+        job = Job(id=job_id, seq=self._seq, kind=kind, spec=normalised, state=State.PENDING,
+                  priority=priority, owner_uid=owner_uid, created=now, updated=now,
+                  message="queued")
+        self.jobs[job_id] = job
+        self.drafts.pop(job_id, None)
+        await self._persist(job, durable=True)
+        log.info("job %s (%s) submitted, priority %d", job_id, kind, priority)
+        self._wake()
+        return job_id
+
+    async def submit_spec_text(self, job_id: str, text: str, *, owner_uid: int | None) -> str:
+        """A configfs ``spec`` write: ``{"type": KIND, "priority"?: N, ...kind fields}``."""
+        try:
+            spec = json.loads(text)
+        except ValueError as e:
+            raise BadSpec(f"spec is not valid JSON: {e}") from None
+        if not isinstance(spec, dict):
+            raise BadSpec("spec must be a JSON object with a \"type\"")
+        kind = spec.pop("type", None)
+        if not isinstance(kind, str):
+            raise BadSpec(f'spec needs "type": one of {", ".join(sorted(KINDS))}')
+        priority = spec.pop("priority", 0)
+        return await self.submit(kind, spec, priority=priority, owner_uid=owner_uid,
+                                 job_id=job_id)
+
+    async def control(self, job_id: str, verb: str) -> State:
+        """cancel, pause, resume or retry; raises UnknownVerb/IllegalMove/NoSuchJob."""
+        job = self.get(job_id)
+        before = job.state
+        after = self._apply(job, verb)
+        if after is before:
+            return after
+        if before is State.RUNNING:
+            # The run's threads notice at their next step; its async work is cancelled.
+            if job.ctx is not None:
+                job.ctx.request_stop()
+            if job.scope is not None:
+                job.scope.cancel()
+        if verb == "cancel":
+            job.message = "cancelled" + (" while running" if before is State.RUNNING else "")
+        elif verb == "pause":
+            job.message = "paused" + (" while running; will restart from the beginning"
+                                      if before is State.RUNNING else "")
+        elif verb in ("resume", "retry"):
+            job.message = "queued"
+            if verb == "retry":
+                job.error_code, job.error_description, job.content = 0, "", {}
+                job.completed = None
+                await self.agent.to_thread(shutil.rmtree, self.outputs_dir(job.id), True)
+                job.outputs = []
+        self._log(job, f"{verb}: {before.value} -> {after.value}")
+        await self._persist(job, durable=True)
+        self._wake()
+        return after
+
+    async def set_priority(self, job_id: str, priority: int) -> None:
+        job = self.get(job_id)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise BadSpec(f"priority must be an integer, got {priority!r}")
+        if job.state not in (State.PENDING, State.PAUSED):
+            raise IllegalMove(job_id, "reprioritise", job.state)
+        job.priority = priority
+        job.updated = time.time()
+        await self._persist(job, durable=True)
+        self._wake()
+
+    async def cancel_if_not_started(self, job_id: str) -> bool:
+        """Cancel a job that has not started running yet (uploads: the file was removed)."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state is not State.PENDING or job.id in self._active:
+            return False
+        await self.control(job_id, "cancel")
+        return True
+
+    async def wait(self, job_id: str) -> State:
+        """Block until the job is finished; ``ShuttingDown`` if the agent stops first."""
+        job = self.get(job_id)
+        shutting_down = self.agent.shutting_down
+        while not job.state.final:
+            if shutting_down.is_set():
+                raise ShuttingDown()
+            async with trio.open_nursery() as nursery:
+                async def until(event, scope=nursery.cancel_scope):
+                    await event.wait()
+                    scope.cancel()
+                nursery.start_soon(until, job.ended)
+                nursery.start_soon(until, shutting_down)
+        return job.state
+
+    # -- drafts: mkdir jobs/NAME before its spec ------------------------------------------
+
+    def create_draft(self, name: str, owner_uid: int | None) -> Draft:
+        if name in self.jobs or name in self.drafts:
+            raise JobExists(name)
+        draft = Draft(name, owner_uid, time.time())
+        self.drafts[name] = draft
+        return draft
+
+    def remove_draft(self, name: str) -> None:
+        del self.drafts[name]
+
+    # -- state changes and persistence ---------------------------------------------------
+
+    def _apply(self, job: Job, verb: str) -> State:
+        before = job.state
+        after = next_state(job.id, verb, before)
+        if after is before:
+            return after
+        now = time.time()
+        if before is State.RUNNING and job.run_started is not None:
+            job.runtime += time.monotonic() - job.run_started
+            job.run_started = None
+            if job.ctx is not None:
+                job.progress = job.ctx.progress
+        job.state = after
+        job.updated = now
+        if after.final:
+            job.completed = now
+            job.ended.set()
+        elif before.final:
+            job.ended = trio.Event()
+        return after
+
+    async def _persist(self, job: Job, *, durable: bool) -> None:
+        if job.id not in self.jobs:
+            return  # evicted meanwhile
+        self.db.stage(("job", job.id), _UPSERT, job.row())
+        if durable:
+            await self.db.flush()
+
+    def _log(self, job: Job, line: str) -> None:
+        JobLog(self.log_path(job.id))(line)
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    # -- the scheduler ---------------------------------------------------------------------
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._tick)
+            nursery.start_soon(self._stop_runs_on_shutdown)
+            nursery.start_soon(self._evict_periodically)
+            task_status.started()
+            while True:
+                self._start_ready(nursery)
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+
+    async def _stop_runs_on_shutdown(self) -> None:
+        # Worker threads cannot be cancelled: the moment the agent cancels the engine,
+        # tell every run's threads to stop at their next checkpoint, so shutdown does not
+        # wait for a 5 GiB archive to finish.
+        try:
+            await trio.sleep_forever()
+        finally:
+            for job in self.jobs.values():
+                if job.ctx is not None:
+                    job.ctx.request_stop()
+
+    def _start_ready(self, nursery: trio.Nursery) -> None:
+        free = self.config.max_concurrent_jobs - len(self._active)
+        if free <= 0:
+            return
+        ready = [j for j in self.jobs.values()
+                 if j.state is State.PENDING and j.id not in self._active]
+        ready.sort(key=lambda j: (-j.priority, j.seq))
+        for job in ready[:free]:
+            self._active.add(job.id)
+            nursery.start_soon(self._run, job)
+
+    async def _tick(self) -> None:
+        """Stage the progress of running jobs (coalesced by the database flush)."""
+        while True:
+            await trio.sleep(max(self.config.db_flush_seconds, 0.2))
+            for job in list(self.jobs.values()):
+                if job.state is State.RUNNING:
+                    await self._persist(job, durable=False)
+
+    async def _run(self, job: Job) -> None:
+        try:
+            await self._run_once(job)
+        finally:
+            self._active.discard(job.id)
+            job.ctx = None
+            self._wake()
+
+    async def _run_once(self, job: Job) -> None:
+        kind = KINDS[job.kind]
+        tmp = self.job_dir(job.id) / "outputs.tmp"
+        await self.agent.to_thread(_reset_work_dir, self.job_dir(job.id))
+        ctx = RunContext(job_id=job.id, spec=job.spec, config=self.config, db=self.db,
+                         outputs_dir=tmp, log=JobLog(self.log_path(job.id)),
+                         to_thread=self.agent.to_thread)
+        if job.state is not State.PENDING:
+            return  # paused or cancelled while the work dir was prepared
+        self._apply(job, "start")
+        job.ctx, job.progress, job.content, job.outputs = ctx, 0, {}, []
+        job.error_code, job.error_description, job.message = 0, "", "running"
+        job.run_started = time.monotonic()
+        self.started_count += 1
+        ctx.log(f"started ({job.kind})")
+        await self._persist(job, durable=True)
+
+        failure: JobFailed | None = None
+        finished = False
+        with trio.CancelScope() as scope:
+            job.scope = scope
+            try:
+                await kind.run(ctx)
+                finished = True
+            except Exception as raised:
+                e = _unwrap(raised)
+                if isinstance(e, JobFailed):
+                    failure = e
+                elif not isinstance(e, Stopped):
+                    log.exception("job %s (%s) raised", job.id, job.kind)
+                    failure = JobFailed(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+        job.scope = None
+
+        if job.state is not State.RUNNING:  # paused or cancelled meanwhile: drop the work
+            ctx.log(f"stopped: the job is {job.state.value}")
+            await self.agent.to_thread(shutil.rmtree, tmp, True)
+            return
+        if failure is not None:
+            await self.agent.to_thread(shutil.rmtree, tmp, True)
+            job.content = ctx.content
+            description = _clean(failure.description)
+            job.error_code, job.error_description = int(failure.code), description
+            self._apply(job, "fail")
+            job.message = description.splitlines()[0] if description else ""
+            ctx.log(f"failure: {description}")
+        elif finished:
+            outputs = await self.agent.to_thread(_publish, tmp, self.outputs_dir(job.id))
+            if job.state is not State.RUNNING:  # cancelled during the publish
+                await self.agent.to_thread(shutil.rmtree, self.outputs_dir(job.id), True)
+                return
+            job.content, job.outputs = ctx.content, outputs
+            job.error_code, job.error_description = 0, "Success"
+            self._apply(job, "succeed")
+            job.progress = 100
+            job.message = _clean(ctx.message or "done")
+            ctx.log(f"success: {job.message}")
+        else:
+            # Stopped while still running: only the agent's shutdown does that. Leave the
+            # row "running"; the next start requeues it.
+            return
+        await self._persist(job, durable=True)
+        log.info("job %s (%s) %s", job.id, job.kind, job.state.value)
+        await self.evict()
+
+    # -- history ----------------------------------------------------------------------------
+
+    async def _evict_periodically(self) -> None:
+        while True:
+            await self.evict()
+            await trio.sleep(min(60.0, max(1.0, self.config.job_ttl / 4)))
+
+    async def evict(self) -> int:
+        """Remove finished jobs beyond ``job_history`` or older than ``job_ttl``."""
+        finished = sorted((j for j in self.jobs.values() if j.state.final),
+                          key=lambda j: (j.completed or 0, j.seq), reverse=True)
+        cutoff = time.time() - self.config.job_ttl
+        doomed = [j for i, j in enumerate(finished)
+                  if i >= self.config.job_history or (j.completed or 0) < cutoff]
+        if not doomed:
+            return 0
+        for job in doomed:
+            del self.jobs[job.id]
+            self.db.stage(("job", job.id), _DELETE, (job.id,))
+        await self.db.flush()
+        dirs = [self.job_dir(j.id) for j in doomed]
+        await self.agent.to_thread(_remove_dirs, dirs)
+        self.evicted_count += len(doomed)
+        log.info("jobs: evicted %d finished jobs", len(doomed))
+        return len(doomed)
+
+    async def checkpoint(self) -> None:
+        for job in list(self.jobs.values()):
+            if job.state is State.RUNNING:
+                await self._persist(job, durable=False)
+        await self.db.flush()
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    # trio wraps what escapes a nursery in an ExceptionGroup; a kind's lone error counts.
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e
+
+
+def _reset_work_dir(job_dir: Path) -> None:
+    """Before a run: no outputs from an earlier run, an empty ``outputs.tmp``."""
+    shutil.rmtree(job_dir / "outputs", ignore_errors=True)
+    shutil.rmtree(job_dir / "outputs.tmp", ignore_errors=True)
+    (job_dir / "outputs.tmp").mkdir(parents=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, final: Path) -> list[str]:
+    """Make the outputs durable, then visible with one rename."""
+    names = sorted(os.listdir(tmp))
+    for name in names:
+        fd = os.open(tmp / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _fsync_dir(tmp)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    return names
+
+
+def _remove_dirs(dirs: list[Path]) -> None:
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,117 @@
+"""The ``import`` kind: what happens to each verified upload.
+
+Design notes
+------------
+* Submitted by the uploads component (``agent.submit_job("import", spec)``) when an
+  upload is complete and its SHA-256 verified. Spec: ``{"task", "path" (relative to
+  uploads/), "size", "sha256", "mtime_ns"}``.
+* **Manifest first.** The file is recorded in the repository manifest (path, size,
+  SHA-256, mtime, task, job) in one transaction; ``verify`` jobs check against it. The
+  file is not hashed again (the upload just did), but a file whose size no longer
+  matches the verified one fails the job rather than recording a lie.
+* **Then ``import_command``**, if configured: an argv list from the config with
+  ``{path}`` (absolute path of the stored file), ``{sha256}`` and ``{task}``
+  substituted per argument. No shell is involved, so nothing in a file name can become
+  shell syntax. stdout and stderr go into the job's log; exit status 0 is success.
+  Cancelling or pausing the job terminates the command (trio: SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+
+import trio
+
+from ._kinds import JobFailed, Kind, RunContext, SpecError, confine, only_keys, register
+from ._states import ErrorCode
+
+__all__ = ["Import", "record_manifest"]
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _int(spec: dict, key: str, minimum: int | None = None) -> int:
+    value = spec[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f'"{key}" must be an integer, got {value!r}')
+    if minimum is not None and value < minimum:
+        raise SpecError(f'"{key}" must be at least {minimum}, got {value}')
+    return value
+
+
+def record_manifest(conn, path: str, size: int, sha256: str, mtime_ns: int, task: str,
+                    job_id: str) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO manifest (path, size, sha256, mtime_ns, task, job_id, recorded)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (path, size, sha256, mtime_ns, task, job_id, time.time()))
+
+
+@register
+class Import(Kind):
+    name = "import"
+
+    async def validate(self, spec, env):
+        fields = {"task", "path", "size", "sha256", "mtime_ns"}
+        only_keys(spec, fields, fields)
+        task = spec["task"]
+        if isinstance(task, bool) or not isinstance(task, (str, int)):
+            raise SpecError(f'"task" must be a string, got {task!r}')
+        real = confine(env.uploads_dir, spec["path"])
+        if not real.is_file():
+            raise SpecError(f'{spec["path"]!r} is not a regular file')
+        sha256 = spec["sha256"]
+        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256.lower()):
+            raise SpecError('"sha256" must be 64 hexadecimal digits')
+        return {"task": str(task), "path": spec["path"], "size": _int(spec, "size", 0),
+                "sha256": sha256.lower(), "mtime_ns": _int(spec, "mtime_ns")}
+
+    async def run(self, ctx: RunContext) -> None:
+        spec = ctx.spec
+        try:
+            real = confine(ctx.uploads_dir, spec["path"])
+        except SpecError as e:
+            raise JobFailed(ErrorCode.BAD_INPUT, str(e)) from None
+        size = (await ctx.to_thread(os.stat, real)).st_size
+        if size != spec["size"]:
+            raise JobFailed(ErrorCode.CHANGED, f"{spec['path']!r} is {size} bytes now, "
+                            f"{spec['size']} when its upload was verified")
+        await ctx.db.run(record_manifest, spec["path"], spec["size"], spec["sha256"],
+                         spec["mtime_ns"], spec["task"], ctx.job_id)
+        ctx.log(f"recorded {spec['path']} ({spec['size']} bytes, sha256 {spec['sha256']})")
+        ctx.content = {"Path": spec["path"], "Size": spec["size"], "SHA256": spec["sha256"],
+                       "Task": spec["task"]}
+        ctx.set_progress(1, 2)
+        ctx.message = "recorded in the manifest"
+        command = ctx.config.import_command
+        if command:
+            await self._run_command(ctx, command, str(real))
+        ctx.message = f"imported {spec['path']}"
+
+    async def _run_command(self, ctx: RunContext, command: tuple[str, ...], path: str):
+        values = {"{path}": path, "{sha256}": ctx.spec["sha256"], "{task}": ctx.spec["task"]}
+        argv = []
+        for arg in command:
+            for placeholder, value in values.items():
+                arg = arg.replace(placeholder, value)
+            argv.append(arg)
+        ctx.log(f"running import_command: {argv}")
+        ctx.message = f"running {os.path.basename(argv[0])}"
+        log_fd = os.open(ctx.log.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                         0o644)
+        try:
+            result = await trio.run_process(argv, stdin=subprocess.DEVNULL, stdout=log_fd,
+                                            stderr=subprocess.STDOUT, check=False)
+        except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
+            raise JobFailed(ErrorCode.COMMAND_NOT_FOUND,
+                            f"import_command cannot run {argv[0]!r}: {e.strerror}") from None
+        finally:
+            os.close(log_fd)
+        if result.returncode != 0:
+            how = (f"was killed by signal {-result.returncode}" if result.returncode < 0
+                   else f"exited with status {result.returncode}")
+            raise JobFailed(ErrorCode.COMMAND_FAILED, f"import_command {how}")
+        ctx.log("import_command exited with status 0")

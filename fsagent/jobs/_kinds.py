@@ -1,0 +1,210 @@
+"""What a job kind is, the registry of kinds, and the helpers every kind shares.
+
+Design notes
+------------
+* **A kind is one module** defining a ``Kind`` subclass and registering it with
+  ``@register``. It has two methods: ``validate(spec, env)`` (on the event loop, at
+  submit time: refuse bad input with ``SpecError`` before anything is queued, and
+  return the normalised spec that is stored) and ``run(ctx)`` (the work). The engine
+  owns states, persistence and scheduling; a kind never sees them.
+* **Cooperative stopping.** Heavy work runs in worker threads (``ctx.to_thread``).
+  A thread calls ``ctx.checkpoint()`` between steps (a chunk of bytes, a file); when
+  the job is paused, cancelled or the agent stops, that raises ``Stopped`` and the
+  thread unwinds. Async parts (a subprocess) are cancelled by trio directly.
+* **Outputs** are written into ``ctx.outputs_dir``, a temporary directory; the engine
+  publishes it with one rename only when the job succeeds, so ``outputs/`` never shows
+  a partial file.
+* **Paths are confined to uploads/.** ``confine`` refuses absolute paths, ``..``
+  components and anything (symlinks included) that resolves outside the uploads
+  backing tree; ``collect_files`` applies the same rule to every entry of a directory.
+  Kinds call them at validate time (EINVAL for the writer) and again at run time,
+  because the tree may have changed in between.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import os
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ._states import ErrorCode
+
+__all__ = [
+    "Kind", "KINDS", "register", "SpecError", "JobFailed", "Stopped", "RunContext",
+    "KindEnv", "confine", "collect_files", "FileEntry",
+]
+
+
+class SpecError(Exception):
+    """A spec the kind refuses; ``str()`` is the reason shown in the job's ``message``."""
+
+
+class JobFailed(Exception):
+    """The job ends in ``failure`` with this ErrorCode and ErrorDescription."""
+
+    def __init__(self, code: ErrorCode, description: str):
+        super().__init__(description)
+        self.code = code
+        self.description = description
+
+
+class Stopped(Exception):
+    """Raised by ``RunContext.checkpoint`` once the job must stop (pause/cancel/shutdown)."""
+
+
+@dataclasses.dataclass
+class KindEnv:
+    """What validation may look at: the uploads tree and the database."""
+
+    uploads_dir: Path
+    db: Any
+    to_thread: Callable[..., Awaitable[Any]]
+
+
+class RunContext:
+    """A running job as its kind sees it. Methods marked thread-safe may be called from
+    worker threads; the rest only on the event loop."""
+
+    def __init__(self, *, job_id: str, spec: dict, config, db, outputs_dir: Path,
+                 log: Callable[[str], None], to_thread: Callable[..., Awaitable[Any]]):
+        self.job_id = job_id
+        self.spec = spec
+        self.config = config
+        self.db = db
+        self.uploads_dir: Path = config.uploads_dir
+        self.outputs_dir = outputs_dir
+        self.log = log  # thread-safe: appends one line to the job's log (at ``log.path``)
+        self.to_thread = to_thread
+        self.progress = 0
+        self.message = ""
+        self.content: dict[str, Any] = {}
+        self._stop = threading.Event()
+
+    def set_progress(self, done: int, total: int) -> None:
+        """Thread-safe. Progress as a share of ``total`` units (bytes, files)."""
+        self.progress = 100 if total <= 0 else min(99, done * 100 // total)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def checkpoint(self) -> None:
+        """Thread-safe. Raise ``Stopped`` if the job has to stop at this step."""
+        if self._stop.is_set():
+            raise Stopped()
+
+
+class Kind(abc.ABC):
+    name = "kind"
+
+    @abc.abstractmethod
+    async def validate(self, spec: dict[str, Any], env: KindEnv) -> dict[str, Any]:
+        """Check ``spec`` (without its "type"); return what is stored and run."""
+
+    @abc.abstractmethod
+    async def run(self, ctx: RunContext) -> None:
+        """Do the work; raise ``JobFailed`` for an expected failure."""
+
+
+KINDS: dict[str, Kind] = {}
+
+
+def register(cls: type[Kind]) -> type[Kind]:
+    KINDS[cls.name] = cls()
+    return cls
+
+
+# -- spec helpers ---------------------------------------------------------------------
+
+
+def only_keys(spec: dict, allowed: set[str], required: set[str]) -> None:
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise SpecError(f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+    missing = sorted(required - set(spec))
+    if missing:
+        raise SpecError(f"missing field {missing[0]!r}")
+
+
+def path_list(spec: dict) -> list[str]:
+    paths = spec.get("paths")
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+        raise SpecError('"paths" must be a non-empty list of paths relative to uploads/')
+    return paths
+
+
+def _inside(real: str, root: str) -> bool:
+    return real == root or real.startswith(root + os.sep)
+
+
+def confine(uploads_dir: Path, rel: str, *, must_exist: bool = True) -> Path:
+    """The real path of ``uploads/<rel>``; ``SpecError`` if it escapes or is missing."""
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise SpecError(f"{rel!r} is not a path")
+    pure = PurePosixPath(rel)
+    if pure.is_absolute():
+        raise SpecError(f"{rel!r}: absolute paths are refused; give a path relative to uploads/")
+    if ".." in pure.parts:
+        raise SpecError(f"{rel!r}: '..' is refused; paths stay inside uploads/")
+    full = uploads_dir / pure
+    root = os.path.realpath(uploads_dir)
+    real = os.path.realpath(full)
+    if not _inside(real, root):
+        raise SpecError(f"{rel!r} resolves outside uploads/ (a symlink?); refused")
+    if must_exist and not os.path.exists(real):
+        raise SpecError(f"{rel!r}: no such file or directory in uploads/")
+    return Path(real)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+    name: str        # path relative to uploads/, '/'-separated (the archive member name)
+    real: Path       # where to read it
+    size: int
+    is_dir: bool
+    mtime: float
+
+
+def collect_files(uploads_dir: Path, paths: list[str]) -> list[FileEntry]:
+    """Every file and directory under ``paths`` (blocking: call in a worker thread).
+
+    Symlinks are followed only to targets inside uploads/ (an escaping one is a
+    ``SpecError``); symlinked directories are listed but not descended into, so a
+    cycle cannot make the walk endless.
+    """
+    root = os.path.realpath(uploads_dir)
+    seen: dict[str, FileEntry] = {}
+
+    def add(name: str, path: str) -> str | None:
+        real = os.path.realpath(path)
+        if not _inside(real, root):
+            raise SpecError(f"{name!r} resolves outside uploads/ (a symlink?); refused")
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            raise SpecError(f"{name!r}: no such file or directory in uploads/") from None
+        is_dir = os.path.isdir(real)
+        if not is_dir and not os.path.isfile(real):
+            raise SpecError(f"{name!r} is neither a regular file nor a directory")
+        seen.setdefault(name, FileEntry(name, Path(real), 0 if is_dir else st.st_size,
+                                        is_dir, st.st_mtime))
+        return real if is_dir and not os.path.islink(path) else None
+
+    for rel in paths:
+        confine(uploads_dir, rel)
+        name = PurePosixPath(rel).as_posix().strip("/") or "."
+        top = add(name, str(uploads_dir / rel))
+        if top is None:
+            continue
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames.sort()
+            base = os.path.relpath(dirpath, root).replace(os.sep, "/")
+            for d in list(dirnames):
+                if add(f"{base}/{d}", os.path.join(dirpath, d)) is None:
+                    dirnames.remove(d)  # a symlinked directory: listed, not followed
+            for f in sorted(filenames):
+                add(f"{base}/{f}", os.path.join(dirpath, f))
+    return sorted(seen.values(), key=lambda e: e.name)

@@ -1,0 +1,521 @@
+"""The ``jobs/`` tree: every job as a directory of one-value files.
+
+Design notes
+------------
+* **Thin.** Every node calls one engine verb (``submit_spec_text``, ``control``,
+  ``set_priority``, ``wait``) and maps the engine's exceptions to an errno
+  (``_ERRNO``); the same verbs serve RPC and the CLI.
+* **Validated in write().** ``control``, ``priority`` and ``spec`` check what is
+  written inside ``write()`` and fail that write (EINVAL: not understood; EBUSY: not in
+  this state), because shells report write errors but ignore errors at close. A
+  trailing newline is accepted and O_TRUNC (setattr size=0) is a no-op. A refused
+  ``spec`` leaves its reason in ``jobs/NAME/message``.
+* **configfs-style submission.** ``mkdir jobs/NAME`` makes a draft whose only file is
+  ``spec``; a valid ``spec`` turns it into a pending job with that ID; ``rmdir`` removes
+  a draft (a real job is ENOTEMPTY). A spec that spans several kernel write chunks
+  (each a multiple of 4 KiB) is accumulated until it parses; a short write that does
+  not parse is final and refused at once.
+* **Reading.** Value files render on open (``DynamicFile``: direct_io, one snapshot per
+  handle). ``wait`` blocks its read until the job is finished and ends with ESHUTDOWN
+  if the agent stops first. ``log`` and ``outputs/*`` are real files under the state
+  dir, read with ``pread`` in worker threads; outputs are immutable, so the kernel may
+  cache them.
+* Nodes are cached per job, so a job keeps its inode numbers while the kernel knows
+  them and ``ls jobs/`` of 10,000 jobs creates no garbage beyond the listing.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from collections.abc import Iterable
+
+from pyfuse3 import FUSEError
+
+from ..fs import DynamicFile, Handle, Node, SnapshotHandle, make_attributes
+from ._engine import (
+    BadSpec, Engine, JobExists, NoSuchJob, ShuttingDown, valid_job_name,
+)
+from ._states import IllegalMove, State, UnknownVerb
+
+__all__ = ["JobsDirectory", "render_jobs_json"]
+
+_ERRNO = {
+    NoSuchJob: errno.ENOENT,
+    UnknownVerb: errno.EINVAL,
+    BadSpec: errno.EINVAL,
+    IllegalMove: errno.EBUSY,
+    JobExists: errno.EEXIST,
+    ShuttingDown: errno.ESHUTDOWN,
+}
+_SPEC_LIMIT = 1 << 20
+_PAGE = 4096
+
+
+def _fuse_error(e: Exception) -> FUSEError:
+    return FUSEError(_ERRNO[type(e)])
+
+
+def _uid(ctx) -> int | None:
+    return getattr(ctx, "uid", None)
+
+
+def render_jobs_json(engine: Engine) -> bytes:
+    records = [job.info() for job in engine.listing()]
+    return (json.dumps(records, indent=1) + "\n").encode()
+
+
+class JobsDirectory(Node):
+    """``MOUNT/jobs``: one directory per job and per draft."""
+
+    is_directory = True
+    entry_timeout = 0.0  # jobs come and go without the kernel hearing of it
+    attr_timeout = 0.0
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._nodes: dict[str, JobDirectory] = {}
+
+    def _node(self, job_id: str) -> JobDirectory:
+        node = self._nodes.get(job_id)
+        if node is None:
+            node = self._nodes[job_id] = JobDirectory(self.engine, job_id)
+        return node
+
+    def _names(self) -> list[str]:
+        return [j.id for j in self.engine.listing()] + list(self.engine.drafts)
+
+    async def getattr(self, ctx):
+        return make_attributes(inode=self.inode, mode=stat.S_IFDIR | 0o777 | stat.S_ISVTX,
+                               nlink=2, entry_timeout=0.0, attr_timeout=0.0)
+
+    async def lookup(self, name: bytes, ctx) -> Node:
+        job_id = os.fsdecode(name)
+        if job_id not in self.engine.jobs and job_id not in self.engine.drafts:
+            raise FUSEError(errno.ENOENT)
+        return self._node(job_id)
+
+    async def children(self, ctx) -> Iterable[tuple[bytes, Node]]:
+        names = self._names()
+        live = set(names)
+        for gone in [k for k in self._nodes if k not in live]:
+            del self._nodes[gone]  # evicted jobs, removed drafts
+        return [(os.fsencode(n), self._node(n)) for n in names]
+
+    async def mkdir(self, name: bytes, mode: int, ctx) -> Node:
+        job_id = os.fsdecode(name)
+        if not valid_job_name(job_id):
+            raise FUSEError(errno.EINVAL)
+        try:
+            self.engine.create_draft(job_id, _uid(ctx))
+        except JobExists as e:
+            raise _fuse_error(e) from None
+        return self._node(job_id)
+
+    async def rmdir(self, name: bytes, ctx) -> None:
+        job_id = os.fsdecode(name)
+        if job_id in self.engine.drafts:
+            self.engine.remove_draft(job_id)
+            self._nodes.pop(job_id, None)
+        elif job_id in self.engine.jobs:
+            raise FUSEError(errno.ENOTEMPTY)
+        else:
+            raise FUSEError(errno.ENOENT)
+
+
+class JobDirectory(Node):
+    """``jobs/<id>/``: a draft (``spec``, ``message``) or a job (every file)."""
+
+    is_directory = True
+    entry_timeout = 0.0
+    attr_timeout = 0.0
+    JOB_FILES = ("spec", "status", "progress", "message", "error", "info.json", "priority",
+                 "control", "wait", "log", "outputs")
+
+    def __init__(self, engine: Engine, job_id: str):
+        self.engine = engine
+        self.job_id = job_id
+        self._files: dict[str, Node] = {}
+
+    def _owner(self) -> int | None:
+        job = self.engine.jobs.get(self.job_id)
+        if job is not None:
+            return job.owner_uid
+        draft = self.engine.drafts.get(self.job_id)
+        if draft is not None:
+            return draft.owner_uid
+        raise FUSEError(errno.ENOENT)
+
+    def _created(self) -> int:
+        job = self.engine.jobs.get(self.job_id) or self.engine.drafts.get(self.job_id)
+        return int(job.created * 1e9) if job else 0
+
+    def _names(self) -> tuple[str, ...]:
+        if self.job_id in self.engine.jobs:
+            return self.JOB_FILES
+        draft = self.engine.drafts.get(self.job_id)
+        if draft is None:
+            return ()
+        return ("spec", "message") if draft.message else ("spec",)
+
+    async def getattr(self, ctx):
+        t = self._created()
+        return make_attributes(inode=self.inode, mode=stat.S_IFDIR | 0o755, nlink=3,
+                               uid=self._owner(), mtime_ns=t, ctime_ns=t,
+                               entry_timeout=0.0, attr_timeout=0.0)
+
+    def _file(self, name: str) -> Node:
+        node = self._files.get(name)
+        if node is None:
+            node = self._files[name] = _make_file(self.engine, self.job_id, name)
+        return node
+
+    async def lookup(self, name: bytes, ctx) -> Node:
+        n = os.fsdecode(name)
+        if n not in self._names():
+            raise FUSEError(errno.ENOENT)
+        return self._file(n)
+
+    async def children(self, ctx):
+        return [(os.fsencode(n), self._file(n)) for n in self._names()]
+
+
+# -- files ---------------------------------------------------------------------------------
+
+
+class _JobFile(DynamicFile):
+    """A value file of one job, owned by the job's owner."""
+
+    def __init__(self, engine: Engine, job_id: str, render, mode: int = 0o444):
+        super().__init__(render, mode)
+        self.engine = engine
+        self.job_id = job_id
+
+    def owner(self) -> int | None:
+        job = self.engine.jobs.get(self.job_id)
+        if job is not None:
+            return job.owner_uid
+        draft = self.engine.drafts.get(self.job_id)
+        return draft.owner_uid if draft is not None else None
+
+    async def getattr(self, ctx):
+        attrs = await super().getattr(ctx)
+        owner = self.owner()
+        if owner is not None:
+            attrs.st_uid = owner
+        return attrs
+
+    async def setattr(self, attr, fields, fh, ctx):
+        # O_TRUNC arrives as setattr(size=0) before the write: accept it, change nothing.
+        if self.mode & 0o222 and fields.update_size and attr.st_size == 0:
+            return await self.getattr(ctx)
+        raise FUSEError(errno.EPERM)
+
+
+def _make_file(engine: Engine, job_id: str, name: str) -> Node:
+    def job():
+        try:
+            return engine.get(job_id)
+        except NoSuchJob:
+            raise FUSEError(errno.ENOENT) from None
+
+    def line(text: str) -> bytes:
+        return f"{text}\n".encode() if text else b""
+
+    if name == "status":
+        return _JobFile(engine, job_id, lambda: line(job().state.value))
+    if name == "progress":
+        return _JobFile(engine, job_id, lambda: line(str(job().live_progress())))
+    if name == "message":
+        def message():
+            if job_id in engine.drafts:
+                return line(engine.drafts[job_id].message)
+            return line(job().live_message().splitlines()[-1:][0]
+                        if job().live_message() else "")
+        return _JobFile(engine, job_id, message)
+    if name == "error":
+        def error():
+            j = job()
+            return line(f"{j.error_code} {j.error_description}") if j.error_code else b""
+        return _JobFile(engine, job_id, error)
+    if name == "info.json":
+        return _JobFile(engine, job_id,
+                        lambda: (json.dumps(job().info(), indent=2) + "\n").encode())
+    if name == "spec":
+        return SpecFile(engine, job_id)
+    if name == "priority":
+        return PriorityFile(engine, job_id)
+    if name == "control":
+        return ControlFile(engine, job_id)
+    if name == "wait":
+        return WaitFile(engine, job_id)
+    if name == "log":
+        return StoredFile(engine.log_path(job_id), mutable=True,
+                          to_thread=engine.agent.to_thread)
+    if name == "outputs":
+        return OutputsDirectory(engine, job_id)
+    raise KeyError(name)
+
+
+class _WriteHandle(Handle):
+    """A handle on a writable value file: reads come from the snapshot taken at open."""
+
+    direct_io = True
+
+    def __init__(self, node: Node, content: bytes, writer):
+        super().__init__(node)
+        self.content = content
+        self._writer = writer
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return self.content[offset : offset + size]
+
+    async def write(self, offset: int, data: bytes) -> int:
+        return await self._writer(self, offset, data)
+
+
+def _one_word(data: bytes) -> str:
+    try:
+        return data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise FUSEError(errno.EINVAL) from None
+
+
+class ControlFile(_JobFile):
+    """Write ``cancel``, ``pause``, ``resume`` or ``retry``."""
+
+    def __init__(self, engine, job_id):
+        super().__init__(engine, job_id, lambda: b"", mode=0o200)
+
+    async def open(self, flags, ctx):
+        if flags & os.O_ACCMODE != os.O_WRONLY:
+            raise FUSEError(errno.EACCES)
+        return _WriteHandle(self, b"", self._write)
+
+    async def _write(self, handle, offset: int, data: bytes) -> int:
+        try:
+            await self.engine.control(self.job_id, _one_word(data))
+        except (UnknownVerb, IllegalMove, NoSuchJob) as e:
+            raise _fuse_error(e) from None
+        return len(data)
+
+
+class PriorityFile(_JobFile):
+    """Read the priority; write an integer to change it (pending and paused jobs)."""
+
+    def __init__(self, engine, job_id):
+        super().__init__(engine, job_id, self._render, mode=0o644)
+
+    def _render(self) -> bytes:
+        try:
+            return f"{self.engine.get(self.job_id).priority}\n".encode()
+        except NoSuchJob:
+            raise FUSEError(errno.ENOENT) from None
+
+    async def open(self, flags, ctx):
+        return _WriteHandle(self, await self.render(), self._write)
+
+    async def _write(self, handle, offset: int, data: bytes) -> int:
+        word = _one_word(data)
+        try:
+            priority = int(word)
+        except ValueError:
+            raise FUSEError(errno.EINVAL) from None
+        try:
+            await self.engine.set_priority(self.job_id, priority)
+        except (BadSpec, IllegalMove, NoSuchJob) as e:
+            raise _fuse_error(e) from None
+        return len(data)
+
+
+class SpecFile(_JobFile):
+    """A draft's ``spec``: write the job's JSON to queue it. Read-only once accepted."""
+
+    def __init__(self, engine, job_id):
+        super().__init__(engine, job_id, self._render, mode=0o644)
+
+    def _render(self) -> bytes:
+        job = self.engine.jobs.get(self.job_id)
+        if job is None:
+            return b""
+        return (json.dumps({"type": job.kind, "priority": job.priority, **job.spec}) + "\n"
+                ).encode()
+
+    async def open(self, flags, ctx):
+        handle = _WriteHandle(self, await self.render(), self._write)
+        handle.buffer = bytearray()
+        handle.refused = False
+        return handle
+
+    async def _write(self, handle, offset: int, data: bytes) -> int:
+        if self.job_id in self.engine.jobs:
+            raise FUSEError(errno.EBUSY)  # already submitted: a job's spec is fixed
+        draft = self.engine.drafts.get(self.job_id)
+        if draft is None:
+            raise FUSEError(errno.ENOENT)
+        if handle.refused or offset != len(handle.buffer):
+            raise FUSEError(errno.EINVAL)
+        if len(handle.buffer) + len(data) > _SPEC_LIMIT:
+            draft.message = f"spec is larger than {_SPEC_LIMIT} bytes"
+            handle.refused = True
+            raise FUSEError(errno.EFBIG)
+        handle.buffer += data
+        try:
+            text = handle.buffer.decode("utf-8")
+        except UnicodeDecodeError:
+            if len(data) % _PAGE == 0:
+                return len(data)  # a multi-byte character may straddle kernel chunks
+            return self._refuse(handle, draft, "spec is not UTF-8 text")
+        if len(data) % _PAGE == 0 and _truncated_json(text):
+            return len(data)  # the rest follows in the next chunk of the same write
+        try:
+            await self.engine.submit_spec_text(self.job_id, text, owner_uid=draft.owner_uid)
+        except BadSpec as e:
+            return self._refuse(handle, draft, str(e))
+        except JobExists as e:
+            raise _fuse_error(e) from None
+        return len(data)
+
+    @staticmethod
+    def _refuse(handle, draft, reason: str) -> int:
+        draft.message = reason
+        handle.refused = True
+        raise FUSEError(errno.EINVAL)
+
+
+def _truncated_json(text: str) -> bool:
+    """True if ``text`` fails to parse only because it ends too early."""
+    if not text.strip():
+        return True
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        return e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
+    return False
+
+
+class _WaitHandle(Handle):
+    direct_io = True
+
+    def __init__(self, node: WaitFile):
+        super().__init__(node)
+        self.content: bytes | None = None
+
+    async def read(self, offset: int, size: int) -> bytes:
+        if self.content is None:
+            try:
+                state = await self.node.engine.wait(self.node.job_id)
+            except (NoSuchJob, ShuttingDown) as e:
+                raise _fuse_error(e) from None
+            self.content = f"{state.value}\n".encode()
+        return self.content[offset : offset + size]
+
+
+class WaitFile(_JobFile):
+    """Reading blocks until the job is finished, then returns its final status line."""
+
+    def __init__(self, engine, job_id):
+        # The size reported is that of the longest answer; reads are direct_io anyway.
+        longest = max(len(s.value) for s in State) + 1
+        super().__init__(engine, job_id, lambda: b" " * longest)
+
+    async def open(self, flags, ctx):
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise FUSEError(errno.EACCES)
+        return _WaitHandle(self)
+
+
+class _StoredHandle(Handle):
+    def __init__(self, node: Node, fd: int, *, mutable: bool):
+        super().__init__(node)
+        self.fd = fd
+        self.direct_io = mutable       # a growing log: never trust a cached size
+        self.keep_cache = not mutable  # published outputs never change
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return await self.node.to_thread(os.pread, self.fd, size, offset)
+
+    async def release(self) -> None:
+        os.close(self.fd)
+
+
+class StoredFile(Node):
+    """A real file under the state dir (a job's log, an output), read-only."""
+
+    def __init__(self, path, *, mutable: bool, to_thread):
+        self.path = path
+        self.mutable = mutable
+        self.to_thread = to_thread  # the agent's capacity-limited worker threads
+        self.attr_timeout = 0.0 if mutable else 1.0
+
+    def _stat(self):
+        try:
+            return os.stat(self.path)
+        except FileNotFoundError:
+            return None
+
+    async def getattr(self, ctx):
+        st = self._stat()
+        if st is None and not self.mutable:
+            raise FUSEError(errno.ENOENT)
+        size = st.st_size if st else 0
+        mtime = st.st_mtime_ns if st else None
+        return make_attributes(inode=self.inode, mode=stat.S_IFREG | 0o444, size=size,
+                               mtime_ns=mtime, ctime_ns=mtime,
+                               entry_timeout=self.attr_timeout, attr_timeout=self.attr_timeout)
+
+    async def open(self, flags, ctx):
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise FUSEError(errno.EACCES)
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            if not self.mutable:
+                raise FUSEError(errno.ENOENT) from None
+            return SnapshotHandle(self, b"")  # no log line yet
+        return _StoredHandle(self, fd, mutable=self.mutable)
+
+
+class OutputsDirectory(Node):
+    """``jobs/<id>/outputs/``: empty until the job succeeds, then its output files."""
+
+    is_directory = True
+    entry_timeout = 0.0
+    attr_timeout = 0.0
+
+    def __init__(self, engine: Engine, job_id: str):
+        self.engine = engine
+        self.job_id = job_id
+        # Keyed by (name, completion time): a retried job's new archive.zip is a new
+        # node with a new inode, so the kernel cannot serve the old one's cached pages.
+        self._files: dict[tuple[str, float | None], StoredFile] = {}
+
+    def _names(self) -> list[str]:
+        job = self.engine.jobs.get(self.job_id)
+        return list(job.outputs) if job is not None and job.state is State.SUCCESS else []
+
+    def _file(self, name: str) -> StoredFile:
+        key = (name, self.engine.jobs[self.job_id].completed)
+        node = self._files.get(key)
+        if node is None:
+            path = self.engine.outputs_dir(self.job_id) / name
+            node = self._files[key] = StoredFile(path, mutable=False,
+                                                 to_thread=self.engine.agent.to_thread)
+        return node
+
+    async def getattr(self, ctx):
+        return make_attributes(inode=self.inode, mode=stat.S_IFDIR | 0o555, nlink=2,
+                               entry_timeout=0.0, attr_timeout=0.0)
+
+    async def lookup(self, name: bytes, ctx):
+        n = os.fsdecode(name)
+        if n not in self._names():
+            raise FUSEError(errno.ENOENT)
+        return self._file(n)
+
+    async def children(self, ctx):
+        names = self._names()
+        self._files = {k: f for k, f in self._files.items() if k[0] in names}
+        return [(os.fsencode(n), self._file(n)) for n in names]
