@@ -42,6 +42,13 @@ class RpcComponent(Component):
             out.update(self.server.status())
         return out
 
+    def rpc_methods(self) -> dict:
+        return {"Agent.status": self.agent_status}
+
+    async def agent_status(self) -> dict[str, Any]:
+        """What ``MOUNT/status`` shows (this component's section counts RPC clients)."""
+        return self.agent.status()
+
     def _collect_methods(self) -> dict:
         methods: dict = {}
         for component in self.agent.components:
