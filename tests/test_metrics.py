@@ -281,3 +281,31 @@ def test_database_flushes_feed_the_latency_histogram(tmp_path):
     db.flush_sync()
     assert db.flush_count == 1 and flush_seconds.count() == 1
     db.close()
+
+
+def test_upload_metrics_move_with_a_real_upload(agent, tmp_path):
+    before = read_metrics(agent)
+    received = sample(before, "fsagent_upload_bytes_received",
+                      "fsagent_upload_bytes_received_total")
+    src = tmp_path / "a.bin"
+    src.write_bytes(os.urandom(300_000))
+    subprocess.run(["cp", str(src), str(agent.uploads / "a.bin")], check=True)
+    after = read_metrics(agent)
+    assert sample(after, "fsagent_upload_bytes_received",
+                  "fsagent_upload_bytes_received_total") == received + 300_000
+    by_state = {dict(labels)["state"]: v for (_, labels), v in after["fsagent_uploads"][1].items()}
+    assert sum(by_state.values()) == 1
+    assert by_state == {s: float(n) for s, n in agent.status()["uploads"]["tasks"].items()}
+
+
+def test_rpc_metrics_move_with_real_calls(agent, cli):
+    before = read_metrics(agent)
+    sock = ["--socket", str(agent.socket)]
+    assert cli("status", *sock).returncode == 0
+    assert cli("call", *sock, "No.such").returncode == 3
+    after = read_metrics(agent)
+    assert sample(after, "fsagent_rpc_requests", "fsagent_rpc_requests_total") == \
+        sample(before, "fsagent_rpc_requests", "fsagent_rpc_requests_total") + 2
+    assert sample(after, "fsagent_rpc_errors", "fsagent_rpc_errors_total",
+                  error="NoSuchMethod") == 1
+    assert sample(after, "fsagent_rpc_clients") == 0

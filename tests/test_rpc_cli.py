@@ -59,3 +59,55 @@ def test_watch_prints_events_as_json_lines(agent_factory, tmp_path):
     assert proc.returncode == 130
     time.sleep(0.3)
     assert agent.status()["monitors"]["monitors"] == {}  # destroyed on the way out
+
+
+def test_status_over_rpc_matches_the_status_file(agent_factory, tmp_path, cli):
+    agent, data = export_agent(agent_factory, tmp_path)
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"x" * 100_000)
+    subprocess.run(["cp", str(src), str(agent.uploads / "a.bin")], check=True)
+    # a second client holding a started monitor
+    watcher = subprocess.Popen(FSAGENT + ["watch", "--socket", str(agent.socket), str(data)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(watcher.stdout.readline())["watching"] == str(data)
+        sock = ["--socket", str(agent.socket)]
+        r = cli("status", *sock, "--json")
+        assert r.returncode == 0, r.stderr
+        over_rpc = json.loads(r.stdout)
+        from_file = agent.status()
+        for volatile in ("uptime_seconds", "store_free_bytes", "rpc", "uploads"):
+            over_rpc.pop(volatile), from_file.pop(volatile)
+        assert over_rpc == from_file
+        over_rpc = json.loads(cli("status", *sock, "--json").stdout)
+        assert over_rpc["rpc"]["connections"] == 2          # the watcher and this call
+        assert sum(over_rpc["uploads"]["tasks"].values()) == 1
+        assert len(over_rpc["monitors"]["monitors"]) == 1
+        # the file carries the same sections: uploads by state, monitors, RPC clients
+        from_file = agent.status()
+        assert from_file["uploads"]["tasks"] == over_rpc["uploads"]["tasks"]
+        assert from_file["rpc"]["connections"] == 1       # the watcher only
+        assert from_file["monitors"] == over_rpc["monitors"]
+
+        r = cli("status", *sock)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        from fsagent import __version__
+        assert lines[0].startswith(f"fsagent {__version__} (pid {agent.proc.pid}), up ")
+        assert f"mount:    {agent.mount} " in r.stdout
+        assert " free of " in r.stdout
+        state = next(s for s, n in over_rpc["uploads"]["tasks"].items() if n)
+        assert f"uploads:  1 {state}\n" in r.stdout
+        assert "monitors: 1 (1 Started)\n" in r.stdout
+        assert f"rpc:      2 clients on {agent.socket}\n" in r.stdout
+        # found from --state-dir like `call`
+        assert cli("status", "--state-dir", str(agent.state)).returncode == 0
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        watcher.wait(10)
+
+
+def test_status_without_an_agent_is_one_line_and_exit_2(cli, tmp_path):
+    r = cli("status", "--socket", str(tmp_path / "none.sock"))
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and "cannot connect" in r.stderr

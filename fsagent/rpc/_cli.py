@@ -1,4 +1,4 @@
-"""``fsagent call`` and ``fsagent watch``: the RPC API from a shell.
+"""``fsagent call``, ``fsagent watch`` and ``fsagent status``: the RPC API from a shell.
 
 Design notes
 ------------
@@ -12,6 +12,10 @@ Design notes
 * Exit codes: 0 success; 2 usage, configuration or connection problem (one line on
   stderr); 3 the agent answered with an error (one line ``NAME: message``);
   130 interrupted.
+* ``status`` calls ``Agent.status`` (the same dict ``MOUNT/status`` shows) and prints
+  a short summary, or the dict as JSON with ``--json``. It goes over RPC, not the
+  mount, so it works for any user in the socket's group and tells "agent not running"
+  (exit 2) apart from "mount wedged".
 * ``watch`` creates a Persistent monitor, starts it, prints one JSON line per event
   (``{"monitorId", "fileId", "type"}``) and destroys it when interrupted.
 """
@@ -51,6 +55,15 @@ def add_rpc_commands(sub) -> None:
     call.add_argument("method", metavar="METHOD", help="e.g. FileServer.getStats")
     call.add_argument("params", metavar="ARG", nargs="*", help="an argument (JSON or string)")
     call.set_defaults(func=cmd_call)
+
+    status = sub.add_parser(
+        "status", help="show the running agent's status (over RPC)",
+        description="Print version, uptime, mount, store free space, uploads and jobs "
+        "by state, monitors and RPC clients of the running agent; --json prints what "
+        "MOUNT/status shows. Exit 2 with one line if the agent cannot be reached.")
+    _add_socket_options(status)
+    status.add_argument("--json", action="store_true", help="print the full status as JSON")
+    status.set_defaults(func=cmd_status)
 
     watch = sub.add_parser(
         "watch", help="watch a directory; print each event as a JSON line",
@@ -125,6 +138,80 @@ def cmd_call(args: argparse.Namespace) -> int:
     async def body(client):
         result = await client.call(args.method, *params)
         print(json.dumps(_jsonable(result), sort_keys=True))
+        return 0
+
+    return _run_client(args, body)
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    text = f"{hours:d}h{minutes:02d}m{s:02d}s"
+    return f"{days}d{text}" if days else text
+
+
+def _counts(by_state: dict) -> str:
+    shown = [f"{n} {state}" for state, n in sorted(by_state.items()) if n]
+    return ", ".join(shown) if shown else "none"
+
+
+def _by_state(section: dict) -> dict[str, int]:
+    """A component section's counts by state: its ``tasks``/``states``/``by_state``."""
+    for key in ("tasks", "states", "by_state"):
+        value = section.get(key)
+        if isinstance(value, dict):
+            return {str(k): v for k, v in value.items() if isinstance(v, int)}
+    return {}
+
+
+def format_status(st: dict) -> str:
+    """The human summary of an ``Agent.status`` dict."""
+    lines = [f"fsagent {st.get('version')} (pid {st.get('pid')}), up "
+             f"{_duration(st.get('uptime_seconds') or 0)}"
+             + ("" if st.get("previous_run_clean", True) else
+                ", recovered from an unclean stop"),
+             f"mount:    {st.get('mount')} (state {st.get('state_dir')})",
+             f"store:    {_bytes(st.get('store_free_bytes'))} free of "
+             f"{_bytes(st.get('store_total_bytes'))}"]
+    if isinstance(st.get("uploads"), dict):
+        lines.append(f"uploads:  {_counts(_by_state(st['uploads']))}")
+    if isinstance(st.get("jobs"), dict):
+        lines.append(f"jobs:     {_counts(_by_state(st['jobs']))}")
+    monitors = (st.get("monitors") or {}).get("monitors") or {}
+    states: dict[str, int] = {}
+    for m in monitors.values():
+        states[m.get("state", "?")] = states.get(m.get("state", "?"), 0) + 1
+    lines.append(f"monitors: {len(monitors)}" + (f" ({_counts(states)})" if monitors else ""))
+    rpc = st.get("rpc") or {}
+    clients = rpc.get("connections", 0)
+    lines.append(f"rpc:      {clients} client{'' if clients == 1 else 's'} on "
+                 f"{rpc.get('socket')}" + (f", TCP {', '.join(rpc['tcp'])}"
+                                           if rpc.get("tcp") else ""))
+    if st.get("metrics_listen"):
+        lines.append(f"metrics:  http://{st['metrics_listen']}/metrics")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    async def body(client):
+        result = await client.call("Agent.status")
+        if args.json:
+            print(json.dumps(_jsonable(result), indent=2, sort_keys=True))
+        else:
+            print(format_status(result))
         return 0
 
     return _run_client(args, body)

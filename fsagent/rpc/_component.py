@@ -35,12 +35,27 @@ class RpcComponent(Component):
         super().__init__(agent)
         self.server: RpcServer | None = None
         self.tcp_addresses: list[str] = []
+        m = agent.metrics
+        m.counter("fsagent_rpc_requests_total", "RPC requests answered",
+                  collect=lambda: self.server.requests_total if self.server else 0)
+        m.counter("fsagent_rpc_errors_total", "RPC error replies, by error name",
+                  labels=("error",), collect=lambda: {
+                      (n,): c for n, c in (self.server.errors_by_name if self.server else {}).items()})
+        m.gauge("fsagent_rpc_clients", "Open RPC connections",
+                collect=lambda: len(self.server.peers) if self.server else 0)
 
     def status(self) -> dict[str, Any]:
         out = {"socket": str(self.agent.config.socket_path), "tcp": self.tcp_addresses}
         if self.server is not None:
             out.update(self.server.status())
         return out
+
+    def rpc_methods(self) -> dict:
+        return {"Agent.status": self.agent_status}
+
+    async def agent_status(self) -> dict[str, Any]:
+        """What ``MOUNT/status`` shows (this component's section counts RPC clients)."""
+        return self.agent.status()
 
     def _collect_methods(self) -> dict:
         methods: dict = {}

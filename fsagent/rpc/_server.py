@@ -186,6 +186,8 @@ class RpcServer:
         self.peers: set[Peer] = set()
         self.connections_total = 0
         self.protocol_errors = 0
+        self.requests_total = 0
+        self.errors_by_name: dict[str, int] = {}  # error replies, by error name
 
     def status(self) -> dict[str, Any]:
         return {"connections": len(self.peers), "connections_total": self.connections_total,
@@ -300,6 +302,14 @@ class RpcServer:
             in_flight.release()
 
     async def _call(self, request: Request, peer: Peer) -> tuple[Any, Any]:
+        self.requests_total += 1
+        error, result = await self._invoke(request, peer)
+        if error is not None:
+            name = str(error[0])
+            self.errors_by_name[name] = self.errors_by_name.get(name, 0) + 1
+        return error, result
+
+    async def _invoke(self, request: Request, peer: Peer) -> tuple[Any, Any]:
         fn = self.methods.get(request.method)
         if fn is None:
             return [NO_SUCH_METHOD, f"no such method: {request.method}"], None

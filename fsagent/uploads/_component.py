@@ -113,6 +113,11 @@ class UploadsComponent(Component):
         self._unsynced: set[Task] = set()        # written since their last checkpoint
         self.counters = {"write_calls": 0, "bytes_written": 0, "rehashed": 0, "checkpoints": 0,
                          "recovered_cuts": 0}
+        # Collected at scrape time from counts kept anyway: nothing added to the write path.
+        agent.metrics.counter("fsagent_upload_bytes_received_total", "Bytes written into "
+                              "uploads/", collect=lambda: self.counters["bytes_written"])
+        agent.metrics.gauge("fsagent_uploads", "Upload tasks by state", labels=("state",),
+                            collect=lambda: {(s,): n for s, n in self.status()["tasks"].items()})
 
     # -- component hooks ----------------------------------------------------------------
 
