@@ -95,23 +95,15 @@ def build_components(agent: Agent) -> list[Component]:
     from .jobs import JobsComponent
     from .monitor import MonitorServer
     from .rpc._component import RpcComponent
+    from .uploads import UploadsComponent  # components import Component from here
 
     return [
-        PlaceholderTree(agent),
+        UploadsComponent(agent),
         FileServer(agent),
         MonitorServer(agent),
         JobsComponent(agent),
         RpcComponent(agent),  # last: serves the rpc_methods() of everything above
     ]
-
-
-class PlaceholderTree(Component):
-    """``uploads/`` as an empty read-only directory, until its owner lands."""
-
-    name = "tree"
-
-    def root_entries(self) -> dict[bytes, Node]:
-        return {b"uploads": Directory()}
 
 
 class Agent:

@@ -191,6 +191,20 @@ SETTINGS: tuple[Setting, ...] = (
             "in the manifest: an argv list (no shell) where `{path}`, `{sha256}` and `{task}` "
             "are replaced; its output goes to the job's log and exit status 0 means success. "
             "Empty: record only.", "argv"),
+    Setting("settle_seconds", _number_at_least(0.1), 10.0, "An upload with no declared size, "
+            "no client hash and no rsync rename is complete once it has stayed closed and "
+            "unchanged this long.", "seconds"),
+    Setting("checkpoint_bytes", _int_at_least(4096), 64 * 2**20, "An upload's data is synced "
+            "and its durable offset recorded after this many new bytes (also every "
+            "`checkpoint_seconds`, on fsync and on close).", "bytes"),
+    Setting("checkpoint_seconds", _number_at_least(0.1), 5.0, "Longest time written upload "
+            "data stays unsynced; after a crash, uploads resume from their last "
+            "checkpoint.", "seconds"),
+    Setting("store_reserve_bytes", _int_at_least(0), 64 * 2**20, "Free space kept back on "
+            "the store for the database and checkpoints: writes and size declarations that "
+            "would eat into it fail with ENOSPC.", "bytes"),
+    Setting("recent_uploads", _int_at_least(0), 100, "How many completed uploads "
+            "`uploads.json` lists after the unfinished ones.", "integer"),
     Setting("metrics_listen", _optional_listen, None, "Also serve `MOUNT/metrics` over "
             "HTTP at `http://HOST:PORT/metrics` (e.g. `127.0.0.1:9464`; port 0 picks a free "
             "one, shown in `status`). Unset: no listener.", "HOST:PORT"),
@@ -243,6 +257,11 @@ class Config:
     shutdown_timeout: float
     db_flush_seconds: float
     worker_threads: int
+    settle_seconds: float
+    checkpoint_bytes: int
+    checkpoint_seconds: float
+    store_reserve_bytes: int
+    recent_uploads: int
     metrics_listen: str | None = None
     export_roots: tuple[Path, ...] = ()
     readblock_max_bytes: int = 16 * 2**20

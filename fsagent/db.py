@@ -92,6 +92,35 @@ MIGRATIONS: dict[str, Sequence[str]] = {
         );
         """,
     ),
+    "uploads": (
+        # 1: one row per upload task (fsagent/uploads/_store.py); durable_offset is what
+        # crash recovery cuts an unfinished upload back to.
+        """
+        CREATE TABLE upload_tasks (
+            task_id TEXT PRIMARY KEY,
+            path TEXT NOT NULL,
+            state TEXT NOT NULL,
+            bytes_present INTEGER NOT NULL,
+            durable_offset INTEGER NOT NULL,
+            declared_size INTEGER,
+            client_md5 TEXT,
+            client_sha1 TEXT,
+            client_sha256 TEXT,
+            md5 TEXT,
+            sha1 TEXT,
+            sha256 TEXT,
+            job TEXT,
+            error TEXT,
+            held INTEGER NOT NULL DEFAULT 0,
+            renamed_by_rsync INTEGER NOT NULL DEFAULT 0,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            completed REAL
+        );
+        CREATE INDEX upload_tasks_path ON upload_tasks(path);
+        CREATE INDEX upload_tasks_completed ON upload_tasks(completed);
+        """,
+    ),
     "ops": (
         # 1: one row per completed shutdown checkpoint (components' checkpoint() and the
         # final flush), so the next run can report how long a stop takes.
@@ -119,6 +148,7 @@ class Database:
         self.run_id: int | None = None
         self.previous_run_clean: bool = True
         self.flush_count = 0
+        self.flush_failures = 0
         # Called with each flush's duration in seconds (from the flushing thread).
         self.on_flush: Callable[[float], None] | None = None
 
@@ -250,9 +280,17 @@ class Database:
             # Swap under the lock: stage() calls that race with us land in the fresh dict.
             batch, self._staged = self._staged, {}
             started = time.monotonic()
-            with self._transaction():
-                for sql, params in batch.values():
-                    self._conn.execute(sql, params)
+            try:
+                with self._transaction():
+                    for sql, params in batch.values():
+                        self._conn.execute(sql, params)
+            except BaseException:
+                # Nothing was written (the transaction rolled back): put the batch back
+                # under anything staged since, which is newer and wins.
+                batch.update(self._staged)
+                self._staged = batch
+                self.flush_failures += 1
+                raise
             self.flush_count += 1
             if self.on_flush is not None:
                 self.on_flush(time.monotonic() - started)
@@ -263,7 +301,13 @@ class Database:
         task_status.started()
         while True:
             await trio.sleep(interval)
-            await self.flush()
+            try:
+                await self.flush()
+            except sqlite3.Error as e:
+                # Disk full or I/O error: the batch is kept and retried next round; the
+                # agent keeps serving (bookkeeping lags, data already on disk is safe).
+                log.error("database flush failed (%s); %d writes kept for retry", e,
+                          len(self._staged))
 
     def close(self) -> None:
         self.flush_sync()

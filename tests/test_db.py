@@ -100,3 +100,22 @@ async def test_database_work_runs_off_the_event_loop(tmp_path):
         n.cancel_scope.cancel()
     assert ticks >= 20  # the loop kept running while the "query" blocked its thread
     d.close()
+
+
+async def test_a_failed_flush_keeps_the_batch_for_the_next_one(tmp_path, monkeypatch):
+    monkeypatch.setitem(dbmod.MIGRATIONS, "extra", (
+        "CREATE TABLE c (k TEXT PRIMARY KEY, n INT CHECK (n >= 0));",))
+    d = Database.open(tmp_path / "a.db")
+    d.stage("a", "INSERT OR REPLACE INTO c(k, n) VALUES (?, ?)", ("a", 1))
+    d.stage("bad", "INSERT OR REPLACE INTO c(k, n) VALUES (?, ?)", ("bad", -1))  # fails
+    with pytest.raises(Exception):
+        await d.flush()
+    assert d.flush_failures == 1 and d.staged_count == 2
+    assert await d.run(lambda c: c.execute("SELECT count(*) FROM c").fetchone()[0]) == 0
+    # Newer writes staged after the failure win over the kept ones.
+    d.stage("a", "INSERT OR REPLACE INTO c(k, n) VALUES (?, ?)", ("a", 2))
+    d.stage("bad", "INSERT OR REPLACE INTO c(k, n) VALUES (?, ?)", ("bad", 5))  # repaired
+    await d.flush()
+    rows = await d.run(lambda c: dict(c.execute("SELECT k, n FROM c")))
+    assert rows == {"a": 2, "bad": 5}
+    d.close()

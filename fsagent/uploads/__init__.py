@@ -1,0 +1,18 @@
+"""``uploads/``: every file written there is a durable, resumable, verified upload.
+
+Public surface: ``UploadsComponent`` (listed in ``fsagent.agent.build_components``).
+It adds ``MOUNT/uploads/`` (a passthrough tree over ``config.uploads_dir``) and
+``MOUNT/uploads.json`` (the task list) to the mount. Inside:
+
+* ``_task.py`` — the task state machine (one transition table) and completion rules;
+* ``_store.py`` — ``Task`` records in memory and their rows in SQLite;
+* ``_nodes.py`` — the FUSE nodes and handles over the backing tree;
+* ``_hashing.py`` — on-the-fly hashing of the write stream, and re-hashing;
+* ``_manifests.py`` — MD5SUMS/SHA1SUMS/SHA256SUMS and NAME.md5/.sha1/.sha256;
+* ``_component.py`` — the component: write path, checkpoints, crash recovery,
+  verification, the import hand-off and ``uploads.json``.
+"""
+
+from ._component import UploadsComponent
+
+__all__ = ["UploadsComponent"]

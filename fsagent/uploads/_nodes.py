@@ -1,0 +1,367 @@
+"""The ``uploads/`` tree: passthrough nodes over the real backing directory.
+
+Design notes
+------------
+* **A real tree underneath.** ``MOUNT/uploads/REL`` is ``config.uploads_dir/REL``: a
+  real file, directory or symlink on the state disk. Mode, owner, nanosecond times,
+  symlink targets and ``user.*`` xattrs live there, so they are exactly what the
+  client set (rsync's quick check relies on size and mtime being exact) and other
+  components read uploads as plain files.
+* **Node identity.** A node knows its parent and its name, so its path follows
+  renames of any directory above it for free. Each directory caches the child nodes
+  the kernel still holds (dropped in ``forgotten``), so a name keeps one inode.
+* **Thin.** Nodes do the syscalls on the backing tree and report what happened to the
+  component (``UploadsComponent``: created, opened for writing, wrote, closed,
+  truncated, renamed, unlinked, declared something); the component owns the tasks.
+  Metadata syscalls (lstat, mkdir, rename, chmod, ...) run inline: they are short and
+  doing them in a thread would cost more than the call. Data moves (``read``, large
+  ``write``, ``fsync``) go to worker threads.
+* **Errors** from the backing filesystem are passed to the client with their errno
+  (ENOSPC, EEXIST, ENOTEMPTY, ...): ``backing_errors`` turns ``OSError`` into
+  ``FUSEError``. Only ``user.*`` xattrs are stored (ENOTSUP otherwise); the
+  ``user.fsagent.*`` names are the task's own and are answered by the component.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import stat
+
+import pyfuse3
+from pyfuse3 import EntryAttributes, FUSEError
+
+from ..fs import Handle, Node
+
+__all__ = ["UploadDir", "UploadFile", "UploadSymlink", "FileHandle", "attributes_from_stat"]
+
+FSAGENT_XATTR = b"user.fsagent."
+# Advertised I/O size: cp and friends size their buffers from st_blksize, and fewer,
+# larger FUSE writes (libfuse allows 1 MiB) halve the per-request overhead.
+IO_BLOCK = 1 << 20
+_OPEN_FLAGS_KEPT = os.O_ACCMODE | os.O_TRUNC | os.O_EXCL | os.O_NOFOLLOW
+_libc = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD = -100
+
+
+@contextlib.contextmanager
+def backing_errors():
+    try:
+        yield
+    except OSError as e:
+        raise FUSEError(e.errno or errno.EIO) from None
+
+
+def renameat2(old: bytes, new: bytes, flags: int) -> None:
+    if _libc.renameat2(_AT_FDCWD, old, _AT_FDCWD, new, ctypes.c_uint(flags)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def attributes_from_stat(inode: int, st: os.stat_result, timeout: float) -> EntryAttributes:
+    a = EntryAttributes()
+    a.st_ino = inode
+    a.generation = 0
+    a.entry_timeout = timeout
+    a.attr_timeout = timeout
+    a.st_mode = st.st_mode
+    a.st_nlink = st.st_nlink
+    a.st_uid = st.st_uid
+    a.st_gid = st.st_gid
+    a.st_rdev = 0
+    a.st_size = st.st_size
+    a.st_blksize = IO_BLOCK
+    a.st_blocks = st.st_blocks
+    a.st_atime_ns = st.st_atime_ns
+    a.st_mtime_ns = st.st_mtime_ns
+    a.st_ctime_ns = st.st_ctime_ns
+    return a
+
+
+class _Entry(Node):
+    """Common to every node under uploads/: where it lives, attributes, user xattrs."""
+
+    def __init__(self, uploads, parent: UploadDir | None, name: bytes):
+        self.uploads = uploads  # the UploadsComponent
+        self.parent = parent
+        self.name = name
+        self.detached = False  # unlinked or replaced: may still be open, has no path
+
+    @property
+    def rel(self) -> bytes:
+        if self.detached:
+            raise FUSEError(errno.ENOENT)
+        if self.parent is None:
+            return b""
+        base = self.parent.rel
+        return base + b"/" + self.name if base else self.name
+
+    @property
+    def backing(self) -> bytes:
+        return self.uploads.backing(self.rel)
+
+    def stat(self) -> os.stat_result:
+        with backing_errors():
+            return os.lstat(self.backing)
+
+    async def getattr(self, ctx) -> EntryAttributes:
+        return attributes_from_stat(self.inode, self.stat(), self.attr_timeout)
+
+    async def setattr(self, attr, fields, fh, ctx) -> EntryAttributes:
+        path = self.backing
+        with backing_errors():
+            if fields.update_size:
+                await self.truncate(attr.st_size, fh)
+            if fields.update_mode and not stat.S_ISLNK(self.stat().st_mode):
+                os.chmod(path, stat.S_IMODE(attr.st_mode))
+            if fields.update_uid or fields.update_gid:
+                os.chown(path, attr.st_uid if fields.update_uid else -1,
+                         attr.st_gid if fields.update_gid else -1, follow_symlinks=False)
+            if fields.update_atime or fields.update_mtime:
+                st = self.stat()
+                atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+                mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+                os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+                if fields.update_mtime:
+                    self.uploads.mtime_set(self.rel, mtime)
+        return await self.getattr(ctx)
+
+    async def truncate(self, size: int, fh) -> None:
+        raise FUSEError(errno.EISDIR if self.is_directory else errno.EINVAL)
+
+    # -- xattrs: user.* lives on the backing file; user.fsagent.* is the task's ------------
+
+    async def getxattr(self, name: bytes, ctx) -> bytes:
+        if name.startswith(FSAGENT_XATTR):
+            value = self.uploads.task_xattrs(self.rel).get(name)
+            if value is None:
+                raise FUSEError(pyfuse3.ENOATTR)
+            return value
+        if not name.startswith(b"user."):
+            raise FUSEError(pyfuse3.ENOATTR)
+        with backing_errors():
+            return os.getxattr(self.backing, name, follow_symlinks=False)
+
+    async def listxattr(self, ctx) -> list[bytes]:
+        with backing_errors():
+            stored = [os.fsencode(n) for n in os.listxattr(self.backing, follow_symlinks=False)]
+        own = list(self.uploads.task_xattrs(self.rel))
+        return own + [n for n in stored if n.startswith(b"user.")
+                      and not n.startswith(FSAGENT_XATTR)]
+
+    async def setxattr(self, name: bytes, value: bytes, ctx) -> None:
+        if name.startswith(FSAGENT_XATTR) and self.uploads.is_task(self.rel):
+            await self.uploads.declare(self.rel, name, value)
+            return
+        if not name.startswith(b"user."):
+            raise FUSEError(errno.ENOTSUP)
+        with backing_errors():
+            os.setxattr(self.backing, name, value, follow_symlinks=False)
+
+    async def removexattr(self, name: bytes, ctx) -> None:
+        if name.startswith(FSAGENT_XATTR) and self.uploads.is_task(self.rel):
+            await self.uploads.undeclare(self.rel, name)
+            return
+        if not name.startswith(b"user."):
+            raise FUSEError(errno.ENOTSUP)
+        with backing_errors():
+            os.removexattr(self.backing, name, follow_symlinks=False)
+
+    def forgotten(self) -> None:
+        if self.parent is not None:
+            self.parent.forget_child(self.name, self)
+
+
+class UploadDir(_Entry):
+    is_directory = True
+
+    def __init__(self, uploads, parent: UploadDir | None, name: bytes):
+        super().__init__(uploads, parent, name)
+        self._cache: dict[bytes, _Entry] = {}
+
+    def child(self, name: bytes, mode: int) -> _Entry:
+        kind = (UploadDir if stat.S_ISDIR(mode) else UploadSymlink if stat.S_ISLNK(mode)
+                else UploadFile)
+        node = self._cache.get(name)
+        if type(node) is not kind:
+            node = kind(self.uploads, self, name)
+            self._cache[name] = node
+        return node
+
+    def forget_child(self, name: bytes, node: _Entry) -> None:
+        if self._cache.get(name) is node:
+            del self._cache[name]
+
+    def _path(self, name: bytes) -> bytes:
+        if b"/" in name or name in (b".", b".."):
+            raise FUSEError(errno.EINVAL)
+        return self.backing + b"/" + name
+
+    def _child_rel(self, name: bytes) -> bytes:
+        return self.rel + b"/" + name if self.rel else name
+
+    async def lookup(self, name: bytes, ctx) -> Node:
+        with backing_errors():
+            st = os.lstat(self._path(name))
+        return self.child(name, st.st_mode)
+
+    async def children(self, ctx):
+        out = []
+        with backing_errors(), os.scandir(self.backing) as it:
+            for entry in it:
+                try:
+                    mode = entry.stat(follow_symlinks=False).st_mode
+                except FileNotFoundError:
+                    continue
+                out.append((entry.name, self.child(entry.name, mode)))
+        return out
+
+    def _own(self, path: bytes, ctx, *, fd: int | None = None) -> None:
+        # The agent creates the backing object; hand it to the client's uid/gid as a
+        # local filesystem would (only possible, and only needed, when we are root).
+        if os.geteuid() == 0 and ctx is not None:
+            if fd is not None:
+                os.fchown(fd, ctx.uid, ctx.gid)
+            else:
+                os.chown(path, ctx.uid, ctx.gid, follow_symlinks=False)
+
+    async def create(self, name: bytes, mode: int, flags: int, ctx):
+        path = self._path(name)
+        with backing_errors():
+            fd = os.open(path, (flags & _OPEN_FLAGS_KEPT) | os.O_CREAT, 0o600)
+            try:
+                os.fchmod(fd, stat.S_IMODE(mode))
+                self._own(path, ctx, fd=fd)
+            except OSError:
+                os.close(fd)
+                raise
+        node = self.child(name, stat.S_IFREG)
+        handle = await node.opened(fd, flags, created=True)
+        return node, handle
+
+    async def mkdir(self, name: bytes, mode: int, ctx) -> Node:
+        path = self._path(name)
+        with backing_errors():
+            os.mkdir(path, 0o700)
+            os.chmod(path, stat.S_IMODE(mode))
+            self._own(path, ctx)
+        return self.child(name, stat.S_IFDIR)
+
+    async def symlink(self, name: bytes, target: bytes, ctx) -> Node:
+        path = self._path(name)
+        with backing_errors():
+            os.symlink(target, path)
+            self._own(path, ctx)
+        return self.child(name, stat.S_IFLNK)
+
+    async def unlink(self, name: bytes, ctx) -> None:
+        path = self._path(name)
+        with backing_errors():
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                raise FUSEError(errno.EISDIR)
+            os.unlink(path)
+        node = self._cache.pop(name, None)
+        if node is not None:
+            node.detached = True
+        await self.uploads.unlinked(self._child_rel(name))
+
+    async def rmdir(self, name: bytes, ctx) -> None:
+        with backing_errors():
+            os.rmdir(self._path(name))
+        node = self._cache.pop(name, None)
+        if node is not None:
+            node.detached = True
+
+    async def rename(self, name: bytes, new_parent: Node, new_name: bytes, flags: int, ctx):
+        if not isinstance(new_parent, UploadDir):
+            raise FUSEError(errno.EXDEV)
+        if flags & ~pyfuse3.RENAME_NOREPLACE:
+            raise FUSEError(errno.EINVAL)  # RENAME_EXCHANGE would swap two tasks' paths
+        old, new = self._path(name), new_parent._path(new_name)
+        with backing_errors():
+            is_dir = stat.S_ISDIR(os.lstat(old).st_mode)
+            if flags:
+                renameat2(old, new, flags)
+            else:
+                os.rename(old, new)
+        old_rel, new_rel = self._child_rel(name), new_parent._child_rel(new_name)
+        replaced = new_parent._cache.pop(new_name, None)
+        if replaced is not None:
+            replaced.detached = True
+        node = self._cache.pop(name, None)
+        if node is not None:
+            node.parent, node.name = new_parent, new_name
+            new_parent._cache[new_name] = node
+        await self.uploads.renamed(old_rel, new_rel, is_dir)
+
+
+class UploadSymlink(_Entry):
+    async def readlink(self, ctx) -> bytes:
+        with backing_errors():
+            return os.readlink(self.backing)
+
+
+class UploadFile(_Entry):
+    def __init__(self, uploads, parent: UploadDir | None, name: bytes):
+        super().__init__(uploads, parent, name)
+        self.handles: set[FileHandle] = set()
+
+    def stat(self) -> os.stat_result:
+        # An open file answers from its descriptor: cheaper than a path walk, and it
+        # still works after the file was unlinked or replaced while open.
+        for handle in self.handles:
+            with backing_errors():
+                return os.fstat(handle.fd)
+        return super().stat()
+
+    async def truncate(self, size: int, fh) -> None:
+        if isinstance(fh, FileHandle):
+            os.ftruncate(fh.fd, size)
+        else:
+            os.truncate(self.backing, size)
+        self.uploads.truncated(self.rel, size)
+
+    async def open(self, flags: int, ctx) -> Handle:
+        with backing_errors():
+            fd = os.open(self.backing, flags & _OPEN_FLAGS_KEPT & ~os.O_EXCL)
+        return await self.opened(fd, flags, created=False)
+
+    async def opened(self, fd: int, flags: int, *, created: bool) -> FileHandle:
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        task = None
+        try:
+            task = await self.uploads.opened(self.rel, writable=writable,
+                                             truncated=bool(flags & os.O_TRUNC) or created)
+        except BaseException:
+            os.close(fd)
+            raise
+        handle = FileHandle(self, fd, task, writable)
+        self.handles.add(handle)
+        return handle
+
+
+class FileHandle(Handle):
+    def __init__(self, node: UploadFile, fd: int, task, writable: bool):
+        super().__init__(node)
+        self.fd = fd
+        self.task = task
+        self.writable = writable
+
+    async def read(self, offset: int, size: int) -> bytes:
+        with backing_errors():
+            return await self.node.uploads.agent.to_thread(os.pread, self.fd, size, offset)
+
+    async def write(self, offset: int, data: bytes) -> int:
+        return await self.node.uploads.write(self, offset, data)
+
+    async def fsync(self, datasync: bool) -> None:
+        await self.node.uploads.fsync(self)
+
+    async def release(self) -> None:
+        self.node.handles.discard(self)
+        with backing_errors():
+            os.close(self.fd)
+        if self.writable and self.task is not None:
+            await self.node.uploads.closed(self.task)

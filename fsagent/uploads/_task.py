@@ -1,0 +1,168 @@
+"""The upload task's life: one transition table, and the pure rules around it.
+
+Design notes
+------------
+* **One table.** ``TRANSITIONS`` maps ``(state, event)`` to the next state; nothing
+  else in fsagent changes a task's state (``Task.apply`` is the only writer of
+  ``Task.state``). A pair that is not in the table is a bug in the caller or a race
+  we did not expect, and raises ``TaskStateError`` naming the event and the state
+  (the h11 way: "cannot <event> an upload that is <state>").
+* **States** (what a user sees in ``user.fsagent.state`` and ``uploads.json``):
+  ``receiving`` — at least one writer has it open; ``partial`` — closed, not known to
+  be complete; ``verifying`` — a completion rule held, hashes are being checked;
+  ``complete`` — verified, its import job was handed off; ``failed`` — a hash did not
+  match (or the file outgrew its declared size); the data stays so a re-send repairs it.
+* **Events** are what happened, not what to do: a writer opened it (``open_write``);
+  the last writer closed it (``close``); bytes changed without a writer, e.g. a
+  truncate by path (``modify``); a completion rule held (``size_reached``,
+  ``hash_declared``, ``renamed_into_place``, ``settled``); the check ended
+  (``verified``, ``mismatch``, ``fail``); the agent restarted (``restart``); the file
+  went away (``unlink``, which ends the task: next state ``None``).
+* **Which rule holds** is decided by ``completion_event`` from plain facts (writers,
+  sizes, declarations, the mtime-0 hold, idle time), so it is unit-tested without a
+  mount. The rules, in order: a declared size is authoritative (not reached: wait;
+  exceeded: fail); a file rsync left with mtime 0 waits; a client hash means "check
+  now"; an rsync rename into place with a real mtime means done; otherwise the file must stay closed and unchanged for
+  ``settle_seconds``. A file rsync renamed into place with mtime 0 (its interrupted
+  ``--partial``) never settles on its own.
+* **Names that are not tasks**: rsync's temp files (``.NAME.XXXXXX``, made by
+  mkstemp) and anything under ``.rsync-partial/`` or ``.~tmp~/`` (``--partial-dir``,
+  ``--delay-updates``) become tasks only when renamed to a real name.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+
+__all__ = [
+    "State", "Event", "TRANSITIONS", "TaskStateError", "next_state", "completion_event",
+    "is_temporary_path", "progress_percent",
+]
+
+
+class State(str, enum.Enum):
+    RECEIVING = "receiving"
+    PARTIAL = "partial"
+    VERIFYING = "verifying"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Event(str, enum.Enum):
+    OPEN_WRITE = "open_write"
+    CLOSE = "close"
+    MODIFY = "modify"
+    SIZE_REACHED = "size_reached"
+    HASH_DECLARED = "hash_declared"
+    RENAMED_INTO_PLACE = "renamed_into_place"
+    SETTLED = "settled"
+    VERIFIED = "verified"
+    MISMATCH = "mismatch"
+    FAIL = "fail"
+    RESTART = "restart"
+    UNLINK = "unlink"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+R, P, V, C, F = State.RECEIVING, State.PARTIAL, State.VERIFYING, State.COMPLETE, State.FAILED
+E = Event
+ALL = (R, P, V, C, F)
+
+TRANSITIONS: dict[tuple[State, Event], State | None] = {
+    # Any writer reopens the task: a resume, a repair, or a new version of a complete file.
+    **{(s, E.OPEN_WRITE): R for s in ALL},
+    (R, E.CLOSE): P,
+    # Bytes changed with no writer open (truncate by path): back to "not known complete".
+    (R, E.MODIFY): R,
+    **{(s, E.MODIFY): P for s in (P, V, C, F)},
+    # A completion rule held for a closed file.
+    (P, E.SIZE_REACHED): V,
+    (P, E.HASH_DECLARED): V,
+    (P, E.RENAMED_INTO_PLACE): V,
+    (P, E.SETTLED): V,
+    # A hash declared after the fact re-checks a finished or failed file.
+    (C, E.HASH_DECLARED): V,
+    (F, E.HASH_DECLARED): V,
+    (V, E.VERIFIED): C,
+    (V, E.MISMATCH): F,
+    (P, E.FAIL): F,
+    (V, E.FAIL): F,
+    # After a restart nobody has the file open, and a check in progress starts over.
+    (R, E.RESTART): P,
+    (V, E.RESTART): P,
+    **{(s, E.RESTART): s for s in (P, C, F)},
+    **{(s, E.UNLINK): None for s in ALL},
+}
+
+
+class TaskStateError(Exception):
+    """An event that the transition table does not allow in the current state."""
+
+    def __init__(self, event: Event, state: State):
+        super().__init__(f"cannot {event} an upload that is {state}")
+        self.event = event
+        self.state = state
+
+
+def next_state(state: State, event: Event) -> State | None:
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise TaskStateError(event, state) from None
+
+
+def completion_event(
+    *, writers: int, size: int, declared_size: int | None, has_client_hash: bool,
+    renamed_by_rsync: bool, held: bool, idle_seconds: float, settle_seconds: float,
+) -> tuple[Event | None, str | None]:
+    """Which completion rule holds for a closed partial file, if any.
+
+    Returns ``(event, None)`` when a rule holds, ``(Event.FAIL, reason)`` when the file
+    can no longer become what was declared, and ``(None, None)`` to keep waiting.
+    """
+    if writers:
+        return None, None
+    if declared_size is not None:
+        if size > declared_size:
+            return E.FAIL, f"{size} bytes present, more than the declared size {declared_size}"
+        if size < declared_size:
+            return None, None
+        return E.SIZE_REACHED, None
+    if held:
+        return None, None
+    if has_client_hash:
+        return E.HASH_DECLARED, None
+    if renamed_by_rsync:
+        return E.RENAMED_INTO_PLACE, None
+    if idle_seconds >= settle_seconds:
+        return E.SETTLED, None
+    return None, None
+
+
+_RSYNC_TEMP = re.compile(rb"^\..+\.[A-Za-z0-9]{6}$", re.S)
+_TEMP_DIRS = {b".rsync-partial", b".~tmp~"}
+
+
+def is_temporary_path(rel: bytes) -> bool:
+    """True for rsync's temp files and anything inside its partial/delay dirs."""
+    parts = rel.split(b"/")
+    if any(p in _TEMP_DIRS for p in parts[:-1]):
+        return True
+    return bool(_RSYNC_TEMP.match(parts[-1]))
+
+
+def progress_percent(present: int, declared_size: int | None, state: State) -> float | None:
+    """Bytes present / declared size as 0-100; 100 once complete; None if unknown."""
+    if state is State.COMPLETE:
+        return 100.0
+    if declared_size is None:
+        return None
+    if declared_size == 0:
+        return 100.0 if present == 0 else 0.0
+    return round(min(100.0, 100.0 * present / declared_size), 2)

@@ -1,0 +1,512 @@
+"""uploads/ end to end: a real agent, a real mount, the real tools."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+FAST = """
+settle_seconds = 0.6
+checkpoint_seconds = 0.5
+store_reserve_bytes = 0
+"""
+
+
+def xattr(path: Path, key: str) -> str:
+    return os.getxattr(path, f"user.fsagent.{key}").decode()
+
+
+def state(path: Path) -> str:
+    return xattr(path, "state")
+
+
+def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def wait_state(path: Path, wanted: str, timeout: float = 15.0) -> None:
+    wait_for(lambda: state(path) == wanted, timeout, f"{path.name} to be {wanted}")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def listing(agent) -> list[dict]:
+    return json.loads((agent.mount / "uploads.json").read_text())
+
+
+def run(*argv, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(list(map(str, argv)), capture_output=True, text=True, **kw)
+
+
+@pytest.fixture
+def fast(agent_factory):
+    return agent_factory(config=FAST).start()
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    """A small tree with the things cp/rsync/tar must carry: modes, times, a symlink."""
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "empty").mkdir()
+    for i, rel in enumerate(["top.bin", "a/one.bin", "a/b/two.bin", "a/b/three.txt"]):
+        p = src / rel
+        p.write_bytes(os.urandom(1000 + 70_000 * i))
+        os.utime(p, ns=(1_600_000_000_123_456_789, 1_600_000_000_987_654_321 + i))
+    os.chmod(src / "a/b/three.txt", 0o640)
+    os.symlink("b/two.bin", src / "a/link")
+    os.setxattr(src / "top.bin", "user.origin", b"microscope-3")
+    # Old directory times too: rsync treats times within the same second as equal, so a
+    # just-made source dir would not prove that directory times are carried.
+    for d in (src / "a" / "link", src / "a" / "b", src / "a", src / "empty", src):
+        os.utime(d, ns=(1_500_000_000_000_000_000, 1_500_000_000_111_111_111),
+                 follow_symlinks=False)
+    return src
+
+
+def same_tree(src: Path, dst: Path, *, xattrs: bool = False) -> None:
+    for p in sorted(src.rglob("*")):
+        q = dst / p.relative_to(src)
+        a, b = os.lstat(p), os.lstat(q)
+        assert (a.st_mode, a.st_mtime_ns) == (b.st_mode, b.st_mtime_ns), q
+        if p.is_symlink():
+            assert os.readlink(p) == os.readlink(q)
+        elif p.is_file():
+            assert a.st_size == b.st_size and sha256(p) == sha256(q), q
+            if xattrs:
+                assert os.getxattr(q, "user.origin") == os.getxattr(p, "user.origin") \
+                    if "user.origin" in os.listxattr(p) else True
+
+
+def all_complete(agent, root: Path) -> None:
+    files = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    for p in files:
+        wait_state(p, "complete")
+        assert xattr(p, "sha256") == sha256(p)
+
+
+# -- 1. a real file tree ---------------------------------------------------------------------
+
+
+def test_tree_operations(fast):
+    up = fast.uploads
+    (up / "d").mkdir()
+    fd = os.open(up / "d/f", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    os.pwrite(fd, b"world", 6)
+    os.pwrite(fd, b"hello ", 0)
+    with pytest.raises(FileExistsError):
+        os.open(up / "d/f", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    assert (up / "d/f").read_bytes() == b"hello world"  # readable while still open
+    os.close(fd)
+    os.truncate(up / "d/f", 5)
+    assert (up / "d/f").read_bytes() == b"hello"
+    os.chmod(up / "d/f", 0o600)
+    os.chown(up / "d/f", 1234, 4321)
+    os.utime(up / "d/f", ns=(1_000_000_001, 1_500_000_000_123_456_789))
+    st = os.stat(up / "d/f")
+    assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o600, 1234, 4321)
+    assert st.st_mtime_ns == 1_500_000_000_123_456_789 and st.st_atime_ns == 1_000_000_001
+    os.symlink("f", up / "d/l")
+    assert os.readlink(up / "d/l") == "f" and (up / "d/l").read_bytes() == b"hello"
+    os.setxattr(up / "d/f", "user.note", b"\x00binary\xff")
+    assert os.getxattr(up / "d/f", "user.note") == b"\x00binary\xff"
+    assert "user.note" in os.listxattr(up / "d/f")
+    with pytest.raises(OSError) as e:
+        os.setxattr(up / "d/f", "trusted.x", b"1")
+    assert e.value.errno == errno.ENOTSUP
+    with pytest.raises(OSError) as e:
+        os.link(up / "d/f", up / "d/hard")
+    assert e.value.errno == errno.EPERM
+    (up / "d/g").write_bytes(b"other")
+    os.rename(up / "d/g", up / "d/f")  # replaces the target
+    assert (up / "d/f").read_bytes() == b"other"
+    assert sorted(os.listdir(up / "d")) == ["f", "l"]
+    with pytest.raises(OSError) as e:
+        os.rmdir(up / "d")
+    assert e.value.errno == errno.ENOTEMPTY
+    os.unlink(up / "d/l")
+    os.unlink(up / "d/f")
+    os.rmdir(up / "d")
+    assert os.listdir(up) == []
+    # Everything lives in the backing tree, exactly.
+    assert os.listdir(fast.state / "data" / "uploads") == []
+
+
+def test_cp_and_cp_a(fast, source):
+    up = fast.uploads
+    subprocess.run(["cp", source / "top.bin", up / "plain.bin"], check=True)
+    subprocess.run(["cp", "-a", source, up / "tree"], check=True)
+    same_tree(source, up / "tree")
+    all_complete(fast, up)
+    assert run("sha256sum", up / "plain.bin").stdout.split()[0] == sha256(source / "top.bin")
+    assert os.getxattr(up / "tree/top.bin", "user.origin") == b"microscope-3"
+
+
+def test_rsync_a_and_a_rerun_transfers_nothing(fast, source):
+    up = fast.uploads
+    first = run("rsync", "-a", f"{source}/", up / "r")
+    assert first.returncode == 0, first.stderr
+    same_tree(source, up / "r")
+    all_complete(fast, up / "r")
+    again = run("rsync", "-ai", f"{source}/", up / "r")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == ""  # size and mtime are exact: nothing to send
+    # rsync -aX carries user.* xattrs, and re-runs cleanly (status attrs are derived).
+    x = run("rsync", "-aX", f"{source}/", up / "x")
+    assert x.returncode == 0, x.stderr
+    assert os.getxattr(up / "x/top.bin", "user.origin") == b"microscope-3"
+    all_complete(fast, up / "x")
+    again = run("rsync", "-aXi", f"{source}/", up / "x")
+    assert again.returncode == 0, again.stderr
+    # No data is sent again (rsync may itemize the derived user.fsagent.* attributes it
+    # tried to remove, as "x" changes, but never re-sends a file: no ">f" lines).
+    assert not [line for line in again.stdout.splitlines() if not line.startswith(".")], \
+        again.stdout
+    # No rsync temp file ever became a task.
+    paths = {t["path"] for t in listing(fast)}
+    assert not any("/." in "/" + p for p in paths), paths
+
+
+def test_tar_x_and_copytree(fast, source, tmp_path):
+    up = fast.uploads
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(source, arcname="t")
+    (up / "untar").mkdir()
+    (tmp_path / "plain").mkdir()
+    subprocess.run(["tar", "-xpf", archive, "-C", up / "untar"], check=True)
+    subprocess.run(["tar", "-xpf", archive, "-C", tmp_path / "plain"], check=True)
+    same_tree(tmp_path / "plain/t", up / "untar/t")  # tar keeps whole seconds only
+    shutil.copytree(source, up / "ct", symlinks=True)
+    same_tree(source, up / "ct")
+    all_complete(fast, up)
+
+
+# -- 2/3. tasks and completion ---------------------------------------------------------------
+
+
+def test_task_states_and_new_versions(fast):
+    up = fast.uploads
+    f = up / "s.bin"
+    with open(f, "wb") as out:
+        out.write(b"x" * 1000)
+        out.flush()
+        assert state(f) == "receiving"
+        task = xattr(f, "task")
+        assert len(task) == 32
+    assert state(f) in ("partial", "verifying", "complete")
+    wait_state(f, "complete")
+    assert xattr(f, "sha256") == hashlib.sha256(b"x" * 1000).hexdigest()
+    with open(f, "ab") as out:  # reopening a complete file: a new version
+        out.write(b"y")
+        assert state(f) == "receiving"
+    wait_state(f, "complete")
+    assert xattr(f, "task") == task
+    assert xattr(f, "sha256") == hashlib.sha256(b"x" * 1000 + b"y").hexdigest()
+    os.rename(f, up / "moved.bin")  # the task moves with the file
+    assert xattr(up / "moved.bin", "task") == task
+    assert [t["path"] for t in listing(fast) if t["taskID"] == task] == ["moved.bin"]
+    os.unlink(up / "moved.bin")  # unlink ends the task and its data
+    assert not any(t["taskID"] == task for t in listing(fast))
+    assert not (fast.state / "data/uploads/moved.bin").exists()
+
+
+def test_rsync_temp_names_and_partial_renames(fast):
+    up = fast.uploads
+    temp = up / ".data.bin.Ab12Cd"
+    temp.write_bytes(b"z" * 5000)
+    assert "user.fsagent.task" not in os.listxattr(temp)
+    assert listing(fast) == []
+    (up / ".rsync-partial").mkdir()
+    (up / ".rsync-partial/p.bin").write_bytes(b"p")
+    assert "user.fsagent.task" not in os.listxattr(up / ".rsync-partial/p.bin")
+    # rsync's interrupted --partial: renamed into place with mtime 0. Stays partial.
+    os.utime(temp, ns=(0, 0))
+    os.rename(temp, up / "data.bin")
+    time.sleep(2.0)  # > settle_seconds
+    assert state(up / "data.bin") == "partial"
+    # A temp file renamed into place with a real mtime is complete.
+    (up / ".other.bin.Zz99Yy").write_bytes(b"o" * 10)
+    os.rename(up / ".other.bin.Zz99Yy", up / "other.bin")
+    wait_state(up / "other.bin", "complete", timeout=0.5 + 5)
+    # Resuming the held one (--append-verify writes, then sets the real mtime).
+    with open(up / "data.bin", "ab") as f:
+        f.write(b"z" * 5000)
+    os.utime(up / "data.bin", ns=(1, 1_700_000_000_000_000_000))
+    wait_state(up / "data.bin", "complete")
+    assert xattr(up / "data.bin", "sha256") == hashlib.sha256(b"z" * 10000).hexdigest()
+
+
+# -- 4. client hashes -------------------------------------------------------------------------
+
+
+def test_client_hash_xattr_match_and_mismatch(agent_factory):
+    agent = agent_factory(config=FAST.replace("0.6", "60")).start()  # no settling here
+    up = agent.uploads
+    good, bad = os.urandom(300_000), os.urandom(300_000)
+    (up / "ok.bin").touch()
+    os.setxattr(up / "ok.bin", "user.fsagent.sha256", hashlib.sha256(good).hexdigest().encode())
+    os.setxattr(up / "ok.bin", "user.fsagent.md5", hashlib.md5(good).hexdigest().encode())
+    (up / "ok.bin").write_bytes(good)
+    wait_state(up / "ok.bin", "complete", timeout=10)
+    (up / "bad.bin").touch()
+    expected = hashlib.sha256(good).hexdigest()
+    os.setxattr(up / "bad.bin", "user.fsagent.sha256", expected.encode())
+    (up / "bad.bin").write_bytes(bad)
+    wait_state(up / "bad.bin", "failed", timeout=10)
+    error = xattr(up / "bad.bin", "error")
+    assert "bad.bin" in error and "sha256" in error and expected in error
+    assert hashlib.sha256(bad).hexdigest() in error
+    assert (up / "bad.bin").read_bytes() == bad  # the data stays
+    (up / "bad.bin").write_bytes(good)  # a re-send repairs it
+    wait_state(up / "bad.bin", "complete", timeout=10)
+    assert xattr(up / "bad.bin", "error") == ""
+    with pytest.raises(OSError) as e:
+        os.setxattr(up / "ok.bin", "user.fsagent.sha256", b"not-hex")
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as e:
+        os.setxattr(up / "ok.bin", "user.fsagent.state", b"complete")
+    assert e.value.errno == errno.EPERM
+
+
+def test_manifests_before_and_after(agent_factory, tmp_path):
+    agent = agent_factory(config=FAST.replace("0.6", "60")).start()
+    up = agent.uploads
+    a, b, c = os.urandom(70_000), os.urandom(80_000), os.urandom(90_000)
+    (up / "m").mkdir()
+    # Before the data: SHA256SUMS names a.bin.
+    (up / "m/SHA256SUMS").write_text(f"{hashlib.sha256(a).hexdigest()}  a.bin\n")
+    (up / "m/a.bin").write_bytes(a)
+    wait_state(up / "m/a.bin", "complete", timeout=10)
+    # After the data: b.bin waits (no settling in this config) until b.bin.sha1 arrives.
+    (up / "m/b.bin").write_bytes(b)
+    time.sleep(1.0)
+    assert state(up / "m/b.bin") == "partial"
+    src = tmp_path / "b.bin.sha1"
+    src.write_text(f"{hashlib.sha1(b).hexdigest()}  b.bin\n")
+    subprocess.run(["cp", src, up / "m/b.bin.sha1"], check=True)
+    wait_state(up / "m/b.bin", "complete", timeout=10)
+    # A manifest arriving after completion with a different hash fails the upload.
+    (up / "m/c.bin").write_bytes(c)
+    (up / "m/c.bin.md5").write_text(f"{hashlib.md5(c).hexdigest()}\n")
+    wait_state(up / "m/c.bin", "complete", timeout=10)
+    (up / "m/MD5SUMS").write_text(f"{hashlib.md5(b'other').hexdigest()}  a.bin\n")
+    wait_state(up / "m/a.bin", "failed", timeout=10)
+    error = xattr(up / "m/a.bin", "error")
+    assert "m/a.bin" in error and "md5" in error and "MD5SUMS" in error
+    assert hashlib.md5(a).hexdigest() in error
+    # md5sum -c through the mount agrees the data itself is intact.
+    out = run("sha256sum", "-c", "SHA256SUMS", cwd=up / "m")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# -- 5. declared size, space -------------------------------------------------------------------
+
+
+def test_declared_size_progress_and_up_front_space_check(fast):
+    up = fast.uploads
+    f = up / "sized.bin"
+    f.touch()
+    os.setxattr(f, "user.fsagent.size", b"400000")
+    assert xattr(f, "progress") == "0"
+    with open(f, "wb") as out:
+        out.write(b"a" * 100_000)
+        out.flush()
+        assert xattr(f, "progress") == "25"
+        assert xattr(f, "size") == "400000"
+    time.sleep(1.5)  # well past settle_seconds: a declared size is authoritative
+    assert state(f) == "partial"
+    with open(f, "ab") as out:
+        out.write(b"a" * 300_000)
+    wait_state(f, "complete", timeout=5)
+    free = os.statvfs(fast.state).f_bavail * os.statvfs(fast.state).f_frsize
+    (up / "huge.bin").touch()
+    with pytest.raises(OSError) as e:
+        os.setxattr(up / "huge.bin", "user.fsagent.size", str(free + 2**30).encode())
+    assert e.value.errno == errno.ENOSPC
+    assert "user.fsagent.size" not in os.listxattr(up / "huge.bin")
+    entry = [t for t in listing(fast) if t["path"] == "sized.bin"][0]
+    assert entry["size"] == 400000 and entry["progress"] == 100
+
+
+@pytest.fixture
+def small_store(tmp_path):
+    store = tmp_path / "small"
+    store.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", store], check=True)
+    try:
+        yield store
+    finally:
+        subprocess.run(["umount", "-l", store], check=False)
+
+
+def test_enospc_on_a_small_store_then_resume(agent_factory, small_store, tmp_path):
+    agent = agent_factory(state=small_store / "state", config="""
+settle_seconds = 0.6
+checkpoint_seconds = 0.5
+store_reserve_bytes = 4194304
+""").start()
+    up = agent.uploads
+    # Up front: a declaration the store cannot hold fails at once.
+    (up / "big.bin").touch()
+    with pytest.raises(OSError) as e:
+        os.setxattr(up / "big.bin", "user.fsagent.size", str(60 * 2**20).encode())
+    assert e.value.errno == errno.ENOSPC
+    os.unlink(up / "big.bin")
+    filler = up / "filler.bin"
+    filler.write_bytes(os.urandom(20 * 2**20))
+    src = tmp_path / "data.bin"
+    src.write_bytes(os.urandom(30 * 2**20))
+    out = run("cp", src, up / "data.bin")
+    assert out.returncode != 0 and "No space left" in out.stderr
+    present = os.stat(up / "data.bin").st_size
+    assert 0 < present < 30 * 2**20
+    with open(src, "rb") as s:  # what is there is correct: nothing was corrupted
+        assert (up / "data.bin").read_bytes() == s.read(present)
+    assert agent.proc.poll() is None
+    os.unlink(filler)  # space freed: the upload resumes
+    out = run("rsync", "--inplace", "--append-verify", src, up / "data.bin")
+    assert out.returncode == 0, out.stderr
+    wait_state(up / "data.bin", "complete")
+    assert xattr(up / "data.bin", "sha256") == sha256(src)
+
+
+# -- 6. crashes ---------------------------------------------------------------------------------
+
+
+CRASHY = """
+settle_seconds = 0.6
+checkpoint_seconds = 0.3
+checkpoint_bytes = 1048576
+store_reserve_bytes = 0
+"""
+
+
+def test_kill9_mid_rsync_then_append_verify_is_byte_identical(agent_factory, tmp_path):
+    agent = agent_factory(config=CRASHY).start()
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(24 * 2**20))
+    dst = agent.uploads / "big.bin"
+    rsync = subprocess.Popen(["rsync", "--inplace", "--bwlimit=6000", src, dst],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: dst.exists() and os.stat(dst).st_size > 6 * 2**20, 30, "rsync progress")
+    time.sleep(0.5)
+    agent.kill9()
+    rsync.wait(30)
+    backing = agent.state / "data/uploads/big.bin"
+    before_restart = os.stat(backing).st_size
+    agent.start()
+    assert agent.status()["previous_run_clean"] is False
+    resumed = os.stat(dst).st_size
+    assert 0 < resumed <= before_restart  # cut back to the last checkpoint
+    entry = [t for t in listing(agent) if t["path"] == "big.bin"][0]
+    assert entry["state"] == "partial" and entry["offset"] == resumed
+    with open(src, "rb") as s:
+        assert dst.read_bytes() == s.read(resumed)
+    out = run("rsync", "--partial", "--append-verify", "--stats", src, dst)
+    assert out.returncode == 0, out.stderr
+    assert sha256(dst) == sha256(src)
+    wait_state(dst, "complete")
+    assert xattr(dst, "sha256") == sha256(src)
+
+
+def test_interrupted_rsync_partial_then_kill9_then_resume(agent_factory, tmp_path):
+    agent = agent_factory(config=CRASHY.replace("settle_seconds = 0.6",
+                                                "settle_seconds = 60")).start()
+    src = tmp_path / "p.bin"
+    src.write_bytes(os.urandom(16 * 2**20))
+    dst = agent.uploads / "p.bin"
+    rsync = subprocess.Popen(["rsync", "--partial", "--bwlimit=4000", src, dst],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    temps = lambda: [p for p in agent.uploads.iterdir() if p.name.startswith(".p.bin.")]  # noqa: E731
+    wait_for(lambda: temps() and os.stat(temps()[0]).st_size > 4 * 2**20, 30, "transfer")
+    rsync.send_signal(signal.SIGINT)  # --partial: the temp file is renamed into place
+    rsync.wait(30)
+    wait_for(lambda: dst.exists(), 10, "partial file in place")
+    time.sleep(1.0)
+    assert state(dst) == "partial"  # no real mtime was set on it: not a finished transfer
+    agent.kill9()
+    agent.start()
+    assert state(dst) == "partial"
+    assert 0 <= os.stat(dst).st_size < 16 * 2**20
+    os.setxattr(dst, "user.fsagent.size", str(16 * 2**20).encode())
+    out = run("rsync", "--partial", "--append-verify", src, dst)
+    assert out.returncode == 0, out.stderr
+    assert sha256(dst) == sha256(src)
+    wait_state(dst, "complete")
+
+
+def test_clean_stop_checkpoints_everything(agent_factory):
+    agent = agent_factory(config=FAST.replace("checkpoint_seconds = 0.5",
+                                              "checkpoint_seconds = 60")).start()
+    f = agent.uploads / "open.bin"
+    data = os.urandom(3 * 2**20)
+    out = open(f, "wb")
+    out.write(data)
+    out.flush()
+    agent.stop()
+    try:
+        out.close()
+    except OSError:
+        pass
+    agent.start()
+    assert agent.status()["previous_run_clean"] is True
+    assert f.read_bytes() == data
+    assert state(f) in ("partial", "verifying", "complete")
+    wait_state(f, "complete")
+
+
+# -- 8/9/10. per-file state, the list, the import hand-off ------------------------------------
+
+
+def test_xattrs_and_uploads_json(fast):
+    up = fast.uploads
+    (up / "j.bin").write_bytes(b"j" * 10)
+    wait_state(up / "j.bin", "complete")
+    names = set(os.listxattr(up / "j.bin"))
+    assert {"user.fsagent.task", "user.fsagent.state", "user.fsagent.offset",
+            "user.fsagent.progress", "user.fsagent.sha256", "user.fsagent.job",
+            "user.fsagent.error"} <= names
+    out = run("getfattr", "-d", "-m", "user.fsagent", up / "j.bin")
+    assert 'user.fsagent.state="complete"' in out.stdout
+    entry = listing(fast)[0]
+    assert set(entry) == {"taskID", "path", "state", "offset", "size", "progress",
+                          "sha256", "job", "error", "updated"}
+    assert entry["path"] == "j.bin" and entry["offset"] == 10 and entry["progress"] == 100
+    assert entry["size"] is None
+    with pytest.raises(PermissionError):
+        open(fast.mount / "uploads.json", "w")
+
+
+def test_completed_upload_waits_for_a_job_engine(fast):
+    """Until the jobs component lands, the hand-off fails, is logged, and nothing is lost."""
+    (fast.uploads / "i.bin").write_bytes(b"i")
+    wait_state(fast.uploads / "i.bin", "complete")
+    assert xattr(fast.uploads / "i.bin", "job") == ""
+    assert "no job engine to import it; will retry" in fast.log()
+    fast.stop()
+    fast.start()
+    assert state(fast.uploads / "i.bin") == "complete"
