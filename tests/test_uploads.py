@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_for
+
 FAST = """
 settle_seconds = 0.6
 checkpoint_seconds = 0.5
@@ -28,17 +30,6 @@ def xattr(path: Path, key: str) -> str:
 
 def state(path: Path) -> str:
     return xattr(path, "state")
-
-
-def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def wait_state(path: Path, wanted: str, timeout: float = 15.0) -> None:
@@ -501,12 +492,14 @@ def test_xattrs_and_uploads_json(fast):
         open(fast.mount / "uploads.json", "w")
 
 
-def test_completed_upload_waits_for_a_job_engine(fast):
-    """Until the jobs component lands, the hand-off fails, is logged, and nothing is lost."""
+def test_completed_upload_is_handed_to_the_job_engine(fast):
+    """The hand-off creates an import job; the upload records its ID across restarts."""
     (fast.uploads / "i.bin").write_bytes(b"i")
     wait_state(fast.uploads / "i.bin", "complete")
-    assert xattr(fast.uploads / "i.bin", "job") == ""
-    assert "no job engine to import it; will retry" in fast.log()
+    job = wait_for(lambda: xattr(fast.uploads / "i.bin", "job"), what="an import job")
+    assert (fast.jobs / job / "wait").read_text() == "success\n"
+    assert json.loads((fast.jobs / job / "info.json").read_text())["Type"] == "import"
     fast.stop()
     fast.start()
     assert state(fast.uploads / "i.bin") == "complete"
+    assert xattr(fast.uploads / "i.bin", "job") == job
