@@ -11,11 +11,14 @@ from pathlib import Path
 from conftest import wait_for
 
 # An import_command that blocks until `<file>.go` exists in uploads/ and fails if
-# `<file>.fail` exists: lets a test hold a job in `running` for as long as it likes.
+# `<file>.fail` exists: lets a test hold a job in `running` for as long as it likes. Only
+# the tests' own imports (task "t1") are gated; imports the uploads component submits for
+# files written through the mount succeed at once.
 GATED_IMPORT = (
     'import_command = ["sh", "-c", '
-    '"echo started $$ > \\"$0.pid\\"; while [ ! -e \\"$0.go\\" ]; do sleep 0.02; done; '
-    '[ ! -e \\"$0.fail\\" ]", "{path}"]\n'
+    '"[ \\"$1\\" = t1 ] || exit 0; '
+    'echo started $$ > \\"$0.pid\\"; while [ ! -e \\"$0.go\\" ]; do sleep 0.02; done; '
+    '[ ! -e \\"$0.fail\\" ]", "{path}", "{task}"]\n'
 )
 
 
