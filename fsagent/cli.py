@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=cmd_config)
     from .rpc._cli import add_rpc_commands
     add_rpc_commands(sub)
+    from .jobs._cli import add_jobs_commands
+    add_jobs_commands(sub)
     return parser
 
 

@@ -206,3 +206,16 @@ def shared_dir():
     yield path
     if not is_mount_point(path / "mnt"):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def wait_for(predicate, timeout: float = 15.0, what: str = "condition",
+             interval: float = 0.05):
+    """Poll ``predicate`` until it returns something true (returned), or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)

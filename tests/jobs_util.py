@@ -8,12 +8,17 @@ import os
 import time
 from pathlib import Path
 
+from conftest import wait_for
+
 # An import_command that blocks until `<file>.go` exists in uploads/ and fails if
-# `<file>.fail` exists: lets a test hold a job in `running` for as long as it likes.
+# `<file>.fail` exists: lets a test hold a job in `running` for as long as it likes. Only
+# the tests' own imports (task "t1") are gated; imports the uploads component submits for
+# files written through the mount succeed at once.
 GATED_IMPORT = (
     'import_command = ["sh", "-c", '
-    '"echo started $$ > \\"$0.pid\\"; while [ ! -e \\"$0.go\\" ]; do sleep 0.02; done; '
-    '[ ! -e \\"$0.fail\\" ]", "{path}"]\n'
+    '"[ \\"$1\\" = t1 ] || exit 0; '
+    'echo started $$ > \\"$0.pid\\"; while [ ! -e \\"$0.go\\" ]; do sleep 0.02; done; '
+    '[ ! -e \\"$0.fail\\" ]", "{path}", "{task}"]\n'
 )
 
 
@@ -70,15 +75,8 @@ def info(job: Path) -> dict:
     return json.loads(read(job / "info.json"))
 
 
-def wait_until(predicate, timeout: float = 20.0, interval: float = 0.02, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what or predicate}")
-        time.sleep(interval)
+def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):
+    return wait_for(predicate, timeout, what, interval=0.02)
 
 
 def wait_status(job: Path, *states: str, timeout: float = 20.0) -> str:

@@ -235,7 +235,17 @@ def test_a_blocked_wait_ends_when_the_agent_stops(agent_factory):
 
 @pytest.mark.parametrize("how", ["sigterm", "kill9"])
 def test_restart_with_pending_and_running_jobs(agent_factory, how):
-    agent = agent_factory(config=ONE_AT_A_TIME).start()
+    agent = agent_factory(config="settle_seconds = 0.3\n" + ONE_AT_A_TIME).start()
+    # Written through the mount, so the uploads component has them durable: after a
+    # kill -9 it cuts back files it never acknowledged (those written behind its back).
+    for name in ("done", "run", "pend", "paused"):
+        (agent.uploads / f"{name}.dat").write_bytes(b"data")
+    for name in ("done", "run", "pend", "paused"):
+        wait_until(lambda: os.getxattr(agent.uploads / f"{name}.dat",
+                                       "user.fsagent.state") == b"complete")
+    wait_until(lambda: len(os.listdir(agent.jobs)) == 4
+               and all(status(agent.jobs / j) == "success" for j in os.listdir(agent.jobs)),
+               what="the uploads' own import jobs")
     open_gate(agent, "done.dat")
     done = gated(agent, "done")
     wait_status(done, "success")
@@ -251,7 +261,8 @@ def test_restart_with_pending_and_running_jobs(agent_factory, how):
     (uploads_dir(agent) / "run.dat.pid").unlink()
     agent.start()
     jobs = agent.jobs
-    assert sorted(os.listdir(jobs)) == ["done", "paused", "pend", "run"]
+    mine = sorted(n for n in os.listdir(jobs) if len(n) != 36)  # not the uploads' UUIDs
+    assert mine == ["done", "paused", "pend", "run"]
     assert status(done) == "success" and info(done)["Content"]["Path"] == "done.dat"
     assert status(paused) == "paused"
     # The interrupted job was requeued with a message; "pend" (priority 2) runs first.

@@ -243,3 +243,37 @@ def test_outputs_appear_only_on_success(agent, kind):
     time.sleep(0.3)
     assert os.listdir(job / "outputs") == []
     wait_until(lambda: not (agent.state / "jobs" / "j" / "outputs.tmp").exists())
+
+
+# -- end to end with uploads ------------------------------------------------------------------
+
+
+def test_a_file_copied_into_uploads_is_imported(agent_factory, tmp_path):
+    argv = ["sh", "-c", 'echo "imported $0 $1"', "{path}", "{task}"]
+    agent = agent_factory(config=f"settle_seconds = 0.3\n"
+                                 f"import_command = {json.dumps(argv)}\n").start()
+    src = tmp_path / "scan-001.tif"
+    data = os.urandom(3 << 20)
+    src.write_bytes(data)
+    os.makedirs(agent.uploads / "exp9")
+    subprocess.run(["cp", str(src), str(agent.uploads / "exp9")], check=True)
+
+    def import_job():
+        records = json.loads(read(agent.mount / "jobs.json"))
+        return next((r for r in records if r["Type"] == "import"), None)
+
+    record = wait_until(import_job, what="an import job")
+    job = agent.jobs / record["ID"]
+    assert read(job / "wait") == "success\n", read(job / "message")
+    sha = hashlib.sha256(data).hexdigest()
+    path, size, got_sha, mtime_ns, task, job_id = ("exp9/scan-001.tif",
+                                                   *manifest(agent)["exp9/scan-001.tif"])
+    assert (size, got_sha, job_id) == (len(data), sha, record["ID"])
+    assert mtime_ns == (uploads_dir(agent) / path).stat().st_mtime_ns
+    assert info(job)["Content"] == {"Path": path, "Size": len(data), "SHA256": sha,
+                                    "Task": task}
+    assert f"imported {uploads_dir(agent) / path} {task}" in read(job / "log")
+    # and a verify job over the mount agrees with the manifest
+    ver = submit(agent, "ver", {"type": "verify", "paths": ["exp9"]})
+    assert read(ver / "wait") == "success\n"
+    assert json.loads(read(ver / "outputs" / "report.json"))["summary"]["ok"] == 1

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_for
+
 FAST = """
 settle_seconds = 0.6
 checkpoint_seconds = 0.5
@@ -28,17 +30,6 @@ def xattr(path: Path, key: str) -> str:
 
 def state(path: Path) -> str:
     return xattr(path, "state")
-
-
-def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def wait_state(path: Path, wanted: str, timeout: float = 15.0) -> None:
@@ -523,3 +514,16 @@ def test_completed_upload_starts_an_import_job_end_to_end(fast):
     assert row == (len(data), hashlib.sha256(data).hexdigest())
     uploads = json.loads((fast.mount / "uploads.json").read_text())
     assert [u["job"] for u in uploads if u["path"] == "i.bin"] == [job_id]
+
+
+def test_completed_upload_is_handed_to_the_job_engine(fast):
+    """The hand-off creates an import job; the upload records its ID across restarts."""
+    (fast.uploads / "i.bin").write_bytes(b"i")
+    wait_state(fast.uploads / "i.bin", "complete")
+    job = wait_for(lambda: xattr(fast.uploads / "i.bin", "job"), what="an import job")
+    assert (fast.jobs / job / "wait").read_text() == "success\n"
+    assert json.loads((fast.jobs / job / "info.json").read_text())["Type"] == "import"
+    fast.stop()
+    fast.start()
+    assert state(fast.uploads / "i.bin") == "complete"
+    assert xattr(fast.uploads / "i.bin", "job") == job

@@ -16,6 +16,7 @@ persistence, history), ``_kinds`` (the kind contract and path confinement),
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import trio
@@ -23,7 +24,8 @@ import trio
 from ..agent import Component
 from ..fs import DynamicFile, Node
 from . import _archive, _import, _verify  # noqa: F401  (each registers its kind)
-from ._engine import BadSpec, Engine, JobExists, NoSuchJob, ShuttingDown
+from ..rpc import RpcError
+from ._engine import BadSpec, Engine, JobExists, NoSuchJob, ShuttingDown, valid_job_name
 from ._kinds import KINDS
 from ._nodes import JobsDirectory, render_jobs_json
 from ._states import TRANSITIONS, IllegalMove, State, UnknownVerb
@@ -69,6 +71,7 @@ class JobsComponent(Component):
         await self.engine.checkpoint()
 
     def rpc_methods(self):
+        """``Jobs.*``: each is one engine verb; refusals travel as ``[name, message]``."""
         e = self.engine
 
         async def show(job_id: str) -> dict:
@@ -77,8 +80,11 @@ class JobsComponent(Component):
         async def listing() -> list[dict]:
             return [j.info() for j in e.listing()]
 
-        async def submit(kind: str, spec: dict, priority: int = 0) -> str:
-            return await e.submit(kind, spec, priority=priority)
+        async def submit(kind: str, spec: dict, priority: int = 0,
+                         job_id: str | None = None) -> str:
+            if job_id is not None and not valid_job_name(job_id):
+                raise BadSpec(f"{job_id!r} is not a job name (letters, digits, . _ -)")
+            return await e.submit(kind, spec, priority=priority, job_id=job_id)
 
         def verb(name: str):
             async def control(job_id: str) -> str:
@@ -91,9 +97,26 @@ class JobsComponent(Component):
         async def set_priority(job_id: str, priority: int) -> None:
             await e.set_priority(job_id, priority)
 
-        return {
+        methods = {
             "Jobs.list": listing, "Jobs.show": show, "Jobs.submit": submit,
             "Jobs.cancel": verb("cancel"), "Jobs.pause": verb("pause"),
             "Jobs.resume": verb("resume"), "Jobs.retry": verb("retry"),
             "Jobs.wait": wait, "Jobs.set_priority": set_priority,
         }
+        return {name: _named_errors(fn) for name, fn in methods.items()}
+
+
+_REFUSALS = (BadSpec, NoSuchJob, JobExists, IllegalMove, UnknownVerb, ShuttingDown)
+
+
+def _named_errors(fn):
+    """Engine refusals as ``RpcError(class name, message)``: ``["IllegalMove", "job ..."]``."""
+
+    @functools.wraps(fn)
+    async def method(*params):
+        try:
+            return await fn(*params)
+        except _REFUSALS as e:
+            raise RpcError(type(e).__name__, str(e)) from None
+
+    return method
