@@ -139,6 +139,29 @@ def _optional_secret(value: Any, base: Path) -> str | None:
     return value
 
 
+def _optional_group(value: Any, base: Path) -> str | None:
+    """A local group, by name or number; checked now so a typo fails before mounting."""
+    import grp
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"expected a group name, got {value!r}")
+    try:
+        if isinstance(value, int) or value.isdigit():
+            grp.getgrgid(int(value))
+        else:
+            grp.getgrnam(value)
+    except KeyError:
+        raise ValueError(f"no such group {value!r} on this machine") from None
+    return str(value)
+
+
+def group_id(name: str) -> int:
+    """The gid of a group ``_optional_group`` accepted."""
+    import grp
+    return int(name) if name.isdigit() else grp.getgrnam(name).gr_gid
+
+
 def _optional_host_port(value: Any, base: Path) -> tuple[str, int] | None:
     if value is None or value == "":
         return None
@@ -215,6 +238,9 @@ SETTINGS: tuple[Setting, ...] = (
             "list.", "list of paths"),
     Setting("readblock_max_bytes", _int_at_least(1), 16 * 2**20, "Largest `size` a "
             "`FileServer.readBlock` call may ask for.", "bytes"),
+    Setting("rpc_group", _optional_group, None, "Group of the RPC Unix socket (mode 0660): "
+            "its members (and root) may use the RPC API, nobody else can connect. Unset: "
+            "the agent's own group.", "group"),
     Setting("rpc_max_message_bytes", _int_at_least(1024), 32 * 2**20, "Largest msgpack-RPC "
             "message a client may send; a larger one closes that connection.", "bytes"),
     Setting("rpc_max_in_flight", _int_at_least(1), 64, "Requests served concurrently per "
@@ -265,6 +291,7 @@ class Config:
     metrics_listen: str | None = None
     export_roots: tuple[Path, ...] = ()
     readblock_max_bytes: int = 16 * 2**20
+    rpc_group: str | None = None
     rpc_max_message_bytes: int = 32 * 2**20
     rpc_max_in_flight: int = 64
     rpc_outbox_bytes: int = 16 * 2**20

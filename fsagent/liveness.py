@@ -44,7 +44,7 @@ __all__ = ["supervise", "DEBUG_STALL_ENV", "STATUS_INTERVAL"]
 log = logging.getLogger(__name__)
 
 DEBUG_STALL_ENV = "FSAGENT_DEBUG_STALL_SECONDS"
-STATUS_INTERVAL = 2.0
+STATUS_INTERVAL = 1.0
 READY_RETRY = 0.05
 
 

@@ -174,6 +174,14 @@ class OtherUser:
             ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
              "--", *argv], capture_output=True, text=True, timeout=timeout, **kwargs)
 
+    def run_in_groups(self, groups: list[int], *argv: str, timeout: float = 20,
+                      **kwargs) -> subprocess.CompletedProcess:
+        """``run``, with ``groups`` as the only supplementary groups."""
+        return subprocess.run(
+            ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}",
+             f"--groups={','.join(map(str, groups))}", "--", *argv],
+            capture_output=True, text=True, timeout=timeout, **kwargs)
+
 
 def _ensure_user(name: str) -> None:
     import pwd
@@ -194,6 +202,32 @@ def other_user() -> OtherUser:
     """A second local user (created once, idempotently; needs root, as `make test` has)."""
     _ensure_user(OTHER_USER)
     return OtherUser(OTHER_USER)
+
+
+THIRD_USER = "fsagent-test2"
+TEST_GROUP = "fsagent-rpc-test"
+
+
+@pytest.fixture(scope="session")
+def third_user() -> OtherUser:
+    """Another unprivileged user, so rules between two ordinary users can be shown."""
+    _ensure_user(THIRD_USER)
+    return OtherUser(THIRD_USER)
+
+
+@pytest.fixture(scope="session")
+def test_group() -> tuple[str, int]:
+    """``(name, gid)`` of a local group nobody is a member of (created once)."""
+    import grp
+    try:
+        return TEST_GROUP, grp.getgrnam(TEST_GROUP).gr_gid
+    except KeyError:
+        pass
+    result = subprocess.run(["groupadd", "--system", TEST_GROUP], capture_output=True,
+                            text=True)
+    if result.returncode not in (0, 9):  # 9: another test run created it meanwhile
+        raise RuntimeError(f"groupadd {TEST_GROUP}: {result.stderr.strip()}")
+    return TEST_GROUP, grp.getgrnam(TEST_GROUP).gr_gid
 
 
 @pytest.fixture

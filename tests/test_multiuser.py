@@ -1,12 +1,22 @@
-"""Multi-user lab machines: what ``allow_other`` opens to a second, unprivileged user.
+"""Multi-user lab machines: what ``allow_other`` opens to other, unprivileged users.
 
-The sticky ``uploads/`` and job-owner rules are proven with the uploads and jobs
-components; here is what the agent itself decides: whether other users see the mount.
+Every rule is shown with real commands (cp, mv, rm, rmdir, bash redirections, the
+fsagent CLI) run as two unprivileged users (``other_user`` is A, ``third_user`` is B):
+whether other users see the mount at all; ``uploads/`` as a sticky directory whose
+entries belong to their creators; jobs readable by all and steered only by their owner
+and root (EPERM otherwise); the RPC socket's group.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
+import subprocess
+import sys
+
+from conftest import wait_for
+from jobs_util import GATED_IMPORT, import_spec, open_gate
 
 
 def _agent(agent_factory, shared_dir, allow_other: bool):
@@ -37,3 +47,144 @@ def test_without_allow_other_another_user_is_refused(shared_dir, agent_factory, 
         assert "Permission denied" in result.stderr, result.stderr
     # The agent's own user still has it.
     assert agent.status()["pid"] == agent.proc.pid
+
+
+# -- the rules between users: uploads/ is sticky, jobs belong to their owners, the RPC group --
+
+EPERM_TEXT = "Operation not permitted"  # strerror(EPERM); EACCES would be "Permission denied"
+
+
+def _multiuser_agent(agent_factory, shared_dir, extra: str = ""):
+    return agent_factory(mount=shared_dir / "mnt", state=shared_dir / "state",
+                         config="allow_other = true\nsettle_seconds = 0.5\n" + extra).start()
+
+
+def _bash(user, script: str, *args: str) -> subprocess.CompletedProcess:
+    # bash reports the errno of a failed redirection as it is (dash says "I/O error").
+    return user.run("bash", "-c", script, "bash", *args, stdin=subprocess.DEVNULL)
+
+
+def _refused(result: subprocess.CompletedProcess) -> bool:
+    return result.returncode != 0 and EPERM_TEXT in result.stderr
+
+
+def test_uploads_is_sticky_and_entries_belong_to_their_creators(
+        shared_dir, agent_factory, other_user, third_user):
+    a, b = other_user, third_user
+    agent = _multiuser_agent(agent_factory, shared_dir)
+    up = agent.uploads
+    assert stat.S_IMODE(os.stat(up).st_mode) == 0o1777
+    src = shared_dir / "src.bin"
+    src.write_bytes(os.urandom(200_000))
+    src.chmod(0o644)
+    for user, name in ((a, "a.bin"), (b, "b.bin")):
+        result = user.run("cp", str(src), str(up / name))
+        assert result.returncode == 0, result.stderr  # every user can upload
+    assert a.run("mkdir", str(up / "a-dir")).returncode == 0
+    assert a.run("cp", str(src), str(up / "a-dir" / "inner.bin")).returncode == 0
+    for name, user in (("a.bin", a), ("b.bin", b), ("a-dir", a), ("a-dir/inner.bin", a)):
+        st = os.stat(up / name)
+        assert (st.st_uid, st.st_gid) == (user.uid, user.gid), name
+        backing = os.stat(agent.state / "data" / "uploads" / name)
+        assert backing.st_uid == user.uid, name  # really theirs, not a mask over root's
+    # B can neither remove nor rename A's entries, nor replace A's file by a rename.
+    assert _refused(b.run("rm", "-f", str(up / "a.bin")))
+    assert _refused(b.run("mv", "-f", str(up / "a.bin"), str(up / "mine.bin")))
+    assert _refused(b.run("mv", "-f", str(up / "b.bin"), str(up / "a.bin")))
+    assert _refused(b.run("mv", str(up / "a-dir"), str(up / "b-dir")))
+    assert b.run("rm", "-rf", str(up / "a-dir")).returncode != 0
+    # ... and cannot write into it (its mode, 0644, says so: that one is EACCES).
+    assert "Permission denied" in _bash(b, 'echo x >> "$1"', str(up / "a.bin")).stderr
+    assert (up / "a.bin").read_bytes() == src.read_bytes()
+    assert (up / "b.bin").read_bytes() == src.read_bytes()
+    assert (up / "a-dir" / "inner.bin").exists()
+    # Each may rename and remove their own; root may remove anyone's.
+    assert b.run("mv", str(up / "b.bin"), str(up / "b2.bin")).returncode == 0
+    assert a.run("rm", str(up / "a-dir" / "inner.bin")).returncode == 0
+    assert a.run("rmdir", str(up / "a-dir")).returncode == 0
+    os.unlink(up / "b2.bin")
+    # A's completed upload became an import job that belongs to A.
+    job = wait_for(lambda: _job_of(up / "a.bin"), what="a.bin's import job")
+    assert os.stat(agent.jobs / job).st_uid == a.uid
+    assert _refused(_bash(b, 'echo cancel > "$1"', str(agent.jobs / job / "control")))
+
+
+def _job_of(path) -> str | None:
+    try:
+        return os.getxattr(path, "user.fsagent.job").decode() or None
+    except OSError:
+        return None
+
+
+def test_only_a_jobs_owner_or_root_may_steer_it(shared_dir, agent_factory, other_user,
+                                                 third_user):
+    a, b = other_user, third_user
+    agent = _multiuser_agent(agent_factory, shared_dir,
+                             "max_concurrent_jobs = 1\n" + GATED_IMPORT)
+    blocker = agent.jobs / "blocker"  # root's, holding the only slot: A's job stays pending
+    os.mkdir(blocker)
+    (blocker / "spec").write_text(json.dumps(import_spec(agent, "blocker.dat")))
+    wait_for(lambda: (blocker / "status").read_text() == "running\n", what="blocker running")
+    job = agent.jobs / "ja"
+    spec = json.dumps(import_spec(agent, "ja.dat"))
+    result = _bash(a, 'mkdir "$1" && printf %s "$2" > "$1/spec"', str(job), spec)
+    assert result.returncode == 0, result.stderr
+    assert os.stat(job).st_uid == a.uid and os.stat(job / "control").st_uid == a.uid
+
+    def value(name):
+        return (job / name).read_text().strip()
+
+    # B reads everything, steers nothing: EPERM (not EACCES) for control, priority, rmdir.
+    seen = b.run("cat", str(job / "status"), str(job / "priority"), str(job / "info.json"))
+    assert seen.returncode == 0 and seen.stdout.startswith("pending\n0\n{")
+    assert _refused(_bash(b, 'echo cancel > "$1"', str(job / "control")))
+    assert _refused(_bash(b, 'echo 9 > "$1"', str(job / "priority")))
+    assert _refused(b.run("rmdir", str(job)))
+    assert (value("status"), value("priority")) == ("pending", "0")
+    # The owner may.
+    assert _bash(a, 'echo 5 > "$1"', str(job / "priority")).returncode == 0
+    assert _bash(a, 'echo pause > "$1"', str(job / "control")).returncode == 0
+    assert (value("status"), value("priority")) == ("paused", "5")
+    assert "Directory not empty" in a.run("rmdir", str(job)).stderr  # a job, not a draft
+    # So may root.
+    (job / "priority").write_text("7\n")
+    (job / "control").write_text("cancel\n")
+    assert (value("status"), value("priority")) == ("cancelled", "7")
+    # Drafts follow the same rule.
+    draft = agent.jobs / "draft-a"
+    assert a.run("mkdir", str(draft)).returncode == 0
+    assert _refused(b.run("rmdir", str(draft)))
+    assert a.run("rmdir", str(draft)).returncode == 0
+    open_gate(agent, "blocker.dat")
+
+
+def test_rpc_group_decides_who_may_connect(shared_dir, agent_factory, other_user,
+                                           test_group):
+    name, gid = test_group
+    sock = shared_dir / "rpc.sock"
+    agent = _multiuser_agent(agent_factory, shared_dir,
+                             f'rpc_group = "{name}"\nsocket = "{sock}"\n')
+    st = os.stat(sock)
+    assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == gid
+    status = [sys.executable, "-m", "fsagent", "status", "--socket", str(sock)]
+    outside = other_user.run(*status)
+    assert outside.returncode == 2
+    assert outside.stderr.strip() == (f"fsagent: error: cannot connect to {sock}: "
+                                      "Permission denied")
+    inside = other_user.run_in_groups([gid], *status)
+    assert inside.returncode == 0, inside.stderr
+    assert str(agent.mount) in inside.stdout
+
+
+def test_a_bad_rpc_group_is_a_one_line_config_error(shared_dir, agent_factory, test_group):
+    agent = agent_factory(mount=shared_dir / "mnt", state=shared_dir / "state",
+                          config='rpc_group = "no-such-group-here"\n')
+    result = subprocess.run(agent.argv(), capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "fsagent: error: rpc_group: no such group 'no-such-group-here' on this machine"]
+    assert not os.path.ismount(agent.mount) and not (agent.state / "fsagent.db").exists()
+    # A group may also be given by number.
+    from fsagent.config import load_config
+    assert load_config(None, {"rpc_group": test_group[1]}, cwd=shared_dir).rpc_group == \
+        str(test_group[1])

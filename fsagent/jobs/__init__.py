@@ -64,6 +64,10 @@ class JobsComponent(Component):
                 "evicted": self.engine.evicted_count,
                 "max_concurrent_jobs": self.agent.config.max_concurrent_jobs}
 
+    def counts(self) -> dict[str, int]:
+        counts = self.engine.counts()
+        return {"jobs running": counts["running"], "jobs pending": counts["pending"]}
+
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await self.engine.serve(task_status=task_status)
 

@@ -23,6 +23,10 @@ Design notes
 * **Outputs** live under ``STATE/jobs/<id>/``: ``log``, ``outputs/`` (published by
   renaming ``outputs.tmp/`` after fsync, only on success). A run starts by clearing
   both, which is how a retried or requeued kind resets its work.
+* **Observability.** ``_apply`` is where every state change happens, so it is where
+  each change is logged (one INFO line: job, kind, from -> to, the error if it failed)
+  and where a run's duration is observed (``fsagent_job_duration_seconds{kind,state}``,
+  the state the run ended in). ``fsagent_jobs{state,kind}`` is counted at scrape time.
 * **History.** Finished jobs beyond ``job_history`` (newest kept) or older than
   ``job_ttl`` are removed with their directory; only finished jobs are ever evicted.
 """
@@ -214,6 +218,12 @@ class Engine:
         self._wakeup = trio.Event()
         self.started_count = 0              # runs started since the agent started
         self.evicted_count = 0
+        metrics = agent.metrics
+        metrics.gauge("fsagent_jobs", "Jobs by state and kind", labels=("state", "kind"),
+                      collect=self.counts_by_state_and_kind)
+        self.run_seconds = metrics.histogram(
+            "fsagent_job_duration_seconds", "Duration of one run of a job, by kind and the "
+            "state the run ended in", labels=("kind", "state"))
 
     # -- loading (start-up, synchronous) -------------------------------------------------
 
@@ -229,6 +239,7 @@ class Engine:
                 job.runtime = round(job.runtime, 3)
                 job.progress = 0
                 job.message = "interrupted (the agent stopped while it ran); requeued"
+                log.info("job %s (%s): running -> pending: %s", job.id, job.kind, job.message)
                 job.updated = time.time()
                 self.db.stage(("job", job.id), _UPSERT, job.row())
                 JobLog(self.job_dir(job.id) / "log")(job.message)
@@ -263,6 +274,13 @@ class Engine:
             out[job.state.value] += 1
         return out
 
+    def counts_by_state_and_kind(self) -> dict[tuple[str, str], int]:
+        """Every (state, kind) pair, zeros included, so dashboards see whole series."""
+        out = {(s.value, k): 0 for s in State for k in KINDS}
+        for job in self.jobs.values():
+            out[job.state.value, job.kind] = out.get((job.state.value, job.kind), 0) + 1
+        return out
+
     # -- verbs (the one code path for each) --------------------------------------------
 
     async def submit(self, kind: str, spec: dict[str, Any], *, priority: int = 0,
@@ -294,7 +312,8 @@ class Engine:
         self.jobs[job_id] = job
         self.drafts.pop(job_id, None)
         await self._persist(job, durable=True)
-        log.info("job %s (%s) submitted, priority %d", job_id, kind, priority)
+        log.info("job %s (%s): submitted -> pending, priority %d, owner uid %s", job_id,
+                 kind, priority, owner_uid)
         self._wake()
         return job_id
 
@@ -398,8 +417,10 @@ class Engine:
             return after
         now = time.time()
         if before is State.RUNNING and job.run_started is not None:
-            job.runtime += time.monotonic() - job.run_started
+            ran = time.monotonic() - job.run_started
+            job.runtime += ran
             job.run_started = None
+            self.run_seconds.labels(job.kind, after.value).observe(ran)
             if job.ctx is not None:
                 job.progress = job.ctx.progress
         job.state = after
@@ -409,6 +430,11 @@ class Engine:
             job.ended.set()
         elif before.final:
             job.ended = trio.Event()
+        # The first line only: a command's error output belongs to the job's log file.
+        failed = (f": error {job.error_code}: {job.error_description.splitlines()[0]}"
+                  if after is State.FAILURE and job.error_description else "")
+        log.info("job %s (%s): %s -> %s%s", job.id, job.kind, before.value, after.value,
+                 failed)
         return after
 
     async def _persist(self, job: Job, *, durable: bool) -> None:
@@ -536,7 +562,6 @@ class Engine:
             # row "running"; the next start requeues it.
             return
         await self._persist(job, durable=True)
-        log.info("job %s (%s) %s", job.id, job.kind, job.state.value)
         await self.evict()
 
     # -- history ----------------------------------------------------------------------------

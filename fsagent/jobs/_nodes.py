@@ -20,6 +20,12 @@ Design notes
   if the agent stops first. ``log`` and ``outputs/*`` are real files under the state
   dir, read with ``pread`` in worker threads; outputs are immutable, so the kernel may
   cache them.
+* **Who may steer a job.** ``control``, ``priority`` (writing) and ``rmdir`` belong to
+  the job's owner and root; anyone else gets EPERM from the handler, which checks the
+  request's uid (``may_manage``). The modes say "writable by all" (0222, 0666) so the
+  kernel's ``default_permissions`` check lets the request reach that handler: modes
+  alone could only answer EACCES, and "not yours" is EPERM, as for a sticky directory.
+  A job with no owner (submitted over RPC, or by the agent) belongs to the agent's uid.
 * Nodes are cached per job, so a job keeps its inode numbers while the kernel knows
   them and ``ls jobs/`` of 10,000 jobs creates no garbage beyond the listing.
 """
@@ -60,6 +66,14 @@ def _fuse_error(e: Exception) -> FUSEError:
 
 def _uid(ctx) -> int | None:
     return getattr(ctx, "uid", None)
+
+
+def may_manage(owner_uid: int | None, ctx) -> None:
+    """EPERM unless the request comes from the job's owner or root."""
+    uid = _uid(ctx)
+    owner = os.getuid() if owner_uid is None else owner_uid
+    if uid is not None and uid != 0 and uid != owner:
+        raise FUSEError(errno.EPERM)
 
 
 def render_jobs_json(engine: Engine) -> bytes:
@@ -117,9 +131,11 @@ class JobsDirectory(Node):
     async def rmdir(self, name: bytes, ctx) -> None:
         job_id = os.fsdecode(name)
         if job_id in self.engine.drafts:
+            may_manage(self.engine.drafts[job_id].owner_uid, ctx)
             self.engine.remove_draft(job_id)
             self._nodes.pop(job_id, None)
         elif job_id in self.engine.jobs:
+            may_manage(self.engine.jobs[job_id].owner_uid, ctx)
             raise FUSEError(errno.ENOTEMPTY)
         else:
             raise FUSEError(errno.ENOENT)
@@ -207,6 +223,12 @@ class _JobFile(DynamicFile):
             attrs.st_uid = owner
         return attrs
 
+    def check_manager(self, ctx) -> None:
+        job = self.engine.jobs.get(self.job_id)
+        if job is None:
+            raise FUSEError(errno.ENOENT)
+        may_manage(job.owner_uid, ctx)
+
     async def setattr(self, attr, fields, fh, ctx):
         # O_TRUNC arrives as setattr(size=0) before the write: accept it, change nothing.
         if self.mode & 0o222 and fields.update_size and attr.st_size == 0:
@@ -287,11 +309,12 @@ class ControlFile(_JobFile):
     """Write ``cancel``, ``pause``, ``resume`` or ``retry``."""
 
     def __init__(self, engine, job_id):
-        super().__init__(engine, job_id, lambda: b"", mode=0o200)
+        super().__init__(engine, job_id, lambda: b"", mode=0o222)
 
     async def open(self, flags, ctx):
         if flags & os.O_ACCMODE != os.O_WRONLY:
             raise FUSEError(errno.EACCES)
+        self.check_manager(ctx)
         return _WriteHandle(self, b"", self._write)
 
     async def _write(self, handle, offset: int, data: bytes) -> int:
@@ -306,7 +329,7 @@ class PriorityFile(_JobFile):
     """Read the priority; write an integer to change it (pending and paused jobs)."""
 
     def __init__(self, engine, job_id):
-        super().__init__(engine, job_id, self._render, mode=0o644)
+        super().__init__(engine, job_id, self._render, mode=0o666)
 
     def _render(self) -> bytes:
         try:
@@ -315,6 +338,8 @@ class PriorityFile(_JobFile):
             raise FUSEError(errno.ENOENT) from None
 
     async def open(self, flags, ctx):
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            self.check_manager(ctx)
         return _WriteHandle(self, await self.render(), self._write)
 
     async def _write(self, handle, offset: int, data: bytes) -> int:

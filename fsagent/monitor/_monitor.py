@@ -19,6 +19,9 @@ Design notes
 * **Batches**: ``blockSize`` events per notification (0 = no limit), sent once full or
   ``flush_ms`` after the first pending event. A rename's Delete+Create stay together,
   so such a batch may hold one event more than ``blockSize``.
+* **System events** are the monitor's own news (an overflow, a watch that failed, the
+  watched directory gone, Inactive, Timed out): each is logged once as it is queued,
+  WARNING for trouble and INFO otherwise, and overflows are counted.
 * **Timers** are trio deadlines on the loop's wait, so they are exact and testable:
   Inactivity's timer restarts at every delivered event.
 """
@@ -30,6 +33,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -38,7 +42,7 @@ from ._filters import Filters
 from ._inotify import InotifyWatcher, walk
 from ._translate import SYNC_PREFIX, Translator
 
-__all__ = ["Monitor", "MonitorSpec", "TRANSITIONS", "MONITOR_TYPES", "PATH_MODES",
+__all__ = ["Monitor", "MonitorSpec", "MonitorCounters", "TRANSITIONS", "MONITOR_TYPES", "PATH_MODES",
            "WATCH_EVENT_TYPES"]
 
 log = logging.getLogger(__name__)
@@ -64,6 +68,18 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 _MTIME_SLACK_NS = 10_000_000
 
 
+# System event messages that are trouble (WARNING); the others are routine (INFO).
+_TROUBLE = ("Overflow", "Watch limit reached", "Cannot watch", "Watched directory")
+
+
+@dataclass(frozen=True)
+class MonitorCounters:
+    """The server's counters every monitor adds to (``fsagent/metrics.py`` Counters)."""
+
+    delivered: Any
+    overflows: Any
+
+
 @dataclass(frozen=True)
 class MonitorSpec:
     mtype: str
@@ -80,7 +96,7 @@ class MonitorSpec:
 
 class Monitor:
     def __init__(self, spec: MonitorSpec, peer: Peer, *, agent, flush_ms: int,
-                 max_pending: int):
+                 max_pending: int, counters: MonitorCounters):
         self.id = str(uuid.uuid1())
         self.spec = spec
         self.peer = peer
@@ -91,6 +107,7 @@ class Monitor:
         self.filters = Filters(spec.root, spec.whitelist, spec.blacklist,
                                spec.ignore_sys_files)
         self.events_sent = 0
+        self.counters = counters
         self._pending: list[list[dict]] = []
         self._pending_count = 0
         self._first_pending_at: float | None = None
@@ -283,7 +300,9 @@ class Monitor:
         for unit in units:
             kept = []
             for kind, path, is_dir in unit:
-                if kind != "System":
+                if kind == "System":
+                    self._system_event(path)
+                else:
                     if kind not in spec.event_types:
                         continue
                     if is_dir and spec.ignore_dir_events:
@@ -298,6 +317,16 @@ class Monitor:
                 self._pending_count += len(kept)
                 queued = True
         return queued
+
+    def _system_event(self, message: str) -> None:
+        if message.startswith("Monitor failed"):
+            return  # _run logged it with its traceback
+        trouble = message.startswith(_TROUBLE)
+        if message == "Overflow":
+            self.counters.overflows.inc()
+            message = "inotify queue overflowed; rescanning to report what changed"
+        log.log(logging.WARNING if trouble else logging.INFO, "monitor %s on %s: %s",
+                self.id, self.spec.root, message)
 
     def _flush_deadline(self) -> float | None:
         if self._first_pending_at is None:
@@ -329,6 +358,7 @@ class Monitor:
                 try:
                     await self.peer.notify("fsEventHappened", [self.id, batch])
                     self.events_sent += len(batch)
+                    self.counters.delivered.inc(len(batch))
                     return
                 except trio.ClosedResourceError:
                     log.info("monitor %s: client gone; waiting for a re-attach", self.id)

@@ -12,6 +12,11 @@ Design notes
   ``fsEventHappened(monitorId, events)`` notifications. When that connection closes,
   its monitors wait ``monitor_grace_seconds`` for a ``startMonitor`` from a new
   connection (which re-attaches them), then are destroyed.
+* **Observability.** One INFO line when a monitor is created and when it is destroyed
+  (by the client or after its grace); the monitor itself logs its System events
+  (overflows and watch errors at WARNING). ``fsagent_monitor_events_delivered_total``
+  and ``fsagent_monitor_overflows_total`` are counted by the monitors, across their
+  lifetimes; ``fsagent_monitors{state}`` is counted at scrape time.
 * ``platformCheck`` true on anything but Linux is an error, as the reference allows.
 """
 
@@ -30,8 +35,8 @@ import trio
 from ..agent import Component
 from ..fileserver import Confinement
 from ..rpc import OmeroFSError, Peer, current_peer
-from ._monitor import (MONITOR_TYPES, PATH_MODES, WATCH_EVENT_TYPES, Monitor,
-                       MonitorSpec)
+from ._monitor import (MONITOR_TYPES, PATH_MODES, STARTED, STOPPED, WATCH_EVENT_TYPES,
+                       Monitor, MonitorCounters, MonitorSpec)
 
 __all__ = ["MonitorServer"]
 
@@ -65,10 +70,27 @@ class MonitorServer(Component):
         self.monitors: dict[str, Monitor] = {}
         self._watched_peers: set[int] = set()
         self._nursery: trio.Nursery | None = None
+        m = agent.metrics
+        self.counters = MonitorCounters(
+            delivered=m.counter("fsagent_monitor_events_delivered_total", "File events "
+                                "sent to monitor clients (fsEventHappened entries)"),
+            overflows=m.counter("fsagent_monitor_overflows_total", "inotify queue "
+                                "overflows a monitor recovered from with a rescan"))
+        m.gauge("fsagent_monitors", "Monitors by state", labels=("state",),
+                collect=self._count_by_state)
         # The walker's read-lease probe (monitor/_inotify.py) may see a lease broken by a
         # writer; the kernel then sends SIGIO, whose default action would kill the agent.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGIO, signal.SIG_IGN)
+
+    def _count_by_state(self) -> dict[tuple[str], int]:
+        out = {(STARTED,): 0, (STOPPED,): 0}
+        for m in self.monitors.values():
+            out[(m.state,)] = out.get((m.state,), 0) + 1
+        return out
+
+    def counts(self) -> dict[str, int]:
+        return {"monitors": len(self.monitors)}
 
     def status(self) -> dict[str, Any]:
         return {"monitors": {mid: m.status() for mid, m in self.monitors.items()}}
@@ -111,7 +133,9 @@ class MonitorServer(Component):
         try:
             await monitor.destroy()
         finally:
-            self.monitors.pop(monitor.id, None)
+            if self.monitors.pop(monitor.id, None) is not None:
+                log.info("monitor %s on %s destroyed (%d events delivered)", monitor.id,
+                         monitor.spec.root, monitor.events_sent)
 
     # -- the operations -------------------------------------------------------------------
 
@@ -150,7 +174,7 @@ class MonitorServer(Component):
                            ignoreSysFiles, ignoreDirEvents)
         peer = current_peer()
         monitor = Monitor(spec, peer, agent=self.agent, flush_ms=self.flush_ms,
-                          max_pending=self.max_pending)
+                          max_pending=self.max_pending, counters=self.counters)
         self.monitors[monitor.id] = monitor
         self._track(peer)
         log.info("monitor %s: %s %s on %s for %s", monitor.id, mtype, mode, root, peer.label)

@@ -5,7 +5,8 @@ Design notes
 * The method table is collected when the component starts serving, from every
   component's ``rpc_methods()``: the RPC layer knows nothing of FileServer, monitors,
   uploads or jobs. Two components claiming one name is a start-up error.
-* The Unix socket (``config.socket_path``, mode 0660) is always served. TCP is
+* The Unix socket (``config.socket_path``, mode 0660, group ``rpc_group`` if set) is
+  always served: the group decides who may use the API. TCP is
   opt-in (``rpc_tcp_listen``) and always requires the shared token
   (``rpc_token``; the config refuses TCP without one), optionally over TLS
   (``rpc_tls_cert``/``rpc_tls_key``): the defaults expose nothing beyond the machine.
@@ -21,6 +22,7 @@ from typing import Any
 import trio
 
 from ..agent import Component
+from ..config import group_id
 from ._server import RpcServer, bind_unix_listener
 
 __all__ = ["RpcComponent"]
@@ -72,7 +74,8 @@ class RpcComponent(Component):
             self._collect_methods(), max_message_size=cfg.rpc_max_message_bytes,
             max_in_flight=cfg.rpc_max_in_flight, outbox_bytes=cfg.rpc_outbox_bytes,
             token=cfg.rpc_token)
-        unix = await bind_unix_listener(cfg.socket_path)
+        group = group_id(cfg.rpc_group) if cfg.rpc_group is not None else None
+        unix = await bind_unix_listener(cfg.socket_path, group=group)
         async with trio.open_nursery() as nursery:
             await nursery.start(functools.partial(
                 self.server.serve_listeners, [unix], require_auth=False))

@@ -366,8 +366,12 @@ def _label(stream: trio.abc.Stream) -> str:
         return "tcp"
 
 
-async def bind_unix_listener(path: Path, mode: int = 0o660) -> trio.SocketListener:
+async def bind_unix_listener(path: Path, mode: int = 0o660,
+                             group: int | None = None) -> trio.SocketListener:
     """Listen on a Unix socket at ``path`` with ``mode``; a stale socket file is replaced.
+
+    ``group``: the socket's group (``rpc_group``); with mode 0660 its members may
+    connect and other users get EACCES from ``connect(2)``.
 
     The caller holds the state-dir lock, so a socket file left there is a dead agent's.
     """
@@ -384,6 +388,8 @@ async def bind_unix_listener(path: Path, mode: int = 0o660) -> trio.SocketListen
         await sock.bind(os.fspath(path))
     finally:
         os.umask(old_umask)
+    if group is not None:
+        os.chown(path, -1, group)
     os.chmod(path, mode)
     sock.listen(128)
     return trio.SocketListener(sock)

@@ -118,6 +118,14 @@ class UploadsComponent(Component):
                               "uploads/", collect=lambda: self.counters["bytes_written"])
         agent.metrics.gauge("fsagent_uploads", "Upload tasks by state", labels=("state",),
                             collect=lambda: {(s,): n for s, n in self.status()["tasks"].items()})
+        self.completed_total = agent.metrics.counter(
+            "fsagent_uploads_completed_total", "Uploads verified complete (each version once)")
+        self.verification_failures = agent.metrics.counter(
+            "fsagent_upload_verification_failures_total", "Uploads that failed verification: "
+            "a hash mismatch, a file larger than its declared size, or unreadable data",
+            labels=("reason",))
+        for reason in ("mismatch", "size", "unreadable"):
+            self.verification_failures.labels(reason).inc(0)  # zero series from the start
 
     # -- component hooks ----------------------------------------------------------------
 
@@ -129,6 +137,15 @@ class UploadsComponent(Component):
         for t in self.tasks.tracked():
             states[t.state.value] += 1
         return {"tasks": states, **self.counters}
+
+    def counts(self) -> dict[str, int]:
+        receiving = sum(1 for t in self.tasks.tracked() if t.state is State.RECEIVING)
+        return {"uploads receiving": receiving}
+
+    def _failed(self, t: Task, reason: str) -> None:
+        """After ``t.apply`` moved ``t`` to failed: count it and say so, once."""
+        self.verification_failures.labels(reason).inc()
+        log.warning("upload %s failed: %s", t.task_id, t.error)
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -541,6 +558,7 @@ class UploadsComponent(Component):
             t.error = f"{t.path}: {reason}"
             t.apply(Event.FAIL)
             self.tasks.save(t)
+            self._failed(t, "size")
             return
         t.apply(event)
         self.tasks.save(t)
@@ -583,6 +601,7 @@ class UploadsComponent(Component):
                     t.error = f"{t.path}: cannot read it back to hash it: {e.strerror}"
                     t.apply(Event.FAIL)
                     self.tasks.save(t)
+                    self._failed(t, "unreadable")
                 return
         if not self._current(t, generation):
             return  # written to, truncated or removed meanwhile: that change decides
@@ -594,7 +613,7 @@ class UploadsComponent(Component):
                            f"({source}), got {actual}")
                 t.apply(Event.MISMATCH)
                 self.tasks.save(t)
-                log.warning("upload %s failed: %s", t.task_id, t.error)
+                self._failed(t, "mismatch")
                 return
         rechecked = t.completed is not None and t.job is not None
         t.error = None
@@ -604,6 +623,7 @@ class UploadsComponent(Component):
             t.hasher = None
         if not rechecked:
             t.completed = time.time()
+            self.completed_total.inc()
         # Staged, not committed here: the data is already durable, and a crash before the
         # next flush only means this file is verified again at start-up.
         self.tasks.save(t)
@@ -655,10 +675,11 @@ class UploadsComponent(Component):
             return
         self._importing.add(t.task_id)
         try:
-            mtime_ns = os.lstat(self.backing(t.rel)).st_mtime_ns
+            st = os.lstat(self.backing(t.rel))
             spec = {"task": t.task_id, "path": t.path, "size": t.present,
-                    "sha256": t.computed["sha256"], "mtime_ns": mtime_ns}
-            job = await self.agent.submit_job("import", spec)
+                    "sha256": t.computed["sha256"], "mtime_ns": st.st_mtime_ns}
+            # The import belongs to whoever owns the file: they may cancel or re-prioritise it.
+            job = await self.agent.submit_job("import", spec, owner_uid=st.st_uid)
         except Exception:
             log.exception("handing %s to the job engine failed; will retry", t.path)
             return

@@ -190,6 +190,17 @@ class UploadDir(_Entry):
             self._cache[name] = node
         return node
 
+    async def getattr(self, ctx) -> EntryAttributes:
+        attrs = await super().getattr(ctx)
+        if self.parent is None:
+            # uploads/ is the machine's shared drop box, like /tmp: everyone may create,
+            # and with default_permissions the kernel's sticky-bit rule keeps users from
+            # removing or renaming (or renaming over) each other's entries (EPERM).
+            # Shown here only: the backing directory keeps its own mode, so nobody writes
+            # into the store behind the agent's back.
+            attrs.st_mode = stat.S_IFDIR | 0o1777
+        return attrs
+
     def forget_child(self, name: bytes, node: _Entry) -> None:
         if self._cache.get(name) is node:
             del self._cache[name]
