@@ -88,3 +88,32 @@ def test_no_per_request_noise_at_info(agent_factory):
     agent.signal(signal.SIGTERM)
     assert agent.proc.wait(10) == 0
     assert len(agent.log().splitlines()) == len(before.splitlines()) + 2  # stop, stopped
+
+
+def test_an_upload_and_its_import_log_one_line_per_event_not_per_write(agent_factory):
+    import hashlib
+    from conftest import wait_for
+    agent = _agent_with_stderr_as_journal(agent_factory)
+    before = agent.log().splitlines()
+    data = os.urandom(8 << 20)
+    path = agent.uploads / "big.bin"
+    with open(path, "wb") as f:
+        os.setxattr(path, "user.fsagent.sha256", hashlib.sha256(data).hexdigest().encode())
+        for i in range(0, len(data), 64 << 10):
+            f.write(data[i:i + (64 << 10)])
+            f.flush()  # 128 separate write(2) calls, each one FUSE write at least
+    job = wait_for(lambda: os.getxattr(path, "user.fsagent.job").decode(), what="the import")
+    wait_for(lambda: (agent.jobs / job / "status").read_text() == "success\n",
+             what="the import to succeed")
+    new = agent.log().splitlines()[len(before):]
+    expected = [
+        rf"<6>fsagent\.uploads\._component: upload complete: big\.bin \({len(data)} bytes, "
+        r"sha256 [0-9a-f]{64}\)",
+        rf"<6>fsagent\.jobs\._engine: job {job} \(import\): submitted -> pending, priority 0, "
+        rf"owner uid {os.getuid()}",
+        rf"<6>fsagent\.jobs\._engine: job {job} \(import\): pending -> running",
+        rf"<6>fsagent\.jobs\._engine: job {job} \(import\): running -> success",
+    ]
+    assert len(new) == len(expected), new
+    for line, pattern in zip(new, expected):
+        assert re.fullmatch(pattern, line), (line, pattern)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -262,11 +264,15 @@ def test_grafana_dashboard_queries_only_exported_metrics(agent):
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {name for e in exprs for name in re.findall(r"\bfsagent_\w+", e)}
     documented, samples = _exported_names(agent)
-    # (A labelled counter with no series yet, like the FUSE errors, has no samples.)
-    assert used and used <= samples | documented, used - samples - documented
+    # (A labelled counter or histogram with no series yet, like the FUSE errors or the job
+    # durations before the first run, has no samples: its family name must be exported.)
+    series_of = {n: re.sub(r"_(bucket|count|sum)$", "", n) for n in used}
+    unknown = {n for n in used if n not in samples | documented
+               and series_of[n] not in documented}
+    assert used and not unknown, unknown
     # Every agent-level metric but two supplementary timestamps is on the dashboard.
     supplementary = {"fsagent_start_time_seconds", "fsagent_last_checkpoint_timestamp_seconds"}
-    assert documented - supplementary <= {re.sub(r"_bucket$", "", n) for n in used}
+    assert documented - supplementary <= set(series_of.values())
 
 
 def test_database_flushes_feed_the_latency_histogram(tmp_path):
@@ -309,3 +315,109 @@ def test_rpc_metrics_move_with_real_calls(agent, cli):
     assert sample(after, "fsagent_rpc_errors", "fsagent_rpc_errors_total",
                   error="NoSuchMethod") == 1
     assert sample(after, "fsagent_rpc_clients") == 0
+
+
+# -- metrics (and their log lines) that move with real uploads, jobs and monitors --------------
+
+
+def _upload_with_declared_hash(path, data: bytes, declared: bytes) -> None:
+    import hashlib
+    with open(path, "wb") as f:  # declared while a writer holds it: checked at close
+        os.setxattr(path, "user.fsagent.sha256", hashlib.sha256(declared).hexdigest().encode())
+        f.write(data)
+
+
+def test_verification_failures_and_completions_are_counted(agent):
+    from conftest import wait_for
+    up = agent.uploads
+    failures = "fsagent_upload_verification_failures"
+
+    def counts():
+        m = read_metrics(agent)
+        return (sample(m, "fsagent_uploads_completed", "fsagent_uploads_completed_total"),
+                {r: sample(m, failures, failures + "_total", reason=r)
+                 for r in ("mismatch", "size", "unreadable")})
+
+    assert counts() == (0, {"mismatch": 0, "size": 0, "unreadable": 0})  # series exist at 0
+    good, bad = os.urandom(200_000), os.urandom(200_000)
+    _upload_with_declared_hash(up / "ok.bin", good, good)
+    _upload_with_declared_hash(up / "bad.bin", bad, good)
+
+    def settled():
+        states = [os.getxattr(up / n, "user.fsagent.state") for n in ("ok.bin", "bad.bin")]
+        return states == [b"complete", b"failed"]
+
+    wait_for(settled, what="ok.bin complete and bad.bin failed")
+    assert counts() == (1, {"mismatch": 1, "size": 0, "unreadable": 0})
+    log = agent.log()
+    assert "INFO fsagent.uploads._component: upload complete: ok.bin (200000 bytes" in log
+    assert re.search(r"WARNING fsagent\.uploads\._component: upload \S+ failed: bad\.bin: "
+                     r"sha256 mismatch", log), log
+    # A re-send repairs it: one more completion, the failure count stays.
+    _upload_with_declared_hash(up / "bad.bin", good, good)
+    wait_for(lambda: os.getxattr(up / "bad.bin", "user.fsagent.state") == b"complete")
+    assert counts() == (2, {"mismatch": 1, "size": 0, "unreadable": 0})
+
+
+def test_job_metrics_and_log_lines_follow_real_jobs(agent_factory):
+    import json
+    from jobs_util import GATED_IMPORT, import_spec, open_gate, put, submit, wait_status
+    agent = agent_factory(config=GATED_IMPORT).start()
+    jobs, hist = "fsagent_jobs", "fsagent_job_duration_seconds"
+    m = read_metrics(agent)
+    assert m[jobs][0] == "gauge" and len(m[jobs][1]) == 6 * 3  # every state x kind, at 0
+    assert set(m[jobs][1].values()) == {0}
+    ok = submit(agent, "ok", import_spec(agent, "ok.dat"))
+    wait_status(ok, "running")
+    assert sample(read_metrics(agent), jobs, state="running", kind="import") == 1
+    time.sleep(0.3)
+    open_gate(agent, "ok.dat")
+    wait_status(ok, "success")
+    put(agent, "bad.dat.fail", b"")
+    open_gate(agent, "bad.dat")
+    bad = submit(agent, "bad", import_spec(agent, "bad.dat"))
+    wait_status(bad, "failure")
+    m = read_metrics(agent)
+    assert sample(m, jobs, state="running", kind="import") == 0
+    assert sample(m, jobs, state="success", kind="import") == 1
+    assert sample(m, jobs, state="failure", kind="import") == 1
+    assert m[hist][0] == "histogram"
+    assert sample(m, hist, hist + "_count", kind="import", state="success") == 1
+    assert sample(m, hist, hist + "_count", kind="import", state="failure") == 1
+    ran = sample(m, hist, hist + "_sum", kind="import", state="success")
+    assert 0.3 <= ran < 10
+    assert abs(ran - json.loads((ok / "info.json").read_text())["EffectiveRuntime"]) < 0.01
+    assert sample(m, hist, hist + "_bucket", kind="import", state="success", le="0.1") == 0
+    log = agent.log()
+    for line in ("job ok (import): submitted -> pending, priority 0",
+                 "job ok (import): pending -> running", "job ok (import): running -> success",
+                 "job bad (import): running -> failure: error 4: "):
+        assert f"INFO fsagent.jobs._engine: {line}" in log, line
+
+
+async def test_monitor_metrics_and_log_lines(agent_factory, tmp_path):
+    from rpcutil import create, export_agent, open_client, synced
+    agent, data = export_agent(agent_factory, tmp_path)
+    delivered = ("fsagent_monitor_events_delivered", "fsagent_monitor_events_delivered_total")
+    async with open_client(agent.socket) as c:
+        mid = await create(c, data)
+        m = read_metrics(agent)
+        assert sample(m, "fsagent_monitors", state="Started") == 1
+        assert sample(m, *delivered) == 0
+        for i in range(5):
+            (data / f"f{i}").write_bytes(b"x")
+        got = await synced(c, mid)
+        assert len(got) >= 5
+        assert sample(read_metrics(agent), *delivered) == len(got)
+        await c.call("MonitorServer.stopMonitor", mid)
+        assert sample(read_metrics(agent), "fsagent_monitors", state="Stopped") == 1
+        await c.call("MonitorServer.destroyMonitor", mid)
+    m = read_metrics(agent)
+    assert sample(m, "fsagent_monitors", state="Started") == 0
+    assert sample(m, "fsagent_monitors", state="Stopped") == 0
+    assert sample(m, "fsagent_monitor_overflows", "fsagent_monitor_overflows_total") == 0
+    log = agent.log()
+    assert f"INFO fsagent.monitor._server: monitor {mid}: Persistent Flat on {data} for unix(" \
+        in log
+    assert (f"INFO fsagent.monitor._server: monitor {mid} on {data} destroyed "
+            f"({len(got)} events delivered)") in log

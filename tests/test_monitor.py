@@ -315,6 +315,15 @@ async def test_overflow_is_reported_and_rescanned_without_losses(served):
     assert ("Delete", f"{data}/gone") in got
     assert ("Modify", f"{data}/changed") in got
     assert not [e for e in got if e[1] == f"{data}/keep"]  # no spurious difference
+    # The operator sees it too: counted in the metrics, one WARNING line per overflow.
+    from prometheus_client.parser import text_string_to_metric_families
+    values = {s.name: s.value for f in text_string_to_metric_families(
+        (agent.mount / "metrics").read_text()) for s in f.samples}
+    overflows = values["fsagent_monitor_overflows_total"]
+    assert overflows >= 1
+    assert values["fsagent_monitor_events_delivered_total"] == len(got)
+    warned = f"WARNING fsagent.monitor._monitor: monitor {mid} on {data}: inotify queue overflowed"
+    assert agent.log().count(warned) == overflows
 
 
 WATCH_LIMIT_SCRIPT = r"""

@@ -162,8 +162,8 @@ def test_rpc_group_decides_who_may_connect(shared_dir, agent_factory, other_user
                                            test_group):
     name, gid = test_group
     sock = shared_dir / "rpc.sock"
-    agent = _multiuser_agent(agent_factory, shared_dir,
-                             f'rpc_group = "{name}"\nsocket = "{sock}"\n')
+    agent = _multiuser_agent(agent_factory, shared_dir, "max_concurrent_jobs = 1\n" +
+                             GATED_IMPORT + f'rpc_group = "{name}"\nsocket = "{sock}"\n')
     st = os.stat(sock)
     assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == gid
     status = [sys.executable, "-m", "fsagent", "status", "--socket", str(sock)]
@@ -174,6 +174,24 @@ def test_rpc_group_decides_who_may_connect(shared_dir, agent_factory, other_user
     inside = other_user.run_in_groups([gid], *status)
     assert inside.returncode == 0, inside.stderr
     assert str(agent.mount) in inside.stdout
+    # Over RPC too, a job belongs to whoever submitted it (SO_PEERCRED) and only its
+    # owner and root may steer it: the group lets users in, not at each other's jobs.
+    os.mkdir(agent.jobs / "roots")
+    (agent.jobs / "roots" / "spec").write_text(json.dumps(import_spec(agent, "r.dat")))
+    jobs = [sys.executable, "-m", "fsagent", "jobs"]
+    refused = other_user.run_in_groups([gid], *jobs, "cancel", "roots", "--socket", str(sock))
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("fsagent: PermissionDenied: job 'roots' belongs to "
+                                      "uid 0; only its owner and root may cancel it")
+    assert (agent.jobs / "roots" / "status").read_text() == "running\n"
+    fields = {k: v for k, v in import_spec(agent, "mine.dat").items() if k != "type"}
+    own = other_user.run_in_groups([gid], *jobs, "submit", "import", "--id", "mine",
+                                   "--spec", json.dumps(fields), "--socket", str(sock))
+    assert own.returncode == 0, own.stderr
+    assert os.stat(agent.jobs / "mine").st_uid == other_user.uid
+    paused = other_user.run_in_groups([gid], *jobs, "pause", "mine", "--socket", str(sock))
+    assert paused.returncode == 0 and paused.stdout.strip() == "paused", paused.stderr
+    open_gate(agent, "r.dat")
 
 
 def test_a_bad_rpc_group_is_a_one_line_config_error(shared_dir, agent_factory, test_group):

@@ -251,3 +251,46 @@ def test_status_line_gathers_every_components_counts(tmp_path):
                                    "jobs running 1, jobs queued 4, starting")
     agent.components.append(Broken(agent))
     assert _status_line(agent) == f"serving {tmp_path / 'm'}"  # logged, not raised
+
+
+async def test_status_line_follows_uploads_jobs_and_monitors(agent_factory, manager, tmp_path):
+    from jobs_util import GATED_IMPORT, import_spec, open_gate, submit
+    from rpcutil import create, open_client
+    from fsagent.liveness import STATUS_INTERVAL
+    data = tmp_path / "data"
+    data.mkdir()
+    agent = agent_factory(config=GATED_IMPORT, args=["--export-root", str(data)],
+                          env=_env(manager)).start()
+    _, ready = manager.wait_for("READY")
+    assert ready["STATUS"] == (f"serving {agent.mount}: uploads receiving 0, monitors 0, "
+                               "jobs running 0, jobs pending 0, 0 open files")
+    lags = []
+
+    def shows(*parts: str) -> None:
+        """The next STATUS= after now carries ``parts``; note how long it took."""
+        changed = time.monotonic()
+        deadline = changed + 10
+        while time.monotonic() < deadline:
+            for t, m in manager.with_key("STATUS"):
+                if t >= changed and all(p in m["STATUS"] for p in parts):
+                    lags.append(t - changed)
+                    return
+            time.sleep(0.02)
+        raise AssertionError(f"no STATUS with {parts}: {manager.messages[-3:]}")
+
+    writer = open(agent.uploads / "a.bin", "wb")
+    writer.write(b"x" * 1000)
+    writer.flush()
+    shows("uploads receiving 1", "1 open files")
+    job = submit(agent, "j", import_spec(agent, "j.dat"))
+    shows("jobs running 1")
+    async with open_client(agent.socket) as c:
+        await create(c, data)
+        shows("monitors 1")
+    writer.close()
+    shows("uploads receiving 0")
+    open_gate(agent, "j.dat")
+    shows("jobs running 0")
+    assert (job / "status").read_text() == "success\n"
+    # Re-sent only on change, within one STATUS_INTERVAL (plus a busy machine's slack).
+    assert max(lags) < STATUS_INTERVAL + 1.5, lags

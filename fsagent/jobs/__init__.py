@@ -17,6 +17,7 @@ persistence, history), ``_kinds`` (the kind contract and path confinement),
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import trio
@@ -24,7 +25,7 @@ import trio
 from ..agent import Component
 from ..fs import DynamicFile, Node
 from . import _archive, _import, _verify  # noqa: F401  (each registers its kind)
-from ..rpc import RpcError
+from ..rpc import RpcError, current_peer
 from ._engine import BadSpec, Engine, JobExists, NoSuchJob, ShuttingDown, valid_job_name
 from ._kinds import KINDS
 from ._nodes import JobsDirectory, render_jobs_json
@@ -75,8 +76,21 @@ class JobsComponent(Component):
         await self.engine.checkpoint()
 
     def rpc_methods(self):
-        """``Jobs.*``: each is one engine verb; refusals travel as ``[name, message]``."""
+        """``Jobs.*``: each is one engine verb; refusals travel as ``[name, message]``.
+
+        The caller's uid (SO_PEERCRED on the Unix socket) owns the jobs it submits, and
+        only a job's owner and root may steer it, as with the files. A TCP client proved
+        it holds ``rpc_token``, the administrator's credential, and may steer any job.
+        """
         e = self.engine
+
+        def check_owner(job_id: str, verb: str) -> None:
+            uid = current_peer().uid
+            owner = e.get(job_id).owner_uid
+            owner = os.getuid() if owner is None else owner
+            if uid is not None and uid not in (0, owner):
+                raise RpcError("PermissionDenied", f"job {job_id!r} belongs to uid {owner}; "
+                               f"only its owner and root may {verb} it")
 
         async def show(job_id: str) -> dict:
             return e.get(job_id).info()
@@ -88,10 +102,12 @@ class JobsComponent(Component):
                          job_id: str | None = None) -> str:
             if job_id is not None and not valid_job_name(job_id):
                 raise BadSpec(f"{job_id!r} is not a job name (letters, digits, . _ -)")
-            return await e.submit(kind, spec, priority=priority, job_id=job_id)
+            return await e.submit(kind, spec, priority=priority, job_id=job_id,
+                                  owner_uid=current_peer().uid)
 
         def verb(name: str):
             async def control(job_id: str) -> str:
+                check_owner(job_id, name)
                 return (await e.control(job_id, name)).value
             return control
 
@@ -99,6 +115,7 @@ class JobsComponent(Component):
             return (await e.wait(job_id)).value
 
         async def set_priority(job_id: str, priority: int) -> None:
+            check_owner(job_id, "reprioritise")
             await e.set_priority(job_id, priority)
 
         methods = {

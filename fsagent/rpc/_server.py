@@ -116,9 +116,11 @@ class _Outbox:
 class Peer:
     """One client connection, as the methods see it."""
 
-    def __init__(self, label: str, outbox: _Outbox, conn: Connection):
+    def __init__(self, label: str, outbox: _Outbox, conn: Connection,
+                 uid: int | None = None):
         self.id = next(_peer_ids)
         self.label = label
+        self.uid = uid  # the client's uid on the Unix socket (SO_PEERCRED); None on TCP
         self._outbox = outbox
         self._conn = conn
         self.closed = trio.Event()
@@ -199,17 +201,18 @@ class RpcServer:
                               require_auth: bool,
                               task_status=trio.TASK_STATUS_IGNORED) -> None:
         async def handler(stream: trio.abc.Stream) -> None:
-            await self.serve_stream(stream, _label(stream), require_auth=require_auth)
+            await self.serve_stream(stream, _label(stream), require_auth=require_auth,
+                                    uid=_unix_peer_uid(stream))
 
         await trio.serve_listeners(handler, listeners, task_status=task_status)
 
     # -- one connection -------------------------------------------------------------------
 
     async def serve_stream(self, stream: trio.abc.Stream, label: str, *,
-                           require_auth: bool = False) -> None:
+                           require_auth: bool = False, uid: int | None = None) -> None:
         conn = Connection(max_message_size=self.max_message_size)
         outbox = _Outbox(self.outbox_bytes)
-        peer = Peer(label, outbox, conn)
+        peer = Peer(label, outbox, conn, uid)
         self.peers.add(peer)
         self.connections_total += 1
         _current_peer.set(peer)
@@ -344,6 +347,17 @@ def _as_bytes(value: str | bytes | None) -> bytes:
     if value is None:
         return b""
     return value.encode() if isinstance(value, str) else value
+
+
+def _unix_peer_uid(stream: trio.abc.Stream) -> int | None:
+    sock = getattr(stream, "socket", None)
+    if sock is None or sock.family != _stdlib_socket.AF_UNIX:
+        return None
+    try:
+        creds = sock.getsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_PEERCRED, 12)
+    except OSError:
+        return None
+    return int.from_bytes(creds[4:8], "little")
 
 
 def _label(stream: trio.abc.Stream) -> str:
