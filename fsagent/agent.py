@@ -84,7 +84,8 @@ class Component:
     def counts(self) -> dict[str, int]:
         """Live counts for systemd's one-line STATUS=, e.g. ``{"uploads receiving": 2}``.
 
-        Called on the event loop every few seconds: keep it cheap (no I/O).
+        Called on the event loop every second (STATUS= is re-sent when the line
+        changes): keep it cheap (no I/O).
         """
         return {}
 
