@@ -166,7 +166,7 @@ class UploadsComponent(Component):
                 size = os.lstat(self.backing(rel)).st_size
             except OSError:
                 size = 0
-            t = Task(rel=rel, present=size, tracked=not is_temporary_path(rel))
+            t = Task(rel=rel, present=size, tracked=_trackable(rel))
             self.tasks.add(t)
         return t
 
@@ -307,7 +307,7 @@ class UploadsComponent(Component):
             await self._end(replaced)
         if t is None:
             return
-        was_tracked, now_tracked = t.tracked, not is_temporary_path(new_rel)
+        was_tracked, now_tracked = t.tracked, _trackable(new_rel)
         self.tasks.move(t, new_rel)
         if was_tracked and not now_tracked:
             job = t.job
@@ -723,7 +723,10 @@ class UploadsComponent(Component):
                 self._declared_sizes.add(t)
             self.tasks.add(t)
         for rel, size in files.items():
-            if is_temporary_path(rel):
+            if not _trackable(rel):
+                if not is_temporary_path(rel):
+                    log.warning("ignoring %r in the store: its name is not UTF-8, so it "
+                                "cannot be an upload task", rel)
                 continue
             # A file we hold no record of (created just before a crash, before its row was
             # flushed, or put into the store by hand) is adopted at its size as partial: we
@@ -739,6 +742,18 @@ class UploadsComponent(Component):
                 log.warning("unclean stop: cut %s back to its durable offset %d",
                             os.fsdecode(path), size)
         await db.flush()
+
+
+def _trackable(rel: bytes) -> bool:
+    """Whether a file at ``rel`` is an upload task: not an rsync temp file, and a UTF-8
+    path (the mount refuses other names; one put into the store by hand is left alone)."""
+    if is_temporary_path(rel):
+        return False
+    try:
+        rel.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _walk_files(root: bytes) -> dict[bytes, int]:
