@@ -570,3 +570,30 @@ def test_a_file_put_into_the_store_by_hand_with_a_non_utf8_name_is_left_alone(fa
     wait_state(fast.uploads / "next.bin", "complete")
     assert "its name is not UTF-8" in fast.log()
     assert fast.stop() == 0
+
+
+def test_an_import_that_cannot_start_is_visible_and_retried_until_it_can(fast):
+    """The job engine's database refuses writes (the WAL made immutable: a real
+    write failure, as a failing disk gives). The verified upload says why its import
+    has not started, keeps its data and state, and is handed off once writes work."""
+    wal = fast.state / "fsagent.db-wal"
+    (fast.uploads / "warm.bin").write_bytes(b"warm")  # the WAL exists once something is written
+    wait_for(lambda: xattr(fast.uploads / "warm.bin", "job"), what="a first import")
+    subprocess.run(["chattr", "+i", wal], check=True)
+    try:
+        data = b"held back\n" * 100
+        (fast.uploads / "held.bin").write_bytes(data)
+        wait_state(fast.uploads / "held.bin", "complete")
+        error = wait_for(lambda: xattr(fast.uploads / "held.bin", "error"),
+                         what="the hand-off error")
+        assert error.startswith("held.bin: import not started (") and "next try in" in error
+        assert xattr(fast.uploads / "held.bin", "job") == ""
+        assert [u["error"] for u in listing(fast) if u["path"] == "held.bin"] == [error]
+    finally:
+        subprocess.run(["chattr", "-i", wal], check=True)
+    job = wait_for(lambda: xattr(fast.uploads / "held.bin", "job"), 30, "the retried import")
+    assert (fast.jobs / job / "wait").read_text() == "success\n"
+    assert xattr(fast.uploads / "held.bin", "error") == ""
+    assert (fast.uploads / "held.bin").read_bytes() == data
+    assert "handed to the job engine after earlier failures" in fast.log()
+    assert fast.stop() == 0

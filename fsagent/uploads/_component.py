@@ -29,8 +29,11 @@ Design notes
   when the stream covered the whole file, otherwise re-hashes in a worker thread; a
   write during verification supersedes it (the generation changed).
 * **Import hand-off**: ``agent.submit_job("import", spec)``; without a job engine, or
-  when it fails, the task stays complete with no job and is retried every
-  ``IMPORT_RETRY_SECONDS`` and at the next start. Unlinking a task cancels its import
+  when it fails (its database cannot be written, say), the task stays complete with no
+  job and its ``error`` says why; it is retried with a doubling delay from
+  ``IMPORT_RETRY_FIRST_SECONDS`` up to ``IMPORT_RETRY_MAX_SECONDS`` (a refusal that
+  will not go away must not fill the log every few seconds forever) and at the next
+  start. A successful hand-off clears the error. Unlinking a task cancels its import
   if it has not started.
 """
 
@@ -62,7 +65,8 @@ __all__ = ["UploadsComponent"]
 
 log = logging.getLogger(__name__)
 
-IMPORT_RETRY_SECONDS = 30.0
+IMPORT_RETRY_FIRST_SECONDS = 2.0
+IMPORT_RETRY_MAX_SECONDS = 600.0
 CLOSE_BATCH_SECONDS = 0.02     # closes arriving this close together share one sync
 SYNCFS_AT = 8                  # this many files to sync: one syncfs beats many fdatasyncs
 INLINE_WRITE = 64 * 1024       # pwrite smaller pieces on the loop: cheaper than a hop
@@ -109,6 +113,9 @@ class UploadsComponent(Component):
         self._checkpoint_wakeup = trio.Event()
         self._checkpoint_done = trio.Event()
         self._importing: set[str] = set()
+        # task_id -> (trio time of the next attempt, the delay that led to it, the task)
+        self._import_retry: dict[str, tuple[float, float, Task]] = {}
+        self._import_retry_changed = trio.Event()
         self._declared_sizes: set[Task] = set()  # uploads whose declared size reserves space
         self._unsynced: set[Task] = set()        # written since their last checkpoint
         self.counters = {"write_calls": 0, "bytes_written": 0, "rehashed": 0, "checkpoints": 0,
@@ -650,8 +657,7 @@ class UploadsComponent(Component):
         if t.job or t.task_id in self._importing or t.state is not State.COMPLETE:
             return
         if self._jobs() is None:
-            log.warning("upload %s complete, but there is no job engine to import it; "
-                        "will retry", t.path)
+            self._import_failed(t, "there is no job engine")
             return
         self._importing.add(t.task_id)
         try:
@@ -659,17 +665,31 @@ class UploadsComponent(Component):
             spec = {"task": t.task_id, "path": t.path, "size": t.present,
                     "sha256": t.computed["sha256"], "mtime_ns": mtime_ns}
             job = await self.agent.submit_job("import", spec)
-        except Exception:
-            log.exception("handing %s to the job engine failed; will retry", t.path)
+        except Exception as e:
+            if t.task_id not in self._import_retry:
+                log.exception("handing %s to the job engine failed", t.path)
+            self._import_failed(t, f"{type(e).__name__}: {e}")
             return
         finally:
             self._importing.discard(t.task_id)
         if t.ended:
             await self._cancel_import(str(job))
             return
-        t.job = str(job)
+        if self._import_retry.pop(t.task_id, None) is not None:
+            log.info("upload %s handed to the job engine after earlier failures", t.path)
+        t.job, t.error = str(job), None
         self.tasks.save(t)
         await self._flush()
+
+    def _import_failed(self, t: Task, reason: str) -> None:
+        """Record why the import did not start and when it is tried again."""
+        _, delay, _ = self._import_retry.get(t.task_id, (0.0, 0.0, t))
+        delay = min(IMPORT_RETRY_MAX_SECONDS, delay * 2 or IMPORT_RETRY_FIRST_SECONDS)
+        self._import_retry[t.task_id] = (trio.current_time() + delay, delay, t)
+        self._import_retry_changed.set()
+        t.error = f"{t.path}: import not started ({reason}); next try in {delay:g} s"
+        log.warning("upload %s", t.error)
+        self.tasks.save(t)
 
     async def _cancel_import(self, job: str) -> None:
         jobs = self._jobs()
@@ -681,11 +701,23 @@ class UploadsComponent(Component):
             log.exception("cancelling import job %s failed", job)
 
     async def _import_retrier(self) -> None:
+        # At start-up: every complete upload the last run did not hand off.
+        for t in self.tasks.tracked():
+            if t.state is State.COMPLETE and not t.job:
+                await self._hand_off(t)
         while True:
-            for t in self.tasks.tracked():
-                if t.state is State.COMPLETE and not t.job:
-                    await self._hand_off(t)
-            await trio.sleep(IMPORT_RETRY_SECONDS)
+            self._import_retry_changed = trio.Event()
+            due = min((at for at, _, _ in self._import_retry.values()), default=None)
+            with trio.move_on_at(due if due is not None else float("inf")):
+                await self._import_retry_changed.wait()
+            now = trio.current_time()
+            for task_id, (at, _, t) in list(self._import_retry.items()):
+                if at > now:
+                    continue
+                if t.ended or t.job or t.state is not State.COMPLETE:
+                    del self._import_retry[task_id]  # gone, re-written, or handed off
+                    continue
+                await self._hand_off(t)
 
     # -- uploads.json ---------------------------------------------------------------------------------
 
