@@ -11,6 +11,12 @@ Design notes
   (opendir is never cached): ENOTCONN/ECONNABORTED means stale, and a lazy unmount
   (``fusermount3 -uz``, as systemd's ExecStartPre also does) clears it. A live mount
   of anything else is never touched: that is an error for the operator.
+* **Hung connections.** A lazy unmount only detaches the name: processes already
+  blocked in a request on a connection whose server will never answer (a server
+  stuck in uninterruptible sleep, or a /dev/fuse descriptor leaked to a child) stay
+  blocked. ``abort_connection`` writes to the connection's ``abort`` file in fusectl
+  (``/sys/fs/fuse/connections/<minor>/``, found from mountinfo, never by touching the
+  mount), which fails every pending and future request with ENOTCONN.
 * Every problem is a ``MountPointError`` naming the setting, so the CLI can print
   one line and exit 2 before mounting.
 """
@@ -28,7 +34,7 @@ from pathlib import Path
 from .config import ConfigError
 
 __all__ = ["MountPointError", "lock_state_dir", "prepare_mount_point", "is_mount_point",
-           "lazy_unmount"]
+           "lazy_unmount", "abort_connection"]
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +87,7 @@ def mount_entry(path: Path) -> dict | None:
             fields = left.split()
             if len(fields) >= 5 and _unescape_mountinfo(fields[4]) == str(path):
                 fstype, source = (right.split() + ["", ""])[:2]
-                found = {"fstype": fstype, "source": source}
+                found = {"fstype": fstype, "source": source, "device": fields[2]}
     return found
 
 
@@ -103,6 +109,32 @@ def lazy_unmount(path: Path) -> None:
             return
         errors.append(f"{argv[0]}: {result.stderr.strip() or 'exit ' + str(result.returncode)}")
     raise MountPointError("mount", f"cannot clear stale mount at {path}: {'; '.join(errors)}")
+
+
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def abort_connection(path: Path) -> bool:
+    """Abort the FUSE connection mounted at ``path``; True if there was one to abort.
+
+    Needs root (fusectl is root-only) and mounts fusectl if nothing has. Never stats
+    ``path`` itself: on a hung connection that would block the caller too.
+    """
+    entry = mount_entry(path)
+    if entry is None or not entry["fstype"].startswith("fuse"):
+        return False
+    minor = entry["device"].partition(":")[2]
+    if not (FUSECTL / minor).exists() and os.geteuid() == 0:
+        # Usually systemd mounts fusectl at boot; containers often do not.
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(FUSECTL)],
+                       capture_output=True)
+    try:
+        with open(FUSECTL / minor / "abort", "w") as f:
+            f.write("1")
+    except OSError as e:
+        log.warning("cannot abort the FUSE connection of %s: %s", path, e.strerror)
+        return False
+    return True
 
 
 def prepare_mount_point(mount: Path) -> None:

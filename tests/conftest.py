@@ -4,7 +4,10 @@
 point and state dir, waits until the mount is served *by that process* (the
 ``status`` file carries its pid: after a kill -9 the kernel may still answer stat
 from its caches, so a mere ``stat`` proves nothing), and always tears it down:
-SIGTERM, then SIGKILL, then a lazy unmount, even when the test failed.
+SIGTERM, then SIGKILL, then a lazy unmount, even when the test failed. An agent that
+does not die (a thread blocked on a request nobody will answer) gets its FUSE
+connection aborted, so no process, pytest's own temp clean-up included, can hang on a
+dead mount in a later run.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from fsagent.mountpoint import is_mount_point, lazy_unmount
+from fsagent.mountpoint import abort_connection, is_mount_point, lazy_unmount
 
 FSAGENT = [sys.executable, "-m", "fsagent"]
 
@@ -104,7 +107,13 @@ class AgentProcess:
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            # Stuck in uninterruptible sleep on a FUSE request (possibly on its own
+            # mount): aborting the connection fails that request and lets it die.
+            abort_connection(self.mount)
+            self.proc.wait(10)
 
     def cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -113,6 +122,7 @@ class AgentProcess:
             except subprocess.TimeoutExpired:
                 self.kill9()
         if is_mount_point(self.mount):
+            abort_connection(self.mount)
             lazy_unmount(self.mount)
 
 

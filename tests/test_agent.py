@@ -13,7 +13,7 @@ import time
 import pytest
 
 from fsagent import __version__
-from fsagent.mountpoint import is_mount_point
+from fsagent.mountpoint import abort_connection, is_mount_point
 
 
 def test_mounts_the_tree(agent):
@@ -130,3 +130,28 @@ def test_second_agent_on_a_live_mount_is_refused(agent, agent_factory, tmp_path)
     assert result.returncode == 2
     assert "mount: " in result.stderr and "already mounted" in result.stderr
     assert agent.status()["pid"] == agent.proc.pid
+
+
+def test_aborting_a_hung_connection_releases_blocked_readers(agent):
+    """A reader blocked on a server that will never answer (here: SIGSTOPped) is
+    released with ENOTCONN by abort_connection, which never touches the mount itself;
+    this is what test clean-up and .ci/run rely on after a wedged agent."""
+    agent.signal(signal.SIGSTOP)
+    try:
+        reader = subprocess.Popen(["cat", str(agent.mount / "status")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            reader.wait(1.0)  # blocked on the stopped server
+        assert abort_connection(agent.mount)
+        assert reader.wait(10) != 0
+        err = reader.stderr.read()
+        assert "connection abort" in err or "not connected" in err, err
+    finally:
+        agent.signal(signal.SIGCONT)
+    with pytest.raises(OSError) as e:
+        os.listdir(agent.mount)
+    assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    assert not abort_connection(agent.mount / "uploads")  # not a mount point: nothing done
+    agent.proc.wait(10)  # the agent sees its session end and shuts down by itself
+    assert "FUSE session ended" in agent.log()

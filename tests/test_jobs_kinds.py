@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import pytest
 
 from jobs_util import (
     control, import_spec, info, put, read, status, submit, uploads_dir, wait_status,
-    wait_until,
+    wait_until, write,
 )
 
 
@@ -123,19 +125,44 @@ def test_archive_fails_cleanly_when_its_input_escapes_after_submit(agent_factory
     assert info(job)["ErrorCode"] == 2 and os.listdir(job / "outputs") == []
 
 
-def test_a_kind_that_raises_ends_in_failure(agent):
-    # A file name that is not UTF-8 cannot be a ZIP member name: zipfile raises.
+def test_a_kind_that_raises_ends_in_failure(agent_factory, tmp_path):
+    """The store fills up while an archive is written: zipfile raises OSError(ENOSPC),
+    which no kind expects. The job ends in failure with the exception as its
+    ErrorDescription, its partial output is gone, and the agent carries on."""
+    state = tmp_path / "small-state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", state], check=True)
+    try:
+        agent = agent_factory(state=state).start()
+        with open(uploads_dir(agent) / "sparse.raw", "wb") as f:
+            f.truncate(64 << 20)  # takes no room on tmpfs; its archive would take 64 MiB
+        job = submit(agent, "raise", {"type": "archive", "paths": ["sparse.raw"]})
+        assert read(job / "wait") == "failure\n"
+        record = info(job)
+        assert record["ErrorCode"] == 1, record
+        assert "No space left on device" in record["ErrorDescription"]
+        assert read(job / "error").startswith("1 OSError")
+        assert os.listdir(job / "outputs") == []
+        assert agent.status()["pid"] == agent.proc.pid  # the agent is fine
+        assert "Traceback" in agent.log()
+        assert shutil.disk_usage(state).used < 8 << 20  # the partial archive was removed
+        agent.stop()
+    finally:
+        subprocess.run(["umount", "-l", state], check=False)
+
+
+def test_archive_refuses_a_name_that_is_not_utf8(agent):
+    # Only a file put into the store by hand can have one: the mount refuses such names.
     d = uploads_dir(agent) / "odd"
     d.mkdir()
     with open(os.path.join(os.fsencode(d), b"\xff\xfe.bin"), "wb") as f:
         f.write(b"x")
-    job = submit(agent, "raise", {"type": "archive", "paths": ["odd"]})
-    assert read(job / "wait") == "failure\n"
-    record = info(job)
-    assert record["ErrorCode"] == 1 and "UnicodeEncodeError" in record["ErrorDescription"]
-    assert read(job / "error").startswith("1 UnicodeEncodeError")
-    assert agent.status()["pid"] == agent.proc.pid  # the agent is fine
-    assert "Traceback" in agent.log()
+    os.mkdir(agent.jobs / "odd-zip")
+    with pytest.raises(OSError) as e:
+        write(agent.jobs / "odd-zip" / "spec", '{"type": "archive", "paths": ["odd"]}')
+    assert e.value.errno == errno.EINVAL
+    assert "not UTF-8" in read(agent.jobs / "odd-zip" / "message")
+    assert agent.status()["pid"] == agent.proc.pid
 
 
 # -- import -----------------------------------------------------------------------------------

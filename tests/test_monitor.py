@@ -388,3 +388,20 @@ async def test_file_still_open_when_its_new_directory_is_listed_is_created_at_cl
         f.write(b" rest")
         f.close()
         assert await synced(c, mid) == [("Create", f"{data}/run/big.tif")]
+
+
+async def test_a_name_that_is_not_utf8_arrives_as_bin_and_the_monitor_goes_on(served):
+    """An instrument folder may hold a file whose name is not UTF-8. Its event carries
+    the raw bytes (msgpack bin), FileServer takes them back as a path, and the monitor
+    keeps delivering (such a name used to kill it)."""
+    agent, data = served
+    odd = os.fsencode(data) + b"/\xff\xfe.tif"
+    async with open_client(agent.socket) as c:
+        mid = await create(c, data)
+        write(odd, b"12345")
+        assert await synced(c, mid) == [("Create", odd)]
+        assert await c.call("FileServer.getSize", odd) == 5
+        assert b"\xff\xfe.tif" in await c.call("FileServer.getDirectory", str(data), "")
+        write(data / "next.tif")
+        assert await synced(c, mid) == [("Create", f"{data}/next.tif")]
+        assert await c.call("MonitorServer.getMonitorState", mid) == "Started"

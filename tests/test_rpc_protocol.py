@@ -80,6 +80,22 @@ def test_notifications_serialise_as_spec():
         2, "fsEventHappened", ["id", []]]
 
 
+def test_names_that_are_not_utf8_go_out_as_bin_and_the_rest_is_untouched():
+    odd = "/data/\udcff\udcfe.tif"  # os.fsdecode(b"/data/\xff\xfe.tif")
+    conn = Connection()
+    batch = [{"fileId": odd, "type": "Create"}, {"fileId": "/data/ok.tif", "type": "Create"}]
+    assert msgpack.unpackb(conn.send_notification("fsEventHappened", ["m", batch])) == [
+        2, "fsEventHappened", ["m", [{"fileId": b"/data/\xff\xfe.tif", "type": "Create"},
+                                     {"fileId": "/data/ok.tif", "type": "Create"}]]]
+    server = Connection()
+    server.receive_data(pack([0, 3, "FileServer.getDirectory", ["/data", ""]]))
+    assert events(server) == [Request(3, "FileServer.getDirectory", ["/data", ""])]
+    reply = msgpack.unpackb(server.send_response(3, None, [odd, ("x", {odd: 1})]))
+    assert reply == [1, 3, None, [b"/data/\xff\xfe.tif", ["x", {b"/data/\xff\xfe.tif": 1}]]]
+    # the packer is clean afterwards: the next message is not polluted by the failed try
+    assert msgpack.unpackb(conn.send_notification("n", [1])) == [2, "n", [1]]
+
+
 @pytest.mark.parametrize("garbage, reason", [
     (pack({"not": "an array"}), "non-empty array"),
     (pack([]), "non-empty array"),

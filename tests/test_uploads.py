@@ -527,3 +527,73 @@ def test_completed_upload_is_handed_to_the_job_engine(fast):
     fast.start()
     assert state(fast.uploads / "i.bin") == "complete"
     assert xattr(fast.uploads / "i.bin", "job") == job
+
+
+def test_names_that_are_not_utf8_are_refused_and_change_nothing(fast):
+    """Task paths travel as text (SQLite, JSON, RPC, ZIP), so a name that is not UTF-8 is
+    refused with EILSEQ by create, mkdir, symlink and rename; nothing is created, and
+    the agent carries on (such a name once crashed its bookkeeping)."""
+    up = os.fsencode(fast.uploads)
+    bad = up + b"/\xff\xfe.bin"
+    for attempt in (lambda: os.open(bad, os.O_WRONLY | os.O_CREAT, 0o644),
+                    lambda: os.mkdir(bad),
+                    lambda: os.symlink(b"target", bad)):
+        with pytest.raises(OSError) as e:
+            attempt()
+        assert e.value.errno == errno.EILSEQ
+    (fast.uploads / "ok.bin").write_bytes(b"fine")
+    with pytest.raises(OSError) as e:
+        os.rename(up + b"/ok.bin", bad)
+    assert e.value.errno == errno.EILSEQ
+    result = run("cp", "/etc/hostname", os.fsdecode(bad))
+    assert result.returncode != 0 and "Invalid or incomplete multibyte" in result.stderr
+    assert os.listdir(up) == [b"ok.bin"]
+    wait_state(fast.uploads / "ok.bin", "complete")
+    assert fast.status()["pid"] == fast.proc.pid
+    fast.stop()
+    assert os.listdir(os.fsencode(fast.state / "data" / "uploads")) == [b"ok.bin"]
+
+
+def test_a_file_put_into_the_store_by_hand_with_a_non_utf8_name_is_left_alone(fast):
+    """Not an upload task (it could not be one through the mount), logged, listed, and
+    readable; the other uploads carry on."""
+    fast.stop()
+    store = os.fsencode(fast.state / "data" / "uploads")
+    with open(store + b"/\xe9t\xe9.txt", "wb") as f:
+        f.write(b"latin-1 name")
+    fast.start()
+    assert b"\xe9t\xe9.txt" in os.listdir(os.fsencode(fast.uploads))
+    with open(os.fsencode(fast.uploads) + b"/\xe9t\xe9.txt", "rb") as f:
+        assert f.read() == b"latin-1 name"
+    assert listing(fast) == []
+    (fast.uploads / "next.bin").write_bytes(b"next")
+    wait_state(fast.uploads / "next.bin", "complete")
+    assert "its name is not UTF-8" in fast.log()
+    assert fast.stop() == 0
+
+
+def test_an_import_that_cannot_start_is_visible_and_retried_until_it_can(fast):
+    """The job engine's database refuses writes (the WAL made immutable: a real
+    write failure, as a failing disk gives). The verified upload says why its import
+    has not started, keeps its data and state, and is handed off once writes work."""
+    wal = fast.state / "fsagent.db-wal"
+    (fast.uploads / "warm.bin").write_bytes(b"warm")  # the WAL exists once something is written
+    wait_for(lambda: xattr(fast.uploads / "warm.bin", "job"), what="a first import")
+    subprocess.run(["chattr", "+i", wal], check=True)
+    try:
+        data = b"held back\n" * 100
+        (fast.uploads / "held.bin").write_bytes(data)
+        wait_state(fast.uploads / "held.bin", "complete")
+        error = wait_for(lambda: xattr(fast.uploads / "held.bin", "error"),
+                         what="the hand-off error")
+        assert error.startswith("held.bin: import not started (") and "next try in" in error
+        assert xattr(fast.uploads / "held.bin", "job") == ""
+        assert [u["error"] for u in listing(fast) if u["path"] == "held.bin"] == [error]
+    finally:
+        subprocess.run(["chattr", "-i", wal], check=True)
+    job = wait_for(lambda: xattr(fast.uploads / "held.bin", "job"), 30, "the retried import")
+    assert (fast.jobs / job / "wait").read_text() == "success\n"
+    assert xattr(fast.uploads / "held.bin", "error") == ""
+    assert (fast.uploads / "held.bin").read_bytes() == data
+    assert "handed to the job engine after earlier failures" in fast.log()
+    assert fast.stop() == 0

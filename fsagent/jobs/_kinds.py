@@ -179,6 +179,13 @@ def collect_files(uploads_dir: Path, paths: list[str]) -> list[FileEntry]:
     seen: dict[str, FileEntry] = {}
 
     def add(name: str, path: str) -> str | None:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            # Only a file put into the store by hand can have one (the mount refuses
+            # such names): say which, rather than failing deep inside zipfile or JSON.
+            raise SpecError(f"{name!r}: the name is not UTF-8; rename it in the store "
+                            "to include it") from None
         real = os.path.realpath(path)
         if not _inside(real, root):
             raise SpecError(f"{name!r} resolves outside uploads/ (a symlink?); refused")

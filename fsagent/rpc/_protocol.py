@@ -21,6 +21,11 @@ Design notes
   every later ``next_event`` returns the same error, so the I/O layer closes the
   transport with the logged reason. Our own mistakes (answering a request twice or
   one that was never received) raise ``LocalProtocolError`` instead.
+* **File names that are not UTF-8.** Paths reach us from ``os.fsdecode``, so a name
+  that is not UTF-8 is a ``str`` with lone surrogates, which a msgpack str cannot
+  carry. Such a string goes out as msgpack **bin** holding the name's raw bytes (every
+  method that takes a path accepts bin too), so one odd file name in an instrument
+  folder costs one field's type, not the whole message or the monitor sending it.
 * **Message ids.** A request's msgid must not reuse one still in flight (replies
   would be ambiguous); a response must answer a request we sent and have not yet
   seen answered. Both are checked here, so neither end needs its own bookkeeping.
@@ -244,7 +249,7 @@ class Connection:
                 break
         else:  # pragma: no cover - 2**32 requests in flight
             raise LocalProtocolError("no free msgid")
-        data = self._packer.pack([REQUEST, msgid, method, list(params)])
+        data = self._pack([REQUEST, msgid, method, list(params)])
         self._awaiting_reply.add(msgid)
         return msgid, data
 
@@ -256,9 +261,31 @@ class Connection:
     def send_response(self, msgid: int, error: Any = None, result: Any = None) -> bytes:
         if msgid not in self._unanswered:
             raise LocalProtocolError(f"msgid {msgid} is not an unanswered request")
-        data = self._packer.pack([RESPONSE, msgid, error, result])
+        data = self._pack([RESPONSE, msgid, error, result])
         self._unanswered.discard(msgid)
         return data
 
     def send_notification(self, method: str, params: list | tuple) -> bytes:
-        return self._packer.pack([NOTIFICATION, method, list(params)])
+        return self._pack([NOTIFICATION, method, list(params)])
+
+    def _pack(self, message: list) -> bytes:
+        try:
+            return self._packer.pack(message)
+        except UnicodeEncodeError:
+            # Rare (a name that is not UTF-8): pay for the walk only then.
+            return self._packer.pack(_unencodable_as_bin(message))
+
+
+def _unencodable_as_bin(value: Any) -> Any:
+    """``value`` with every str that UTF-8 cannot encode replaced by its raw bytes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_unencodable_as_bin(v) for v in value]
+    if isinstance(value, dict):
+        return {_unencodable_as_bin(k): _unencodable_as_bin(v) for k, v in value.items()}
+    return value

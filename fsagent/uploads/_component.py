@@ -29,8 +29,11 @@ Design notes
   when the stream covered the whole file, otherwise re-hashes in a worker thread; a
   write during verification supersedes it (the generation changed).
 * **Import hand-off**: ``agent.submit_job("import", spec)``; without a job engine, or
-  when it fails, the task stays complete with no job and is retried every
-  ``IMPORT_RETRY_SECONDS`` and at the next start. Unlinking a task cancels its import
+  when it fails (its database cannot be written, say), the task stays complete with no
+  job and its ``error`` says why; it is retried with a doubling delay from
+  ``IMPORT_RETRY_FIRST_SECONDS`` up to ``IMPORT_RETRY_MAX_SECONDS`` (a refusal that
+  will not go away must not fill the log every few seconds forever) and at the next
+  start. A successful hand-off clears the error. Unlinking a task cancels its import
   if it has not started.
 """
 
@@ -62,7 +65,8 @@ __all__ = ["UploadsComponent"]
 
 log = logging.getLogger(__name__)
 
-IMPORT_RETRY_SECONDS = 30.0
+IMPORT_RETRY_FIRST_SECONDS = 2.0
+IMPORT_RETRY_MAX_SECONDS = 600.0
 CLOSE_BATCH_SECONDS = 0.02     # closes arriving this close together share one sync
 SYNCFS_AT = 8                  # this many files to sync: one syncfs beats many fdatasyncs
 INLINE_WRITE = 64 * 1024       # pwrite smaller pieces on the loop: cheaper than a hop
@@ -109,6 +113,9 @@ class UploadsComponent(Component):
         self._checkpoint_wakeup = trio.Event()
         self._checkpoint_done = trio.Event()
         self._importing: set[str] = set()
+        # task_id -> (trio time of the next attempt, the delay that led to it, the task)
+        self._import_retry: dict[str, tuple[float, float, Task]] = {}
+        self._import_retry_changed = trio.Event()
         self._declared_sizes: set[Task] = set()  # uploads whose declared size reserves space
         self._unsynced: set[Task] = set()        # written since their last checkpoint
         self.counters = {"write_calls": 0, "bytes_written": 0, "rehashed": 0, "checkpoints": 0,
@@ -183,7 +190,7 @@ class UploadsComponent(Component):
                 size = os.lstat(self.backing(rel)).st_size
             except OSError:
                 size = 0
-            t = Task(rel=rel, present=size, tracked=not is_temporary_path(rel))
+            t = Task(rel=rel, present=size, tracked=_trackable(rel))
             self.tasks.add(t)
         return t
 
@@ -324,7 +331,7 @@ class UploadsComponent(Component):
             await self._end(replaced)
         if t is None:
             return
-        was_tracked, now_tracked = t.tracked, not is_temporary_path(new_rel)
+        was_tracked, now_tracked = t.tracked, _trackable(new_rel)
         self.tasks.move(t, new_rel)
         if was_tracked and not now_tracked:
             job = t.job
@@ -670,8 +677,7 @@ class UploadsComponent(Component):
         if t.job or t.task_id in self._importing or t.state is not State.COMPLETE:
             return
         if self._jobs() is None:
-            log.warning("upload %s complete, but there is no job engine to import it; "
-                        "will retry", t.path)
+            self._import_failed(t, "there is no job engine")
             return
         self._importing.add(t.task_id)
         try:
@@ -680,17 +686,31 @@ class UploadsComponent(Component):
                     "sha256": t.computed["sha256"], "mtime_ns": st.st_mtime_ns}
             # The import belongs to whoever owns the file: they may cancel or re-prioritise it.
             job = await self.agent.submit_job("import", spec, owner_uid=st.st_uid)
-        except Exception:
-            log.exception("handing %s to the job engine failed; will retry", t.path)
+        except Exception as e:
+            if t.task_id not in self._import_retry:
+                log.exception("handing %s to the job engine failed", t.path)
+            self._import_failed(t, f"{type(e).__name__}: {e}")
             return
         finally:
             self._importing.discard(t.task_id)
         if t.ended:
             await self._cancel_import(str(job))
             return
-        t.job = str(job)
+        if self._import_retry.pop(t.task_id, None) is not None:
+            log.info("upload %s handed to the job engine after earlier failures", t.path)
+        t.job, t.error = str(job), None
         self.tasks.save(t)
         await self._flush()
+
+    def _import_failed(self, t: Task, reason: str) -> None:
+        """Record why the import did not start and when it is tried again."""
+        _, delay, _ = self._import_retry.get(t.task_id, (0.0, 0.0, t))
+        delay = min(IMPORT_RETRY_MAX_SECONDS, delay * 2 or IMPORT_RETRY_FIRST_SECONDS)
+        self._import_retry[t.task_id] = (trio.current_time() + delay, delay, t)
+        self._import_retry_changed.set()
+        t.error = f"{t.path}: import not started ({reason}); next try in {delay:g} s"
+        log.warning("upload %s", t.error)
+        self.tasks.save(t)
 
     async def _cancel_import(self, job: str) -> None:
         jobs = self._jobs()
@@ -702,11 +722,23 @@ class UploadsComponent(Component):
             log.exception("cancelling import job %s failed", job)
 
     async def _import_retrier(self) -> None:
+        # At start-up: every complete upload the last run did not hand off.
+        for t in self.tasks.tracked():
+            if t.state is State.COMPLETE and not t.job:
+                await self._hand_off(t)
         while True:
-            for t in self.tasks.tracked():
-                if t.state is State.COMPLETE and not t.job:
-                    await self._hand_off(t)
-            await trio.sleep(IMPORT_RETRY_SECONDS)
+            self._import_retry_changed = trio.Event()
+            due = min((at for at, _, _ in self._import_retry.values()), default=None)
+            with trio.move_on_at(due if due is not None else float("inf")):
+                await self._import_retry_changed.wait()
+            now = trio.current_time()
+            for task_id, (at, _, t) in list(self._import_retry.items()):
+                if at > now:
+                    continue
+                if t.ended or t.job or t.state is not State.COMPLETE:
+                    del self._import_retry[task_id]  # gone, re-written, or handed off
+                    continue
+                await self._hand_off(t)
 
     # -- uploads.json ---------------------------------------------------------------------------------
 
@@ -744,7 +776,10 @@ class UploadsComponent(Component):
                 self._declared_sizes.add(t)
             self.tasks.add(t)
         for rel, size in files.items():
-            if is_temporary_path(rel):
+            if not _trackable(rel):
+                if not is_temporary_path(rel):
+                    log.warning("ignoring %r in the store: its name is not UTF-8, so it "
+                                "cannot be an upload task", rel)
                 continue
             # A file we hold no record of (created just before a crash, before its row was
             # flushed, or put into the store by hand) is adopted at its size as partial: we
@@ -760,6 +795,18 @@ class UploadsComponent(Component):
                 log.warning("unclean stop: cut %s back to its durable offset %d",
                             os.fsdecode(path), size)
         await db.flush()
+
+
+def _trackable(rel: bytes) -> bool:
+    """Whether a file at ``rel`` is an upload task: not an rsync temp file, and a UTF-8
+    path (the mount refuses other names; one put into the store by hand is left alone)."""
+    if is_temporary_path(rel):
+        return False
+    try:
+        rel.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _walk_files(root: bytes) -> dict[bytes, int]:

@@ -210,6 +210,19 @@ class UploadDir(_Entry):
             raise FUSEError(errno.EINVAL)
         return self.backing + b"/" + name
 
+    def _new_path(self, name: bytes) -> bytes:
+        """The backing path for a name being created: it must be valid UTF-8.
+
+        Task paths travel as text everywhere (SQLite, JSON, msgpack-RPC, ZIP member
+        names), so a name that is not UTF-8 is refused up front with EILSEQ ("Invalid or
+        incomplete multibyte or wide character") and nothing is created.
+        """
+        try:
+            name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FUSEError(errno.EILSEQ) from None
+        return self._path(name)
+
     def _child_rel(self, name: bytes) -> bytes:
         return self.rel + b"/" + name if self.rel else name
 
@@ -239,7 +252,7 @@ class UploadDir(_Entry):
                 os.chown(path, ctx.uid, ctx.gid, follow_symlinks=False)
 
     async def create(self, name: bytes, mode: int, flags: int, ctx):
-        path = self._path(name)
+        path = self._new_path(name)
         with backing_errors():
             fd = os.open(path, (flags & _OPEN_FLAGS_KEPT) | os.O_CREAT, 0o600)
             try:
@@ -253,7 +266,7 @@ class UploadDir(_Entry):
         return node, handle
 
     async def mkdir(self, name: bytes, mode: int, ctx) -> Node:
-        path = self._path(name)
+        path = self._new_path(name)
         with backing_errors():
             os.mkdir(path, 0o700)
             os.chmod(path, stat.S_IMODE(mode))
@@ -261,7 +274,7 @@ class UploadDir(_Entry):
         return self.child(name, stat.S_IFDIR)
 
     async def symlink(self, name: bytes, target: bytes, ctx) -> Node:
-        path = self._path(name)
+        path = self._new_path(name)
         with backing_errors():
             os.symlink(target, path)
             self._own(path, ctx)
@@ -290,7 +303,7 @@ class UploadDir(_Entry):
             raise FUSEError(errno.EXDEV)
         if flags & ~pyfuse3.RENAME_NOREPLACE:
             raise FUSEError(errno.EINVAL)  # RENAME_EXCHANGE would swap two tasks' paths
-        old, new = self._path(name), new_parent._path(new_name)
+        old, new = self._path(name), new_parent._new_path(new_name)
         with backing_errors():
             is_dir = stat.S_ISDIR(os.lstat(old).st_mode)
             if flags:
