@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -232,6 +233,12 @@ class Agent:
         cfg = self.config
         # Bind before touching any state: a busy port is a config error, nothing mounted.
         listeners = await metrics_http.bind(cfg.metrics_listen) if cfg.metrics_listen else []
+        # A subprocess started from the event loop (an import_command) must not vfork:
+        # vfork suspends this thread until the child execs, and the child first closes
+        # its inherited descriptors; if one is a file on our own mount (a worker thread
+        # reading it), that close waits for a FLUSH only this thread can answer. A plain
+        # fork leaves the loop free to answer. (CPython's documented switch, 3.10+.)
+        subprocess._USE_VFORK = False
         self._prepare()
         pyfuse3.init(self.fs, str(cfg.mount), self._mount_options())
         unmounted = False

@@ -405,3 +405,18 @@ async def test_a_name_that_is_not_utf8_arrives_as_bin_and_the_monitor_goes_on(se
         write(data / "next.tif")
         assert await synced(c, mid) == [("Create", f"{data}/next.tif")]
         assert await c.call("MonitorServer.getMonitorState", mid) == "Started"
+
+
+def test_no_subprocess_is_needed_to_start_monitors_once_loaded():
+    """A fork from the event loop can deadlock on our own mount (see _inotify.py)."""
+    script = (
+        "import subprocess\n"
+        "from fsagent.monitor._inotify import InotifyWatcher, load_library\n"
+        "load_library()\n"
+        "def refuse(*a, **k): raise AssertionError('forked: ' + repr(a[:1]))\n"
+        "subprocess.Popen = refuse\n"
+        "InotifyWatcher()\n"
+        "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=30)
+    assert result.stdout == "ok\n", result.stderr

@@ -14,6 +14,12 @@ Design notes
   writing (a read lease is refused) are marked, so they are reported at their close
   rather than at the listing. ``inotify_add_watch`` on an already watched directory returns its
   existing descriptor, which is what lets a rescan rebuild the watch table in place.
+* **No subprocess while the mount is served.** inotify_simple loads libc on its first
+  ``INotify()`` with ``ctypes.util.find_library``, which runs ``ldconfig -p``. Run from
+  the event loop, that fork deadlocks the agent if any of its threads holds a file on
+  the mount open (the readiness probe does): the vforked child closes its inherited
+  copy, closing means a FUSE FLUSH, and the loop that would answer it waits for the
+  child. ``load_library`` makes that first ``INotify()`` at start-up, before mounting.
 """
 
 from __future__ import annotations
@@ -27,7 +33,12 @@ from inotify_simple import INotify
 
 from ._translate import WATCH_MASK, WalkResult
 
-__all__ = ["InotifyWatcher", "walk"]
+__all__ = ["InotifyWatcher", "walk", "load_library"]
+
+
+def load_library() -> None:
+    """Let inotify_simple find libc now (it forks ``ldconfig`` once); before mounting."""
+    INotify().close()
 
 
 class InotifyWatcher:

@@ -35,6 +35,7 @@ import trio
 from ..agent import Component
 from ..fileserver import Confinement
 from ..rpc import OmeroFSError, Peer, current_peer
+from ._inotify import load_library
 from ._monitor import (MONITOR_TYPES, PATH_MODES, STARTED, STOPPED, WATCH_EVENT_TYPES,
                        Monitor, MonitorCounters, MonitorSpec)
 
@@ -70,6 +71,7 @@ class MonitorServer(Component):
         self.monitors: dict[str, Monitor] = {}
         self._watched_peers: set[int] = set()
         self._nursery: trio.Nursery | None = None
+        load_library()  # components are built before the mount: no fork while it serves
         m = agent.metrics
         self.counters = MonitorCounters(
             delivered=m.counter("fsagent_monitor_events_delivered_total", "File events "
