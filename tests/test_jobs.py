@@ -319,11 +319,33 @@ def test_mkdir_and_rmdir_of_drafts(agent):
     put(agent, "f.txt")
     job = submit(agent, "real", {"type": "archive", "paths": ["f.txt"]})
     wait_status(job, "success")
-    assert errno_of(os.rmdir, job) == errno.ENOTEMPTY
     assert errno_of(write, job / "spec", '{"type":"archive","paths":["f.txt"]}') == errno.EBUSY
     assert json.loads(read(job / "spec")) == {"type": "archive", "priority": 0,
                                               "paths": ["f.txt"], "compression": "store"}
     assert errno_of(os.mkdir, job) == errno.EEXIST
+
+
+def test_rmdir_removes_a_finished_job_with_its_outputs_and_refuses_a_live_one(agent_factory):
+    agent = agent_factory(config=GATED_IMPORT).start()
+    put(agent, "f.txt")
+    done = submit(agent, "done", {"type": "archive", "paths": ["f.txt"]})
+    wait_status(done, "success")
+    assert (agent.state / "jobs" / "done" / "outputs" / "archive.zip").exists()
+    live = submit(agent, "live", import_spec(agent, "live.dat"))
+    wait_status(live, "running")
+    assert errno_of(os.rmdir, live) == errno.EBUSY  # cancel it first
+    os.rmdir(done)
+    assert not done.exists() and "done" not in os.listdir(agent.jobs)
+    assert not (agent.state / "jobs" / "done").exists()
+    assert [j["ID"] for j in json.loads(read(agent.mount / "jobs.json"))
+            if j["ID"] in ("done", "live")] == ["live"]
+    assert errno_of(os.rmdir, done) == errno.ENOENT
+    open_gate(agent, "live.dat")
+    wait_status(live, "success")
+    agent.stop()
+    agent.start()
+    assert "done" not in os.listdir(agent.jobs) and "live" in os.listdir(agent.jobs)
+    os.mkdir(agent.jobs / "done")  # the name is free again
 
 
 BAD_SPECS = [

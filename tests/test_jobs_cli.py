@@ -70,6 +70,18 @@ def test_control_verbs_and_refusals(agent_factory, cli):
     assert r.returncode == 2 and "JobExists" in r.stderr
     assert [j["ID"] for j in json.loads(jobs_cli(cli, agent, "list", "--json").stdout)] \
         == ["g"]
+    # remove: only finished jobs; then it is gone, files and all
+    live = submit(agent, "live", import_spec(agent, "live.dat"))
+    wait_status(live, "running")
+    r = jobs_cli(cli, agent, "remove", "live")
+    assert (r.returncode, r.stderr) == (2, "fsagent: JobNotFinished: job 'live' is running; "
+                                           "only a finished job can be removed (cancel it "
+                                           "first)\n")
+    assert jobs_cli(cli, agent, "remove", "g").returncode == 0
+    assert not (agent.jobs / "g").exists() and not (agent.state / "jobs" / "g").exists()
+    r = jobs_cli(cli, agent, "remove", "g")
+    assert (r.returncode, r.stderr) == (2, "fsagent: NoSuchJob: no job 'g'\n")
+    open_gate(agent, "live.dat")
 
 
 def test_cli_without_an_agent_is_one_line_and_exit_2(cli, tmp_path):

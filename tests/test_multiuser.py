@@ -145,11 +145,14 @@ def test_only_a_jobs_owner_or_root_may_steer_it(shared_dir, agent_factory, other
     assert _bash(a, 'echo 5 > "$1"', str(job / "priority")).returncode == 0
     assert _bash(a, 'echo pause > "$1"', str(job / "control")).returncode == 0
     assert (value("status"), value("priority")) == ("paused", "5")
-    assert "Directory not empty" in a.run("rmdir", str(job)).stderr  # a job, not a draft
+    assert "Device or resource busy" in a.run("rmdir", str(job)).stderr  # not finished
     # So may root.
     (job / "priority").write_text("7\n")
     (job / "control").write_text("cancel\n")
     assert (value("status"), value("priority")) == ("cancelled", "7")
+    # A finished job: B still may not remove it; its owner may.
+    assert _refused(b.run("rmdir", str(job)))
+    assert a.run("rmdir", str(job)).returncode == 0 and not job.exists()
     # Drafts follow the same rule.
     draft = agent.jobs / "draft-a"
     assert a.run("mkdir", str(draft)).returncode == 0

@@ -26,14 +26,16 @@ from ..agent import Component
 from ..fs import DynamicFile, Node
 from . import _archive, _import, _verify  # noqa: F401  (each registers its kind)
 from ..rpc import RpcError, current_peer
-from ._engine import BadSpec, Engine, JobExists, NoSuchJob, ShuttingDown, valid_job_name
+from ._engine import (
+    BadSpec, Engine, JobExists, JobNotFinished, NoSuchJob, ShuttingDown, valid_job_name,
+)
 from ._kinds import KINDS
 from ._nodes import JobsDirectory, render_jobs_json
 from ._states import TRANSITIONS, IllegalMove, State, UnknownVerb
 
 __all__ = [
     "JobsComponent", "State", "IllegalMove", "UnknownVerb", "TRANSITIONS", "KINDS",
-    "BadSpec", "NoSuchJob", "JobExists", "ShuttingDown",
+    "BadSpec", "NoSuchJob", "JobExists", "JobNotFinished", "ShuttingDown",
 ]
 
 
@@ -114,6 +116,10 @@ class JobsComponent(Component):
         async def wait(job_id: str) -> str:
             return (await e.wait(job_id)).value
 
+        async def remove(job_id: str) -> None:
+            check_owner(job_id, "remove")
+            await e.remove(job_id)
+
         async def set_priority(job_id: str, priority: int) -> None:
             check_owner(job_id, "reprioritise")
             await e.set_priority(job_id, priority)
@@ -122,12 +128,13 @@ class JobsComponent(Component):
             "Jobs.list": listing, "Jobs.show": show, "Jobs.submit": submit,
             "Jobs.cancel": verb("cancel"), "Jobs.pause": verb("pause"),
             "Jobs.resume": verb("resume"), "Jobs.retry": verb("retry"),
-            "Jobs.wait": wait, "Jobs.set_priority": set_priority,
+            "Jobs.wait": wait, "Jobs.set_priority": set_priority, "Jobs.remove": remove,
         }
         return {name: _named_errors(fn) for name, fn in methods.items()}
 
 
-_REFUSALS = (BadSpec, NoSuchJob, JobExists, IllegalMove, UnknownVerb, ShuttingDown)
+_REFUSALS = (BadSpec, NoSuchJob, JobExists, JobNotFinished, IllegalMove, UnknownVerb,
+             ShuttingDown)
 
 
 def _named_errors(fn):

@@ -58,6 +58,10 @@ def add_jobs_commands(sub) -> None:
         p.add_argument("id", metavar="ID")
         p.set_defaults(func=cmd_control, rpc_verb=verb)
 
+    p = verbs.add_parser("remove", help="delete a finished job with its log and outputs")
+    p.add_argument("id", metavar="ID")
+    p.set_defaults(func=cmd_remove)
+
     p = verbs.add_parser("wait", help="block until the job ends; print its final state "
                          "(exit 1 unless success)")
     p.add_argument("id", metavar="ID")
@@ -124,6 +128,10 @@ def cmd_submit(args) -> int:
 
 def cmd_control(args) -> int:
     return _call(args, f"Jobs.{args.rpc_verb}", args.id, show=_print_line)
+
+
+def cmd_remove(args) -> int:
+    return _call(args, "Jobs.remove", args.id, show=lambda _: 0)
 
 
 def cmd_wait(args) -> int:

@@ -50,8 +50,8 @@ import trio
 from ._kinds import KINDS, JobFailed, KindEnv, RunContext, SpecError, Stopped
 from ._states import ErrorCode, IllegalMove, State, next_state
 
-__all__ = ["Engine", "Job", "NoSuchJob", "BadSpec", "JobExists", "ShuttingDown",
-           "valid_job_name"]
+__all__ = ["Engine", "Job", "NoSuchJob", "BadSpec", "JobExists", "JobNotFinished",
+           "ShuttingDown", "valid_job_name"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,12 @@ class BadSpec(ValueError):
 class JobExists(Exception):
     def __init__(self, job_id: str):
         super().__init__(f"job {job_id!r} already exists")
+
+
+class JobNotFinished(Exception):
+    def __init__(self, job_id: str, state: State):
+        super().__init__(f"job {job_id!r} is {state.value}; only a finished job can be "
+                         "removed (cancel it first)")
 
 
 class ShuttingDown(Exception):
@@ -580,15 +586,29 @@ class Engine:
                   if i >= self.config.job_history or (j.completed or 0) < cutoff]
         if not doomed:
             return 0
-        for job in doomed:
-            del self.jobs[job.id]
-            self.db.stage(("job", job.id), _DELETE, (job.id,))
-        await self.db.flush()
-        dirs = [self.job_dir(j.id) for j in doomed]
-        await self.agent.to_thread(_remove_dirs, dirs)
+        await self._remove(doomed)
         self.evicted_count += len(doomed)
         log.info("jobs: evicted %d finished jobs", len(doomed))
         return len(doomed)
+
+    async def remove(self, job_id: str) -> None:
+        """``rmdir jobs/<id>``: delete a finished job with its log and outputs now.
+
+        A job that is not finished is ``JobNotFinished``: cancel it first, so nothing
+        ever disappears while a worker thread still writes into its directory.
+        """
+        job = self.get(job_id)
+        if not job.state.final:
+            raise JobNotFinished(job_id, job.state)
+        await self._remove([job])
+        log.info("job %s (%s) removed", job.id, job.kind)
+
+    async def _remove(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            del self.jobs[job.id]
+            self.db.stage(("job", job.id), _DELETE, (job.id,))
+        await self.db.flush()
+        await self.agent.to_thread(_remove_dirs, [self.job_dir(j.id) for j in jobs])
 
     async def checkpoint(self) -> None:
         for job in list(self.jobs.values()):

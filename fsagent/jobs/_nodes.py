@@ -42,7 +42,7 @@ from pyfuse3 import FUSEError
 
 from ..fs import DynamicFile, Handle, Node, SnapshotHandle, make_attributes
 from ._engine import (
-    BadSpec, Engine, JobExists, NoSuchJob, ShuttingDown, valid_job_name,
+    BadSpec, Engine, JobExists, JobNotFinished, NoSuchJob, ShuttingDown, valid_job_name,
 )
 from ._states import IllegalMove, State, UnknownVerb
 
@@ -136,7 +136,11 @@ class JobsDirectory(Node):
             self._nodes.pop(job_id, None)
         elif job_id in self.engine.jobs:
             may_manage(self.engine.jobs[job_id].owner_uid, ctx)
-            raise FUSEError(errno.ENOTEMPTY)
+            try:
+                await self.engine.remove(job_id)
+            except JobNotFinished:
+                raise FUSEError(errno.EBUSY) from None
+            self._nodes.pop(job_id, None)
         else:
             raise FUSEError(errno.ENOENT)
 
