@@ -210,7 +210,7 @@ class Agent:
         self.last_checkpoint = self.db.run_sync(last_checkpoint)
         self.components = build_components(self)
         root = Directory()
-        root.add(b"status", DynamicFile(self.render_status))
+        root.add(b"status", StatusFile(self.render_status, self.pid))
         root.add(b"metrics", DynamicFile(self.metrics.render))
         for component in self.components:
             for name, node in component.root_entries().items():
@@ -317,3 +317,28 @@ class Agent:
 
 async def run_agent(config: Config) -> None:
     await Agent(config).run()
+
+
+class StatusFile(DynamicFile):
+    """``MOUNT/status``; its ``user.fsagent.pid`` xattr is what readiness probes read.
+
+    The agent must never hold a file descriptor on its own mount: if it is killed while
+    one is open, the kernel closes that descriptor during exit with a FLUSH that only
+    this (dying) process could answer, and the exit hangs in uninterruptible sleep for
+    good, keeping the mount wedged. A getxattr reaches our loop (xattrs are never cached)
+    without leaving a descriptor behind, so ``liveness`` uses it instead of reading.
+    """
+
+    PID_XATTR = b"user.fsagent.pid"
+
+    def __init__(self, render, pid: int):
+        super().__init__(render)
+        self.pid = pid
+
+    async def getxattr(self, name: bytes, ctx) -> bytes:
+        if name == self.PID_XATTR:
+            return str(self.pid).encode()
+        return await super().getxattr(name, ctx)
+
+    async def listxattr(self, ctx) -> list[bytes]:
+        return [self.PID_XATTR]

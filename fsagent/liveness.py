@@ -4,9 +4,12 @@ Design notes
 ------------
 * **Ready means answering.** The kernel can answer ``stat`` of a dead mount from its
   caches (FIELD-NOTES §3), and ``pyfuse3.init`` returning only means the mount call
-  succeeded. READY=1 is sent once a worker thread has *read* ``MOUNT/status`` through
-  the kernel and found this process's pid in it: the full path kernel → FUSE session
-  → event loop → node → reply works.
+  succeeded. READY=1 is sent once a worker thread has read the ``user.fsagent.pid``
+  xattr of ``MOUNT/status`` through the kernel (xattrs are never cached) and found
+  this process's pid: the full path kernel → FUSE session → event loop → node → reply
+  works. Probes never open a file on our own mount: a descriptor open there when we
+  are killed would hang our exit forever on a FLUSH nobody can answer
+  (``agent.StatusFile``).
 * **Alive means the loop turns and the mount answers.** Each watchdog tick runs on the
   event loop (a blocked loop cannot tick) and then ``stat``s ``MOUNT/status`` from a
   worker thread (``DynamicFile`` has ``attr_timeout = 0``, so every stat is a
@@ -25,7 +28,6 @@ Design notes
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -50,8 +52,7 @@ READY_RETRY = 0.05
 
 def _read_status_pid(path: str) -> int | None:
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read()).get("pid")
+        return int(os.getxattr(path, "user.fsagent.pid"))
     except (OSError, ValueError):
         return None
 

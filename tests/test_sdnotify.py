@@ -7,6 +7,7 @@ address in ``NOTIFY_SOCKET`` exactly as systemd would pass it.
 from __future__ import annotations
 
 import signal
+import sys
 import socket
 import statistics
 import threading
@@ -294,3 +295,45 @@ async def test_status_line_follows_uploads_jobs_and_monitors(agent_factory, mana
     assert (job / "status").read_text() == "success\n"
     # Re-sent only on change, within one STATUS_INTERVAL (plus a busy machine's slack).
     assert max(lags) < STATUS_INTERVAL + 1.5, lags
+
+
+AUDITED_AGENT = r'''
+import os, runpy, sys
+mount = os.path.realpath(os.environ["AUDIT_MOUNT"])
+def hook(event, args):
+    if event == "open" and not isinstance(args[0], int):
+        path = os.path.realpath(os.fsdecode(args[0]))
+        if path == os.devnull:
+            os.write(2, b"AUDIT-OK\n")
+        elif path == mount or path.startswith(mount + "/"):
+            os.write(2, f"OPENED-OWN-MOUNT {path}\n".encode())
+sys.addaudithook(hook)
+open(os.devnull).close()  # proves the hook sees opens
+sys.argv = ["fsagent", *sys.argv[1:]]
+runpy.run_module("fsagent", run_name="__main__", alter_sys=True)
+'''
+
+
+def test_the_agent_never_opens_a_file_on_its_own_mount(agent_factory, manager, tmp_path):
+    """Killed with a descriptor open on its own mount, the agent's exit would close it
+    with a FLUSH only the dying agent could answer: the process hangs in uninterruptible
+    sleep for good and the mount stays wedged. So the readiness and watchdog probes,
+    and everything else, must reach the mount without opening files there. Every open
+    the agent makes is audited (sys.addaudithook) from start-up through watchdog ticks
+    to shutdown."""
+    wrapper = tmp_path / "audited_agent.py"
+    wrapper.write_text(AUDITED_AGENT)
+    agent = agent_factory(env=_env(manager, WATCHDOG_USEC="400000",
+                                   AUDIT_MOUNT=str(tmp_path / "mnt")))
+    argv = agent.argv
+    agent.argv = lambda: [sys.executable, str(wrapper), *argv()[3:]]
+    agent.start(wait=False)
+    manager.wait_for("READY", timeout=20)
+    start = time.monotonic()
+    time.sleep(1.5)
+    assert len(manager.pings(start, time.monotonic())) >= 3  # probes ran
+    assert agent.status()["pid"] == agent.proc.pid
+    assert agent.stop() == 0
+    log = agent.log()
+    assert "AUDIT-OK" in log
+    assert "OPENED-OWN-MOUNT" not in log, log
