@@ -38,6 +38,8 @@ from typing import Any
 
 import trio
 
+from ._hashing import batches
+
 __all__ = ["BackingWriter", "INLINE_WRITE", "QUEUE_ITEMS"]
 
 INLINE_WRITE = 64 * 1024  # pwrite smaller pieces on the loop (when nothing is queued)
@@ -88,13 +90,7 @@ class BackingWriter:
 
     async def _consume(self) -> None:
         async with self._recv:
-            async for item in self._recv:
-                batch = [item]
-                while len(batch) < QUEUE_ITEMS:
-                    try:
-                        batch.append(self._recv.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
+            async for batch in batches(self._recv, QUEUE_ITEMS):
                 try:
                     await self._to_thread(self._apply, batch)
                 finally:
