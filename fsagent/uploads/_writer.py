@@ -25,6 +25,8 @@ Design notes
   flush (so ``close()`` fails and cp exits non-zero), fsync or release of that upload,
   exactly like a local filesystem's delayed writeback error. ``failed_at`` is where the
   file stops being whole; the caller trims its byte count and hash to it.
+* **Shutdown.** A clean stop cancels the consumer before the checkpoint runs; ``drain``
+  then applies what is left itself, so a clean stop still loses nothing acknowledged.
 * **Memory** is bounded by ``QUEUE_ITEMS`` pieces (each at most one FUSE write, 1 MiB),
   per upload; a full queue makes the next write wait (back-pressure on the client).
 """
@@ -58,6 +60,8 @@ class BackingWriter:
         self._idle.set()
         self.error: OSError | None = None   # the first failure not yet reported
         self.failed_at: int | None = None   # lowest offset a failed piece should have covered
+        self._consuming = True
+        self._unapplied: list[tuple[int, int, bytes]] = []
         nursery.start_soon(self._consume)
 
     @property
@@ -79,6 +83,18 @@ class BackingWriter:
     async def drain(self) -> None:
         """Wait until every queued write has been applied (or has failed)."""
         while self._pending:
+            if not self._consuming:
+                # The consumer was cancelled (shutdown): the clean stop's checkpoint
+                # applies what is left itself, so nothing acknowledged is dropped.
+                leftovers, self._unapplied = self._unapplied, []
+                while True:
+                    try:
+                        leftovers.append(self._recv.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                        break
+                await self._to_thread(self._apply, leftovers)
+                self._done(leftovers)
+                return
             await self._idle.wait()
 
     def take_error(self) -> OSError | None:
@@ -87,17 +103,27 @@ class BackingWriter:
 
     def close(self) -> None:
         self._send.close()
+        self._recv.close()
 
     async def _consume(self) -> None:
-        async with self._recv:
+        try:
             async for batch in batches(self._recv, QUEUE_ITEMS):
-                try:
-                    await self._to_thread(self._apply, batch)
-                finally:
-                    self._pending -= len(batch)
-                    self.queued_bytes -= sum(len(data) for _, _, data in batch)
-                    if not self._pending:
-                        self._idle.set()
+                # Held until applied: a cancel before the thread starts leaves it to drain.
+                self._unapplied = batch
+                await self._to_thread(self._apply, batch)
+                self._unapplied = []
+                self._done(batch)
+        except trio.ClosedResourceError:
+            pass  # closed by ``close``: nothing was pending
+        finally:
+            self._consuming = False
+            self._idle.set()  # wake drains: they take over what is left
+
+    def _done(self, batch: list[tuple[int, int, bytes]]) -> None:
+        self._pending -= len(batch)
+        self.queued_bytes -= sum(len(data) for _, _, data in batch)
+        if not self._pending:
+            self._idle.set()
 
     def _apply(self, batch: list[tuple[int, int, bytes]]) -> None:
         for fd, offset, data in batch:
