@@ -17,6 +17,7 @@ Work files go to ``--dir`` (default: a temp dir under the current directory's di
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import shutil
@@ -74,6 +75,19 @@ def cp_upload(agent: AgentProcess, src: Path, name: str) -> float:
     elapsed = time.monotonic() - t0
     os.unlink(dst)
     return elapsed
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sha256_gib_per_s() -> float:
+    block, h = os.urandom(1 << 20), hashlib.sha256()
+    t0 = time.perf_counter()
+    for _ in range(512):
+        h.update(block)
+    return 0.5 / (time.perf_counter() - t0)
 
 
 def cp_plain(src: Path, dst: Path) -> float:
@@ -148,11 +162,14 @@ def main() -> None:
         make_random(src, args.size_mib)
         agent = start_agent(base, "a")
         agents.append(agent)
-        fuse, plain = [], []
+        fuse, plain, cpu = [], [], []
         for i in range(args.runs):
             plain.append(cp_plain(src, base / "plain.bin"))
+            before = cpu_seconds(agent.proc.pid)
             fuse.append(cp_upload(agent, src, f"run{i}.bin"))
+            cpu.append(cpu_seconds(agent.proc.pid) - before)
         t_fuse, t_plain = statistics.median(fuse), statistics.median(plain)
+        sha = sha256_gib_per_s()
 
         rss = []
         for mib in args.rss_mib:
@@ -176,6 +193,10 @@ def main() -> None:
         (f"cp {args.size_mib} MiB until complete+SHA-256 (median of {args.runs})",
          f"{t_fuse:.2f} s", f"cp+sync plain {t_plain:.2f} s", f"{t_fuse / t_plain:.2f}x",
          "<= 2.0x"),
+        ("  runs: fsagent / plain", " ".join(f"{x:.2f}" for x in fuse),
+         " ".join(f"{x:.2f}" for x in plain), "", ""),
+        (f"  agent CPU for it (all threads; SHA-256 alone at {sha:.2f} GiB/s: "
+         f"{args.size_mib / 1024 / sha:.2f} s)", f"{statistics.median(cpu):.2f} s", "", "", ""),
         (f"peak agent RSS, {args.rss_mib[0]} MiB / {args.rss_mib[1]} MiB file",
          f"{rss[0]:.0f} / {rss[1]:.0f} MiB", "", f"{rss[1] / rss[0]:.2f}x", "<= 150 MiB, flat"),
         ("rsync -a 5,000 x 4 KiB in 50 dirs until complete", f"{t_small:.2f} s",

@@ -385,6 +385,81 @@ store_reserve_bytes = 4194304
     assert xattr(up / "data.bin", "sha256") == sha256(src)
 
 
+def test_enospc_is_returned_by_the_write_that_does_not_fit(agent_factory, small_store):
+    # Large writes are acknowledged before they reach the backing file (write-behind),
+    # so the space check must count what is still queued: the failing call is write(),
+    # not a later close(), and every byte acknowledged is there.
+    agent = agent_factory(state=small_store / "state", config=FAST.replace(
+        "store_reserve_bytes = 0", "store_reserve_bytes = 4194304")).start()
+    chunk = os.urandom(2**20)
+    fd = os.open(agent.uploads / "fill.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    written = 0
+    with pytest.raises(OSError) as e:
+        while True:
+            written += os.write(fd, chunk)
+    assert e.value.errno == errno.ENOSPC and written > 30 * 2**20
+    os.close(fd)  # nothing left to report
+    assert os.stat(agent.uploads / "fill.bin").st_size == written
+    data = (agent.uploads / "fill.bin").read_bytes()
+    assert all(data[i:i + len(chunk)] == chunk[:len(data) - i]
+               for i in range(0, len(data), len(chunk)))
+
+
+def test_a_failed_queued_write_fails_the_copy_and_leaves_a_whole_prefix(agent_factory,
+                                                                        tmp_path):
+    # A write the backing filesystem refuses after we acknowledged it (here: the agent's
+    # RLIMIT_FSIZE, which the space check cannot see, like a disk filled behind our back)
+    # is reported by the next write or by close(), so cp exits non-zero; the file is cut
+    # back to where it is whole and resumes once the cause is gone.
+    limit = 10 * 2**20 + 300_000
+    agent = agent_factory(config=FAST)
+    plain_argv = agent.argv
+    agent.argv = lambda: ["prlimit", f"--fsize={limit}", "--"] + plain_argv()
+    agent.start()
+    src = tmp_path / "data.bin"
+    src.write_bytes(os.urandom(24 * 2**20))
+    dst = agent.uploads / "data.bin"
+    out = run("cp", src, dst)
+    assert out.returncode != 0 and "File too large" in out.stderr, out.stderr
+    assert agent.proc.poll() is None
+    present = os.stat(dst).st_size
+    assert 0 < present <= limit
+    assert int(xattr(dst, "offset")) == present
+    with open(src, "rb") as s:
+        assert dst.read_bytes() == s.read(present)
+    agent.stop()
+    agent.argv = plain_argv
+    agent.start()
+    out = run("rsync", "--inplace", "--append-verify", src, dst)
+    assert out.returncode == 0, out.stderr
+    wait_state(dst, "complete")
+    assert xattr(dst, "sha256") == sha256(src)
+
+
+def test_out_of_order_large_writes_are_read_back_and_verified(fast):
+    # Pieces larger than the inline limit go through the write-behind queue: reads and
+    # stat see them at once, and an out-of-order stream falls back to re-hashing.
+    pieces = [os.urandom(2**20) for _ in range(6)]
+    whole = b"".join(pieces)
+    path = fast.uploads / "ooo.bin"
+    rehashed = fast.status()["uploads"]["rehashed"]
+    path.touch()
+    os.setxattr(path, "user.fsagent.size", str(len(whole)).encode())
+    fd = os.open(path, os.O_WRONLY)
+    reader = os.open(path, os.O_RDONLY)
+    try:
+        for i in reversed(range(len(pieces))):
+            assert os.pwrite(fd, pieces[i], i * 2**20) == 2**20
+            assert os.pread(reader, 2**20, i * 2**20) == pieces[i]
+            assert os.fstat(reader).st_size == len(whole)
+    finally:
+        os.close(reader)
+        os.close(fd)
+    wait_state(path, "complete")
+    assert xattr(path, "sha256") == hashlib.sha256(whole).hexdigest()
+    assert fast.status()["uploads"]["rehashed"] == rehashed + 1
+
+
 # -- 6. crashes ---------------------------------------------------------------------------------
 
 

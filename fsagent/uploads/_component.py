@@ -7,12 +7,14 @@ Design notes
   transition table (``_task.py``), hashes (``_hashing.py``), reads manifests
   (``_manifests.py``), makes data durable and hands verified uploads to the job engine.
 * **The write path.** ``write`` checks space (free space minus the reserve minus what
-  other declared uploads still need), claims the bytes in the task's hash stream, then
-  ``pwrite``s: inline for small pieces, in a worker thread for large ones (one hop per
-  FUSE write; the hash runs in another thread, so the two overlap on two cores). The
-  kernel's writeback cache stays off: it would defer write errors (ENOSPC) to a later
-  call and reorder the stream the hash is computed from; st_blksize = 1 MiB gives
-  large writes instead.
+  other declared uploads still need minus writes still queued), claims the bytes in the
+  task's hash stream, then ``pwrite``s small pieces inline and queues large ones on the
+  task's ``BackingWriter`` (``_writer.py``: acknowledged now, applied in order in a
+  worker thread; the hash runs in another). Everything that looks at the file drains
+  that queue first (``drain``); flush/fsync/the next write report a queued failure.
+  The kernel's writeback cache stays off: per connection, it would make the kernel
+  trust its own size and mtime of every regular file in the mount (status files, job
+  outputs) and defer ENOSPC to close; st_blksize = 1 MiB gives large writes instead.
 * **Checkpoints: data first, record second.** One checkpointer task makes tasks
   durable: it notes each task's size, syncs the data (``fdatasync`` per file, or one
   ``syncfs`` for a batch of many, e.g. an rsync of thousands of small files), then
@@ -60,6 +62,7 @@ from ._manifests import ALGORITHMS, DIGEST_HEX_LENGTH, manifest_kind, manifest_n
 from ._nodes import FSAGENT_XATTR, FileHandle, UploadDir
 from ._store import Task, TaskTable, load_tasks
 from ._task import Event, State, completion_event, is_temporary_path
+from ._writer import INLINE_WRITE, BackingWriter
 
 __all__ = ["UploadsComponent"]
 
@@ -69,7 +72,6 @@ IMPORT_RETRY_FIRST_SECONDS = 2.0
 IMPORT_RETRY_MAX_SECONDS = 600.0
 CLOSE_BATCH_SECONDS = 0.02     # closes arriving this close together share one sync
 SYNCFS_AT = 8                  # this many files to sync: one syncfs beats many fdatasyncs
-INLINE_WRITE = 64 * 1024       # pwrite smaller pieces on the loop: cheaper than a hop
 MANIFEST_LIMIT = 16 * 2**20    # bigger "manifests" are not manifests
 _HEX = re.compile(r"^[0-9a-f]+$")
 _STATUS_XATTRS = {b"task", b"state", b"offset", b"progress", b"job", b"error"}
@@ -118,6 +120,7 @@ class UploadsComponent(Component):
         self._import_retry_changed = trio.Event()
         self._declared_sizes: set[Task] = set()  # uploads whose declared size reserves space
         self._unsynced: set[Task] = set()        # written since their last checkpoint
+        self._writing: set[Task] = set()         # with a BackingWriter (write-behind)
         self.counters = {"write_calls": 0, "bytes_written": 0, "rehashed": 0, "checkpoints": 0,
                          "recovered_cuts": 0}
         # Collected at scrape time from counts kept anyway: nothing added to the write path.
@@ -168,6 +171,8 @@ class UploadsComponent(Component):
 
     async def checkpoint(self) -> None:
         """Clean stop: sync every upload's data and record it as durable."""
+        for t in list(self._writing):
+            await self.drain(t)
         dirty = [t for t in self.tasks.tracked() if t.present > t.durable or t.writers]
         await self._sync(dirty)
         for t in self.tasks.tracked():
@@ -224,25 +229,34 @@ class UploadsComponent(Component):
 
     async def write(self, handle: FileHandle, offset: int, data: bytes) -> int:
         t = handle.task
+        writer = t.writer
+        if writer is not None and writer.error is not None:
+            self._write_failed(t, handle.fd)  # a queued write failed: this write reports it
         growth = offset + len(data) - t.present
         if growth > 0 and growth > self._space_for(t):
             raise FUSEError(errno.ENOSPC)
         hasher = t.hasher
         if hasher is not None:
             if offset > hasher.position and offset <= t.present and not hasher.broken:
+                await self.drain(t)  # the prefix is read back from disk
                 await hasher.feed_existing(self.backing(t.rel), offset)
             await hasher.feed(offset, data)
-        try:
-            if len(data) <= INLINE_WRITE:
+        if len(data) > INLINE_WRITE or (writer is not None and writer.pending):
+            # Acknowledged now, applied in order in a worker thread (_writer.py).
+            if writer is None:
+                writer = t.writer = BackingWriter(self._nursery, self.agent.to_thread)
+                self._writing.add(t)
+            await writer.submit(handle.fd, offset, data)
+            written = len(data)
+        else:
+            try:
                 written = os.pwrite(handle.fd, data, offset)
-            else:
-                written = await self.agent.to_thread(os.pwrite, handle.fd, data, offset)
-        except OSError as e:
-            if hasher is not None:
+            except OSError as e:
+                if hasher is not None:
+                    hasher.short_write()
+                raise FUSEError(e.errno or errno.EIO) from None
+            if written < len(data) and hasher is not None:
                 hasher.short_write()
-            raise FUSEError(e.errno or errno.EIO) from None
-        if written < len(data) and hasher is not None:
-            hasher.short_write()
         t.present = max(t.present, offset + written)
         t.changed()
         self.counters["write_calls"] += 1
@@ -253,10 +267,61 @@ class UploadsComponent(Component):
             self._want_checkpoint(t)
         return written
 
+    async def drain(self, t: Task | None) -> None:
+        """Apply ``t``'s acknowledged writes: call before anything looks at its file."""
+        if t is not None and t.writer is not None and t.writer.pending:
+            await t.writer.drain()
+
+    async def settle_writes(self, t: Task | None, fd: int) -> None:
+        """Drain, then report a queued write's failure (flush, fsync)."""
+        if t is None or t.writer is None:
+            return
+        await t.writer.drain()
+        if t.writer.error is not None:
+            self._write_failed(t, fd)
+
+    def _write_failed(self, t: Task, fd: int) -> None:
+        """A write we acknowledged did not reach the disk: cut the file back to where it
+        stops being whole, so what is there is correct and the size is a resume point,
+        then raise the error to the client (the write, flush or fsync calling this)."""
+        writer = t.writer
+        error, at = writer.take_error(), writer.failed_at
+        writer.failed_at = None
+        try:
+            if at is not None and os.fstat(fd).st_size > at:
+                os.ftruncate(fd, at)
+        except OSError:
+            log.exception("cutting %s back after a failed write", t.path)
+        if at is not None and at < t.present:
+            self._cut(t, at)
+        log.warning("upload %s: a write failed (%s); cut back to %s bytes", t.path,
+                    error.strerror, t.present)
+        raise FUSEError(error.errno or errno.EIO)
+
+    def _cut(self, t: Task, size: int) -> None:
+        t.present = size
+        t.durable = min(t.durable, size)
+        t.changed()
+        if t.hasher is not None and size < t.hasher.position:
+            t.hasher.break_stream()
+
+    async def released(self, t: Task, fd: int) -> None:
+        """A handle is closing: apply its writes; a failure no call is left to report
+        is logged (flush, which ``close()`` returns, normally reported it already)."""
+        try:
+            await self.settle_writes(t, fd)
+        except FUSEError:
+            pass
+        if t.writer is not None and not t.writers - 1 and not t.writer.pending:
+            t.writer.close()
+            t.writer = None
+            self._writing.discard(t)
+
     async def fsync(self, handle: FileHandle) -> None:
         t = handle.task
         if t is None:
             return
+        await self.settle_writes(t, handle.fd)
         size = t.present
         try:
             await self.agent.to_thread(os.fdatasync, handle.fd)
@@ -313,6 +378,7 @@ class UploadsComponent(Component):
         self.tasks.remove(t)
         self._checkpoint_wanted.discard(t)
         self._consider_after_checkpoint.discard(t)
+        self._writing.discard(t)
         if tracked and job:
             await self._cancel_import(job)
 
@@ -348,6 +414,7 @@ class UploadsComponent(Component):
 
     async def _renamed_into_place(self, t: Task, *, from_rsync: bool) -> None:
         """A temp file got its real name: it becomes a task now."""
+        await self.drain(t)
         path = self.backing(t.rel)
         try:
             st = os.lstat(path)
@@ -464,6 +531,7 @@ class UploadsComponent(Component):
         """Bytes ``t`` may still add: free space minus the reserve and others' declarations."""
         st = os.statvfs(self._root_path)
         free = st.f_bavail * st.f_frsize - self.config.store_reserve_bytes
+        free -= sum(o.writer.queued_bytes for o in self._writing if o.writer is not None)
         reserved = 0
         for o in list(self._declared_sizes):
             if o.ended or o.declared_size is None or o.state is State.COMPLETE:
@@ -508,6 +576,8 @@ class UploadsComponent(Component):
         batch = [t for t in batch if t.tracked and not t.ended]
         if not batch:
             return
+        for t in batch:
+            await self.drain(t)  # the sizes noted below must be on disk before the sync
         sizes = {t: t.present for t in batch}
         # syncfs flushes the whole filesystem, other programs' dirty data included, so it
         # is only worth it for many files; a clean stop with a few open uploads must not
@@ -600,6 +670,7 @@ class UploadsComponent(Component):
                 digests = streamed
         if digests is None:
             self.counters["rehashed"] += 1
+            await self.drain(t)
             try:
                 digests = await self.agent.to_thread(hash_file, self.backing(t.rel),
                                                      sorted(algorithms))

@@ -31,7 +31,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["StreamHasher", "hash_file", "CHUNK"]
+__all__ = ["StreamHasher", "hash_file", "batches", "CHUNK"]
 
 CHUNK = 1 << 20
 INLINE_LIMIT = 64 * 1024
@@ -49,6 +49,19 @@ def hash_file(path: bytes, algorithms: Iterable[str]) -> dict[str, str]:
             for h in hashes.values():
                 h.update(block)
     return {a: h.hexdigest() for a, h in hashes.items()}
+
+
+async def batches(recv: trio.MemoryReceiveChannel, limit: int):
+    """Yield what ``recv`` holds in lists of up to ``limit`` items (one worker-thread
+    hop per list instead of per item), waiting only for the first item of each."""
+    async for item in recv:
+        batch = [item]
+        while len(batch) < limit:
+            try:
+                batch.append(recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        yield batch
 
 
 class StreamHasher:
@@ -125,13 +138,7 @@ class StreamHasher:
 
     async def _consume(self) -> None:
         async with self._recv:
-            async for item in self._recv:
-                batch = [item]
-                while len(batch) < QUEUE_ITEMS:
-                    try:
-                        batch.append(self._recv.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
+            async for batch in batches(self._recv, QUEUE_ITEMS):
                 if not self.broken:
                     try:
                         await self._to_thread(self._update, batch)

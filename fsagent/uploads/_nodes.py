@@ -332,6 +332,22 @@ class UploadFile(_Entry):
         super().__init__(uploads, parent, name)
         self.handles: set[FileHandle] = set()
 
+    def writing_task(self):
+        """The task of a handle open for writing, if any (its queued writes are ours)."""
+        for handle in self.handles:
+            if handle.task is not None:
+                return handle.task
+        return None
+
+    async def getattr(self, ctx) -> EntryAttributes:
+        await self.uploads.drain(self.writing_task())  # the size includes acknowledged writes
+        return await super().getattr(ctx)
+
+    async def setattr(self, attr, fields, fh, ctx) -> EntryAttributes:
+        # Queued writes land first: a later pwrite would move the mtime rsync just set.
+        await self.uploads.drain(self.writing_task())
+        return await super().setattr(attr, fields, fh, ctx)
+
     def stat(self) -> os.stat_result:
         # An open file answers from its descriptor: cheaper than a path walk, and it
         # still works after the file was unlinked or replaced while open.
@@ -374,16 +390,23 @@ class FileHandle(Handle):
         self.writable = writable
 
     async def read(self, offset: int, size: int) -> bytes:
+        await self.node.uploads.drain(self.task or self.node.writing_task())
         with backing_errors():
             return await self.node.uploads.agent.to_thread(os.pread, self.fd, size, offset)
 
     async def write(self, offset: int, data: bytes) -> int:
         return await self.node.uploads.write(self, offset, data)
 
+    async def flush(self) -> None:
+        # close() returns flush's answer: a queued write that failed is reported here.
+        await self.node.uploads.settle_writes(self.task, self.fd)
+
     async def fsync(self, datasync: bool) -> None:
         await self.node.uploads.fsync(self)
 
     async def release(self) -> None:
+        if self.task is not None:
+            await self.node.uploads.released(self.task, self.fd)
         self.node.handles.discard(self)
         with backing_errors():
             os.close(self.fd)

@@ -62,6 +62,7 @@ class Task:
     tracked: bool = True
     writers: int = 0
     hasher: Any = None
+    writer: Any = None              # BackingWriter: acknowledged writes not yet applied
     generation: int = 0             # bumped on every change of the bytes
     last_change: float = dataclasses.field(default_factory=time.monotonic)
     since_checkpoint: int = 0
