@@ -34,6 +34,7 @@ Design notes
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
 import logging
 import os
@@ -221,6 +222,12 @@ class Engine:
         self.drafts: dict[str, Draft] = {}
         self._seq = 0
         self._active: set[str] = set()      # jobs with a run in progress (or unwinding)
+        # Pending jobs as (-priority, seq, id), best first. Entries go stale when a job
+        # leaves pending or is reprioritised (a fresh entry is pushed then); stale ones
+        # are skipped when popped. Picking the next job is O(log n), not a scan of every
+        # job the history holds (10,000 by default) each time one ends.
+        self._pending: list[tuple[int, int, str]] = []
+        self._finished = 0                  # jobs in a final state (history size)
         self._wakeup = trio.Event()
         self.started_count = 0              # runs started since the agent started
         self.evicted_count = 0
@@ -249,6 +256,7 @@ class Engine:
                 job.updated = time.time()
                 self.db.stage(("job", job.id), _UPSERT, job.row())
                 JobLog(self.job_dir(job.id) / "log")(job.message)
+            self._track(job, None)
         self.db.flush_sync()
         log.info("jobs: loaded %d jobs", len(self.jobs))
 
@@ -316,6 +324,7 @@ class Engine:
                   priority=priority, owner_uid=owner_uid, created=now, updated=now,
                   message="queued")
         self.jobs[job_id] = job
+        self._track(job, None)
         self.drafts.pop(job_id, None)
         await self._persist(job, durable=True)
         log.info("job %s (%s): submitted -> pending, priority %d, owner uid %s", job_id,
@@ -376,6 +385,7 @@ class Engine:
             raise IllegalMove(job_id, "reprioritise", job.state)
         job.priority = priority
         job.updated = time.time()
+        self._track(job, job.state)
         await self._persist(job, durable=True)
         self._wake()
 
@@ -431,6 +441,7 @@ class Engine:
                 job.progress = job.ctx.progress
         job.state = after
         job.updated = now
+        self._track(job, before)
         if after.final:
             job.completed = now
             job.ended.set()
@@ -442,6 +453,16 @@ class Engine:
         log.info("job %s (%s): %s -> %s%s", job.id, job.kind, before.value, after.value,
                  failed)
         return after
+
+    def _track(self, job: Job, before: State | None) -> None:
+        """Keep the pending heap and the finished count in step with ``job``'s state
+        (``before`` is its previous state, None for a job new to ``self.jobs``)."""
+        if job.state is State.PENDING:
+            heapq.heappush(self._pending, (-job.priority, job.seq, job.id))
+        if job.state.final and (before is None or not before.final):
+            self._finished += 1
+        elif before is not None and before.final and not job.state.final:
+            self._finished -= 1
 
     async def _persist(self, job: Job, *, durable: bool) -> None:
         if job.id not in self.jobs:
@@ -484,11 +505,14 @@ class Engine:
         free = self.config.max_concurrent_jobs - len(self._active)
         if free <= 0:
             return
-        ready = [j for j in self.jobs.values()
-                 if j.state is State.PENDING and j.id not in self._active]
-        ready.sort(key=lambda j: (-j.priority, j.seq))
-        for job in ready[:free]:
+        while free > 0 and self._pending:
+            neg_priority, _, job_id = heapq.heappop(self._pending)
+            job = self.jobs.get(job_id)
+            if (job is None or job.state is not State.PENDING or job.id in self._active
+                    or -neg_priority != job.priority):
+                continue  # stale: the job moved on or has a fresher entry
             self._active.add(job.id)
+            free -= 1
             nursery.start_soon(self._run, job)
 
     async def _tick(self) -> None:
@@ -522,7 +546,10 @@ class Engine:
         job.run_started = time.monotonic()
         self.started_count += 1
         ctx.log(f"started ({job.kind})")
-        await self._persist(job, durable=True)
+        # Not durable on purpose: after a crash a job recorded "pending" is run again,
+        # exactly what a recorded "running" job gets (requeued), so an fsync here would
+        # buy nothing; the batched flush writes it within db_flush_seconds.
+        await self._persist(job, durable=False)
 
         failure: JobFailed | None = None
         finished = False
@@ -568,7 +595,11 @@ class Engine:
             # row "running"; the next start requeues it.
             return
         await self._persist(job, durable=True)
-        await self.evict()
+        if self._finished > self.config.job_history + self.config.job_history // 100:
+            # Evicting in batches (1% over the count, then back down to it) spares a
+            # sort, a transaction and a directory removal for each job that ends once
+            # the history is full; job_ttl is the periodic evictor's.
+            await self.evict()
 
     # -- history ----------------------------------------------------------------------------
 
@@ -606,6 +637,7 @@ class Engine:
     async def _remove(self, jobs: list[Job]) -> None:
         for job in jobs:
             del self.jobs[job.id]
+            self._finished -= job.state.final
             self.db.stage(("job", job.id), _DELETE, (job.id,))
         await self.db.flush()
         await self.agent.to_thread(_remove_dirs, [self.job_dir(j.id) for j in jobs])
@@ -642,6 +674,11 @@ def _fsync_dir(path: Path) -> None:
 def _publish(tmp: Path, final: Path) -> list[str]:
     """Make the outputs durable, then visible with one rename."""
     names = sorted(os.listdir(tmp))
+    if not names:
+        # Nothing to make durable (imports, most of all): an empty outputs/ lost in a
+        # crash is recreated by the next run or read as empty, so skip the fsyncs.
+        os.rename(tmp, final)
+        return names
     for name in names:
         fd = os.open(tmp / name, os.O_RDONLY)
         try:
