@@ -410,6 +410,10 @@ class Engine:
                     scope.cancel()
                 nursery.start_soon(until, job.ended)
                 nursery.start_soon(until, shutting_down)
+        # The run stages its final record (and an import's manifest row) and flushes it
+        # right after the state changes; a waiter must not see the end before that is
+        # durable, or a crash could un-finish a job someone was told had finished.
+        await self.db.flush()
         return job.state
 
     # -- drafts: mkdir jobs/NAME before its spec ------------------------------------------
