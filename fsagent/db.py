@@ -262,6 +262,10 @@ class Database:
         """
         self._staged[key] = (sql, params)
 
+    def unstage(self, key: Any) -> None:
+        """Drop a staged write that has not been flushed (its change was rolled back)."""
+        self._staged.pop(key, None)
+
     @property
     def staged_count(self) -> int:
         return len(self._staged)

@@ -410,3 +410,33 @@ def test_a_spec_larger_than_one_write_is_accumulated(agent):
     job = agent.jobs / "big"
     wait_status(job, "success")
     assert info(job)["Content"]["InstancesCount"] == 400
+
+
+def test_the_engine_survives_a_database_it_cannot_write(agent_factory):
+    """The disk under the state dir fails (the WAL made immutable: every commit gets a
+    real I/O error). A job that ends meanwhile keeps its end staged and recorded once
+    writes work again; a submit in the meantime fails and queues nothing; the agent
+    never goes down."""
+    agent = agent_factory(config=GATED_IMPORT).start()
+    job = submit(agent, "g", import_spec(agent, "g.dat"))
+    wait_status(job, "running")
+    wal = agent.state / "fsagent.db-wal"
+    subprocess.run(["chattr", "+i", wal], check=True)
+    try:
+        open_gate(agent, "g.dat")
+        wait_status(job, "success")  # in memory at once; on disk once it can be
+        os.mkdir(agent.jobs / "late")
+        assert errno_of(write, agent.jobs / "late" / "spec",
+                        '{"type": "archive", "paths": ["g.dat"]}') == errno.EIO
+        assert os.listdir(agent.jobs / "late") == ["spec"]  # still a draft: nothing queued
+        time.sleep(1.5)  # periodic flushes fail meanwhile
+        assert agent.proc.poll() is None, agent.log()
+    finally:
+        subprocess.run(["chattr", "-i", wal], check=True)
+    assert read(job / "wait") == "success\n"  # returns once the end is durable
+    assert "recording its end failed; kept staged for retry" in agent.log()
+    late = submit(agent, "late2", {"type": "archive", "paths": ["g.dat"]})
+    assert read(late / "wait") == "success\n"
+    agent.kill9()  # nothing may depend on a clean stop now
+    agent.start()
+    assert status(job) == "success" and status(late) == "success"

@@ -207,9 +207,15 @@ class JobLog:
     def __call__(self, line: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8", errors="replace") as f:
-                f.write(f"{stamp} {line.rstrip()}\n")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a", encoding="utf-8", errors="replace") as f:
+                    f.write(f"{stamp} {line.rstrip()}\n")
+            except OSError as e:
+                # A job's log is a convenience: a full or failing disk must not turn
+                # into a failed job or a dead engine. The agent's own log keeps it.
+                log.warning("cannot append to %s (%s): %s", self.path, e.strerror,
+                            line.rstrip())
 
 
 class Engine:
@@ -324,9 +330,16 @@ class Engine:
                   priority=priority, owner_uid=owner_uid, created=now, updated=now,
                   message="queued")
         self.jobs[job_id] = job
+        try:
+            await self._persist(job, durable=True)
+        except BaseException:
+            # Not durable, so not submitted: the caller gets the error and nothing is
+            # queued (the scheduler only sees it below). A draft stays a draft.
+            del self.jobs[job_id]
+            self.db.unstage(("job", job_id))
+            raise
         self._track(job, None)
         self.drafts.pop(job_id, None)
-        await self._persist(job, durable=True)
         log.info("job %s (%s): submitted -> pending, priority %d, owner uid %s", job_id,
                  kind, priority, owner_uid)
         self._wake()
@@ -538,7 +551,16 @@ class Engine:
     async def _run_once(self, job: Job) -> None:
         kind = KINDS[job.kind]
         tmp = self.job_dir(job.id) / "outputs.tmp"
-        await self.agent.to_thread(_reset_work_dir, self.job_dir(job.id))
+        try:
+            await self.agent.to_thread(_reset_work_dir, self.job_dir(job.id))
+        except OSError as e:
+            if job.state is State.PENDING:  # else paused or cancelled meanwhile
+                log.error("job %s (%s): cannot prepare %s: %s", job.id, job.kind,
+                          self.job_dir(job.id), e)
+                self._apply(job, "start")
+                await self._finish_failed(job, JobFailed(
+                    ErrorCode.INTERNAL, f"cannot prepare the job's directory: {e}"))
+            return
         ctx = RunContext(job_id=job.id, spec=job.spec, config=self.config, db=self.db,
                          outputs_dir=tmp, log=JobLog(self.log_path(job.id)),
                          to_thread=self.agent.to_thread)
@@ -578,13 +600,17 @@ class Engine:
         if failure is not None:
             await self.agent.to_thread(shutil.rmtree, tmp, True)
             job.content = ctx.content
-            description = _clean(failure.description)
-            job.error_code, job.error_description = int(failure.code), description
-            self._apply(job, "fail")
-            job.message = description.splitlines()[0] if description else ""
-            ctx.log(f"failure: {description}")
+            await self._finish_failed(job, failure)
+            return
         elif finished:
-            outputs = await self.agent.to_thread(_publish, tmp, self.outputs_dir(job.id))
+            try:
+                outputs = await self.agent.to_thread(_publish, tmp, self.outputs_dir(job.id))
+            except OSError as e:
+                log.error("job %s (%s): publishing its outputs failed: %s", job.id, job.kind, e)
+                await self.agent.to_thread(shutil.rmtree, tmp, True)
+                await self._finish_failed(job, JobFailed(
+                    ErrorCode.INTERNAL, f"cannot publish the outputs: {e}"))
+                return
             if job.state is not State.RUNNING:  # cancelled during the publish
                 await self.agent.to_thread(shutil.rmtree, self.outputs_dir(job.id), True)
                 return
@@ -598,19 +624,48 @@ class Engine:
             # Stopped while still running: only the agent's shutdown does that. Leave the
             # row "running"; the next start requeues it.
             return
-        await self._persist(job, durable=True)
+        await self._record_end(job)
+
+    async def _finish_failed(self, job: Job, failure: JobFailed) -> None:
+        """running -> failure with ``failure`` as ErrorCode/ErrorDescription, recorded."""
+        description = _clean(failure.description)
+        job.error_code, job.error_description = int(failure.code), description
+        self._apply(job, "fail")
+        job.message = description.splitlines()[0] if description else ""
+        JobLog(self.log_path(job.id))(f"failure: {description}")
+        await self._record_end(job)
+
+    async def _record_end(self, job: Job) -> None:
+        """Make a run's end durable, then keep the history in bounds.
+
+        The database failing here (the disk full or broken) must not take the agent
+        down: the record stays staged, the periodic flush retries it, and the failure
+        is logged. Waiters are not told the job ended before it is durable (``wait``).
+        """
+        try:
+            await self._persist(job, durable=True)
+        except Exception:
+            log.exception("job %s (%s): recording its end failed; kept staged for retry",
+                          job.id, job.kind)
+            return
         if self._finished > self.config.job_history + self.config.job_history // 100:
             # Evicting in batches (1% over the count, then back down to it) spares a
             # sort, a transaction and a directory removal for each job that ends once
             # the history is full; job_ttl is the periodic evictor's.
-            await self.evict()
+            await self._evict_logged()
 
     # -- history ----------------------------------------------------------------------------
 
     async def _evict_periodically(self) -> None:
         while True:
-            await self.evict()
+            await self._evict_logged()
             await trio.sleep(min(60.0, max(1.0, self.config.job_ttl / 4)))
+
+    async def _evict_logged(self) -> None:
+        try:
+            await self.evict()
+        except Exception:  # the disk: try again next time, keep serving
+            log.exception("jobs: evicting finished jobs failed; will retry")
 
     async def evict(self) -> int:
         """Remove finished jobs beyond ``job_history`` or older than ``job_ttl``."""
@@ -643,7 +698,11 @@ class Engine:
             del self.jobs[job.id]
             self._finished -= job.state.final
             self.db.stage(("job", job.id), _DELETE, (job.id,))
-        await self.db.flush()
+        try:
+            await self.db.flush()
+        except Exception:  # the deletes stay staged and are retried with the next flush
+            log.exception("jobs: recording the removal of %d jobs failed; will retry",
+                          len(jobs))
         await self.agent.to_thread(_remove_dirs, [self.job_dir(j.id) for j in jobs])
 
     async def checkpoint(self) -> None:
