@@ -209,3 +209,37 @@ def test_a_bad_rpc_group_is_a_one_line_config_error(shared_dir, agent_factory, t
     from fsagent.config import load_config
     assert load_config(None, {"rpc_group": test_group[1]}, cwd=shared_dir).rpc_group == \
         str(test_group[1])
+
+
+def test_a_job_takes_only_what_its_owner_may_read(shared_dir, agent_factory, other_user,
+                                                 third_user):
+    """The agent reads the store as root, and job outputs are readable by every user,
+    so an archive (or a verify report) may only cover what its owner could read
+    through the mount: B cannot use a job to read A's private files; A and root can."""
+    a, b = other_user, third_user
+    agent = _multiuser_agent(agent_factory, shared_dir)
+    up = agent.uploads
+    made = _bash(a, 'umask 077 && mkdir "$1/a-private" && echo secret > "$1/a-private/s.txt" '
+                    '&& echo mine > "$1/a-file.txt" && chmod 600 "$1/a-file.txt"', str(up))
+    assert made.returncode == 0, made.stderr
+    assert _bash(b, 'echo public > "$1/b.txt"', str(up)).returncode == 0
+    for kind, paths in (("archive", ["a-file.txt"]), ("archive", ["a-private"]),
+                        ("archive", ["b.txt", "a-private/s.txt"]), ("verify", ["a-private"])):
+        job = agent.jobs / f"b-{kind}-{len(paths)}-{paths[-1].replace('/', '_')}"
+        spec = json.dumps({"type": kind, "paths": paths})
+        result = _bash(b, 'mkdir "$1" && printf %s "$2" > "$1/spec"', str(job), spec)
+        assert result.returncode != 0 and "Invalid argument" in result.stderr, paths
+        assert "may not read it" in (job / "message").read_text(), paths
+        assert sorted(os.listdir(job)) == ["message", "spec"]  # a draft: nothing queued
+    ok = agent.jobs / "b-own"
+    spec = json.dumps({"type": "archive", "paths": ["b.txt"]})
+    assert _bash(b, 'mkdir "$1" && printf %s "$2" > "$1/spec"', str(ok), spec).returncode == 0
+    assert (ok / "wait").read_text() == "success\n"
+    mine = agent.jobs / "a-own"
+    spec = json.dumps({"type": "archive", "paths": ["a-private", "a-file.txt", "b.txt"]})
+    assert _bash(a, 'mkdir "$1" && printf %s "$2" > "$1/spec"', str(mine), spec).returncode == 0
+    assert (mine / "wait").read_text() == "success\n"
+    root = agent.jobs / "root-all"
+    os.mkdir(root)
+    (root / "spec").write_text(json.dumps({"type": "archive", "paths": ["."]}))
+    assert (root / "wait").read_text() == "success\n"

@@ -51,7 +51,7 @@ class Archive(Kind):
             confine(env.uploads_dir, p)
         # The whole tree, in a worker thread: a nested symlink out of uploads/ is refused
         # now, while the writer is still there to read why.
-        await env.to_thread(collect_files, env.uploads_dir, paths)
+        await env.to_thread(collect_files, env.uploads_dir, paths, env.owner_uid)
         return {"paths": paths, "compression": compression}
 
     async def run(self, ctx: RunContext) -> None:
@@ -61,7 +61,7 @@ class Archive(Kind):
 def build_archive(ctx: RunContext) -> None:
     """Blocking: runs in a worker thread."""
     try:
-        entries = collect_files(ctx.uploads_dir, ctx.spec["paths"])
+        entries = collect_files(ctx.uploads_dir, ctx.spec["paths"], ctx.owner_uid)
     except SpecError as e:
         raise JobFailed(ErrorCode.BAD_INPUT, str(e)) from None
     compression = COMPRESSION[ctx.spec["compression"]]

@@ -317,7 +317,7 @@ class Engine:
         elif job_id in self.jobs:
             raise JobExists(job_id)
         env = KindEnv(uploads_dir=self.config.uploads_dir, db=self.db,
-                      to_thread=self.agent.to_thread)
+                      to_thread=self.agent.to_thread, owner_uid=owner_uid)
         try:
             normalised = await KINDS[kind].validate(dict(spec), env)
         except SpecError as e:
@@ -562,6 +562,7 @@ class Engine:
                     ErrorCode.INTERNAL, f"cannot prepare the job's directory: {e}"))
             return
         ctx = RunContext(job_id=job.id, spec=job.spec, config=self.config, db=self.db,
+                         owner_uid=job.owner_uid,
                          outputs_dir=tmp, log=JobLog(self.log_path(job.id)),
                          to_thread=self.agent.to_thread)
         if job.state is not State.PENDING:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import os
+import pwd
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path, PurePosixPath
@@ -63,6 +64,7 @@ class KindEnv:
     uploads_dir: Path
     db: Any
     to_thread: Callable[..., Awaitable[Any]]
+    owner_uid: int | None = None  # who submits: a job reads only what they may read
 
 
 class RunContext:
@@ -70,8 +72,10 @@ class RunContext:
     worker threads; the rest only on the event loop."""
 
     def __init__(self, *, job_id: str, spec: dict, config, db, outputs_dir: Path,
-                 log: Callable[[str], None], to_thread: Callable[..., Awaitable[Any]]):
+                 log: Callable[[str], None], to_thread: Callable[..., Awaitable[Any]],
+                 owner_uid: int | None = None):
         self.job_id = job_id
+        self.owner_uid = owner_uid
         self.spec = spec
         self.config = config
         self.db = db
@@ -168,14 +172,50 @@ class FileEntry:
     mtime: float
 
 
-def collect_files(uploads_dir: Path, paths: list[str]) -> list[FileEntry]:
+class Reader:
+    """Whether a uid may read a file or list a directory, by its mode bits.
+
+    The agent runs as root and reads the store for every job, but a job's outputs are
+    readable by every user of the mount, so a job may take only what its owner could
+    read through the mount (``default_permissions``: the classic owner/group/other
+    bits, the owner's supplementary groups included). Root and an unknown owner (the
+    agent's own jobs) may read everything.
+    """
+
+    def __init__(self, uid: int | None):
+        self.uid = uid
+        self.gids: set[int] = set()
+        if uid not in (None, 0):
+            try:
+                entry = pwd.getpwuid(uid)
+                self.gids = set(os.getgrouplist(entry.pw_name, entry.pw_gid))
+            except KeyError:  # a uid without a passwd entry has no groups to use
+                self.gids = set()
+
+    def may(self, st: os.stat_result, is_dir: bool) -> bool:
+        if self.uid in (None, 0):
+            return True
+        need = 0o5 if is_dir else 0o4  # a directory is listed and entered
+        if st.st_uid == self.uid:
+            bits = st.st_mode >> 6
+        elif st.st_gid in self.gids:
+            bits = st.st_mode >> 3
+        else:
+            bits = st.st_mode
+        return bits & need == need
+
+
+def collect_files(uploads_dir: Path, paths: list[str],
+                  owner_uid: int | None = None) -> list[FileEntry]:
     """Every file and directory under ``paths`` (blocking: call in a worker thread).
 
     Symlinks are followed only to targets inside uploads/ (an escaping one is a
     ``SpecError``); symlinked directories are listed but not descended into, so a
-    cycle cannot make the walk endless.
+    cycle cannot make the walk endless. Anything ``owner_uid`` may not read is a
+    ``SpecError`` too (``Reader``).
     """
     root = os.path.realpath(uploads_dir)
+    reader = Reader(owner_uid)
     seen: dict[str, FileEntry] = {}
 
     def add(name: str, path: str) -> str | None:
@@ -196,6 +236,9 @@ def collect_files(uploads_dir: Path, paths: list[str]) -> list[FileEntry]:
         is_dir = os.path.isdir(real)
         if not is_dir and not os.path.isfile(real):
             raise SpecError(f"{name!r} is neither a regular file nor a directory")
+        if real != root and not reader.may(st, is_dir):  # uploads/ itself is 1777
+            raise SpecError(f"{name!r}: uid {owner_uid} may not read it, so this job may "
+                            "not either (its outputs are readable by every user)")
         seen.setdefault(name, FileEntry(name, Path(real), 0 if is_dir else st.st_size,
                                         is_dir, st.st_mtime))
         return real if is_dir and not os.path.islink(path) else None

@@ -63,6 +63,10 @@ class Verify(Kind):
                                               for r in recorded):
                 raise SpecError(f"{p!r}: no such file or directory in uploads/, "
                                 "and nothing recorded there")
+        # The report names files and their state and is readable by every user: only
+        # what the job's owner may read (see _kinds.Reader), checked again at run time.
+        present = [p for p in paths if (env.uploads_dir / p).exists()]
+        await env.to_thread(collect_files, env.uploads_dir, present, env.owner_uid)
         return {"paths": paths}
 
     async def run(self, ctx: RunContext) -> None:
@@ -85,7 +89,8 @@ def check_files(ctx: RunContext, recorded: dict[str, tuple[int, str]]) -> None:
     """Blocking: runs in a worker thread."""
     present = [p for p in ctx.spec["paths"] if (ctx.uploads_dir / p).exists()]
     try:
-        on_disk = {e.name: e for e in collect_files(ctx.uploads_dir, present) if not e.is_dir}
+        on_disk = {e.name: e for e in collect_files(ctx.uploads_dir, present, ctx.owner_uid)
+                   if not e.is_dir}
     except SpecError as e:
         raise JobFailed(ErrorCode.BAD_INPUT, str(e)) from None
     total = sum(e.size for name, e in on_disk.items() if name in recorded)
