@@ -135,13 +135,14 @@ class Agent:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
     async def submit_job(self, kind: str, spec: dict[str, Any], *, priority: int = 0,
-                         owner_uid: int | None = None) -> str:
+                         owner_uid: int | None = None, job_id: str | None = None) -> str:
         """The one hand-off point into the job engine (the component named "jobs").
 
-        Uploads call it with kind "import" when a file is verified; returns the job ID.
+        Uploads call it with kind "import" when a file is verified; returns the job ID
+        once the job is durable (``job_id`` picks the ID; default: a new UUID).
         """
         return await self.component("jobs").submit(
-            kind, spec, priority=priority, owner_uid=owner_uid)
+            kind, spec, priority=priority, owner_uid=owner_uid, job_id=job_id)
 
     def component(self, name: str) -> Component:
         for c in self.components:

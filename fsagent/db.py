@@ -271,11 +271,15 @@ class Database:
         return len(self._staged)
 
     async def flush(self) -> None:
-        """Write everything staged so far in one transaction (one fsync)."""
-        if not self._staged:
-            return
+        """Write everything staged so far in one transaction (one fsync).
+
+        Returns once everything staged before the call is durable, including what a
+        flush already in progress took with it: so it waits for that flush (it holds
+        the limiter) even when nothing is left staged for itself.
+        """
         async with self._limiter:
-            await trio.to_thread.run_sync(self.flush_sync)
+            if self._staged:
+                await trio.to_thread.run_sync(self.flush_sync)
 
     def flush_sync(self) -> None:
         with self._lock:

@@ -119,3 +119,36 @@ async def test_a_failed_flush_keeps_the_batch_for_the_next_one(tmp_path, monkeyp
     rows = await d.run(lambda c: dict(c.execute("SELECT k, n FROM c")))
     assert rows == {"a": 2, "bad": 5}
     d.close()
+
+
+async def test_flush_waits_for_a_flush_in_progress_even_with_nothing_staged(tmp_path,
+                                                                           monkeypatch):
+    """A caller that staged a row, then saw another flush take it, must not be told it
+    is durable before that flush commits (Jobs wait relies on this)."""
+    import sqlite3
+    monkeypatch.setitem(dbmod.MIGRATIONS, "extra", ("CREATE TABLE w (k TEXT PRIMARY KEY);",))
+    d = Database.open(tmp_path / "a.db")
+    d.stage("k", "INSERT INTO w(k) VALUES (?)", ("k",))
+    # Another process's write lock makes the first flush slow after it took the batch
+    # (its BEGIN IMMEDIATE waits out SQLite's busy timeout).
+    other = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    second_done = []
+
+    async def second():
+        await d.flush()
+        # What a caller may now rely on: the row is committed (read it outside our lock).
+        with sqlite3.connect(tmp_path / "a.db") as reader:
+            second_done.append(reader.execute("SELECT count(*) FROM w").fetchone()[0])
+
+    async with trio.open_nursery() as n:
+        n.start_soon(d.flush)
+        await trio.sleep(0.3)
+        assert d.staged_count == 0  # the first flush holds the batch, waiting for the lock
+        n.start_soon(second)
+        await trio.sleep(0.3)
+        assert second_done == []  # nothing left to stage, yet it waits for that commit
+        other.execute("ROLLBACK")
+    assert second_done == [1]
+    other.close()
+    d.close()

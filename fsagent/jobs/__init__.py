@@ -50,8 +50,9 @@ class JobsComponent(Component):
     # -- the hand-off contract with uploads ----------------------------------------------
 
     async def submit(self, kind: str, spec: dict[str, Any], *, priority: int = 0,
-                     owner_uid: int | None = None) -> str:
-        return await self.engine.submit(kind, spec, priority=priority, owner_uid=owner_uid)
+                     owner_uid: int | None = None, job_id: str | None = None) -> str:
+        return await self.engine.submit(kind, spec, priority=priority, owner_uid=owner_uid,
+                                        job_id=job_id)
 
     async def cancel_if_not_started(self, job_id: str) -> bool:
         return await self.engine.cancel_if_not_started(job_id)

@@ -49,6 +49,7 @@ import os
 import re
 import stat
 import time
+import uuid
 from typing import Any
 
 import trio
@@ -751,13 +752,23 @@ class UploadsComponent(Component):
             self._import_failed(t, "there is no job engine")
             return
         self._importing.add(t.task_id)
+        # The job's ID is chosen here and staged on the task first, so the job engine's
+        # durable submit commits the job and the task's record of it in one transaction
+        # (one fsync): a crash can leave neither or both, never a job the upload forgot
+        # (it would be handed over, and imported, twice after the restart).
+        job = str(uuid.uuid4())
+        error_before = t.error
+        t.job, t.error = job, None
+        self.tasks.save(t)
         try:
             st = os.lstat(self.backing(t.rel))
             spec = {"task": t.task_id, "path": t.path, "size": t.present,
                     "sha256": t.computed["sha256"], "mtime_ns": st.st_mtime_ns}
             # The import belongs to whoever owns the file: they may cancel or re-prioritise it.
-            job = await self.agent.submit_job("import", spec, owner_uid=st.st_uid)
+            await self.agent.submit_job("import", spec, owner_uid=st.st_uid, job_id=job)
         except Exception as e:
+            t.job, t.error = None, error_before
+            self.tasks.save(t)
             if t.task_id not in self._import_retry:
                 log.exception("handing %s to the job engine failed", t.path)
             self._import_failed(t, f"{type(e).__name__}: {e}")
@@ -765,13 +776,10 @@ class UploadsComponent(Component):
         finally:
             self._importing.discard(t.task_id)
         if t.ended:
-            await self._cancel_import(str(job))
+            await self._cancel_import(job)
             return
         if self._import_retry.pop(t.task_id, None) is not None:
             log.info("upload %s handed to the job engine after earlier failures", t.path)
-        t.job, t.error = str(job), None
-        self.tasks.save(t)
-        await self._flush()
 
     def _import_failed(self, t: Task, reason: str) -> None:
         """Record why the import did not start and when it is tried again."""
