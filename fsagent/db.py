@@ -145,6 +145,12 @@ class Database:
         self._limiter = trio.CapacityLimiter(1)
         # key -> (sql, params); a later stage() with the same key replaces the earlier.
         self._staged: dict[Any, tuple[str, Sequence[Any]]] = {}
+        # Every stage() bumps _staged_gen; a committed flush sets _durable_gen to the
+        # generation its batch covered. flush() returns at once when everything staged
+        # so far is durable, and otherwise waits for the commit that makes it so, even
+        # if another flush took its rows.
+        self._staged_gen = 0
+        self._durable_gen = 0
         self.run_id: int | None = None
         self.previous_run_clean: bool = True
         self.flush_count = 0
@@ -261,6 +267,7 @@ class Database:
         Cheap and synchronous: safe to call from any FUSE handler on the event loop.
         """
         self._staged[key] = (sql, params)
+        self._staged_gen += 1  # after the insert: a flush that reads the count has the row
 
     def unstage(self, key: Any) -> None:
         """Drop a staged write that has not been flushed (its change was rolled back)."""
@@ -277,15 +284,22 @@ class Database:
         flush already in progress took with it: so it waits for that flush (it holds
         the limiter) even when nothing is left staged for itself.
         """
+        wanted = self._staged_gen
+        if self._durable_gen >= wanted:
+            return
         async with self._limiter:
-            if self._staged:
+            if self._durable_gen < wanted:
                 await trio.to_thread.run_sync(self.flush_sync)
 
     def flush_sync(self) -> None:
         with self._lock:
             if not self._staged:
+                # No flush is in flight while we hold the lock and a failed one puts its
+                # batch back, so everything staged so far is durable (or was unstaged).
+                self._durable_gen = max(self._durable_gen, self._staged_gen)
                 return
             # Swap under the lock: stage() calls that race with us land in the fresh dict.
+            covered = self._staged_gen  # read before the swap: see stage()
             batch, self._staged = self._staged, {}
             started = time.monotonic()
             try:
@@ -300,6 +314,7 @@ class Database:
                 self.flush_failures += 1
                 raise
             self.flush_count += 1
+            self._durable_gen = max(self._durable_gen, covered)
             if self.on_flush is not None:
                 self.on_flush(time.monotonic() - started)
 
