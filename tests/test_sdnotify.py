@@ -260,9 +260,10 @@ async def test_status_line_follows_uploads_jobs_and_monitors(agent_factory, mana
     from fsagent.liveness import STATUS_INTERVAL
     data = tmp_path / "data"
     data.mkdir()
+    # No readiness wait of the fixture's: its reads of MOUNT/status would be open files.
     agent = agent_factory(config=GATED_IMPORT, args=["--export-root", str(data)],
-                          env=_env(manager)).start()
-    _, ready = manager.wait_for("READY")
+                          env=_env(manager)).start(wait=False)
+    _, ready = manager.wait_for("READY", timeout=20)
     assert ready["STATUS"] == (f"serving {agent.mount}: uploads receiving 0, monitors 0, "
                                "jobs running 0, jobs pending 0, 0 open files")
     lags = []
