@@ -653,20 +653,14 @@ class Engine:
             # Evicting in batches (1% over the count, then back down to it) spares a
             # sort, a transaction and a directory removal for each job that ends once
             # the history is full; job_ttl is the periodic evictor's.
-            await self._evict_logged()
+            await self.evict()
 
     # -- history ----------------------------------------------------------------------------
 
     async def _evict_periodically(self) -> None:
         while True:
-            await self._evict_logged()
-            await trio.sleep(min(60.0, max(1.0, self.config.job_ttl / 4)))
-
-    async def _evict_logged(self) -> None:
-        try:
             await self.evict()
-        except Exception:  # the disk: try again next time, keep serving
-            log.exception("jobs: evicting finished jobs failed; will retry")
+            await trio.sleep(min(60.0, max(1.0, self.config.job_ttl / 4)))
 
     async def evict(self) -> int:
         """Remove finished jobs beyond ``job_history`` or older than ``job_ttl``."""

@@ -62,7 +62,7 @@ from ._manifests import ALGORITHMS, DIGEST_HEX_LENGTH, manifest_kind, manifest_n
     parse_manifest
 from ._nodes import FSAGENT_XATTR, FileHandle, UploadDir
 from ._store import Task, TaskTable, load_tasks
-from ._task import Event, State, completion_event, is_temporary_path
+from ._task import Event, State, completion_event, is_temporary_path, is_utf8
 from ._writer import INLINE_WRITE, BackingWriter
 
 __all__ = ["UploadsComponent"]
@@ -312,7 +312,7 @@ class UploadsComponent(Component):
         try:
             await self.settle_writes(t, fd)
         except FUSEError:
-            pass
+            pass  # _write_failed logged it; release has no caller left to tell
         if t.writer is not None and not t.writers - 1 and not t.writer.pending:
             t.writer.close()
             t.writer = None
@@ -879,13 +879,7 @@ class UploadsComponent(Component):
 def _trackable(rel: bytes) -> bool:
     """Whether a file at ``rel`` is an upload task: not an rsync temp file, and a UTF-8
     path (the mount refuses other names; one put into the store by hand is left alone)."""
-    if is_temporary_path(rel):
-        return False
-    try:
-        rel.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+    return not is_temporary_path(rel) and is_utf8(rel)
 
 
 def _walk_files(root: bytes) -> dict[bytes, int]:

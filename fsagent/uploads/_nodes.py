@@ -34,6 +34,7 @@ import pyfuse3
 from pyfuse3 import EntryAttributes, FUSEError
 
 from ..fs import Handle, Node
+from ._task import is_utf8
 
 __all__ = ["UploadDir", "UploadFile", "UploadSymlink", "FileHandle", "attributes_from_stat"]
 
@@ -211,16 +212,11 @@ class UploadDir(_Entry):
         return self.backing + b"/" + name
 
     def _new_path(self, name: bytes) -> bytes:
-        """The backing path for a name being created: it must be valid UTF-8.
-
-        Task paths travel as text everywhere (SQLite, JSON, msgpack-RPC, ZIP member
-        names), so a name that is not UTF-8 is refused up front with EILSEQ ("Invalid or
-        incomplete multibyte or wide character") and nothing is created.
-        """
-        try:
-            name.decode("utf-8")
-        except UnicodeDecodeError:
-            raise FUSEError(errno.EILSEQ) from None
+        """The backing path for a name being created: a name that is not UTF-8
+        (``is_utf8``) is refused up front with EILSEQ ("Invalid or incomplete multibyte
+        or wide character") and nothing is created."""
+        if not is_utf8(name):
+            raise FUSEError(errno.EILSEQ)
         return self._path(name)
 
     def _child_rel(self, name: bytes) -> bytes:

@@ -37,7 +37,7 @@ import re
 
 __all__ = [
     "State", "Event", "TRANSITIONS", "TaskStateError", "next_state", "completion_event",
-    "is_temporary_path", "progress_percent",
+    "is_temporary_path", "is_utf8", "progress_percent",
 ]
 
 
@@ -155,6 +155,17 @@ def is_temporary_path(rel: bytes) -> bool:
     if any(p in _TEMP_DIRS for p in parts[:-1]):
         return True
     return bool(_RSYNC_TEMP.match(parts[-1]))
+
+
+def is_utf8(name: bytes) -> bool:
+    """Upload paths travel as text (SQLite, JSON, msgpack-RPC, ZIP member names), so a
+    name that is not UTF-8 cannot be an upload: the mount refuses it with EILSEQ and a
+    file put into the store by hand with one is not a task."""
+    try:
+        name.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def progress_percent(present: int, declared_size: int | None, state: State) -> float | None:
