@@ -144,6 +144,16 @@ class Agent:
         return await self.component("jobs").submit(
             kind, spec, priority=priority, owner_uid=owner_uid, job_id=job_id)
 
+    def upload_task(self, task_id: str) -> dict[str, Any] | None:
+        """What the uploads component knows of upload task ``task_id`` now (import jobs
+        follow their upload by ID: it may have been renamed, rewritten or removed since
+        the job was submitted); None without an uploads component or for an unknown ID."""
+        try:
+            uploads = self.component("uploads")
+        except KeyError:
+            return None
+        return uploads.describe_task(task_id)
+
     def component(self, name: str) -> Component:
         for c in self.components:
             if c.name == name:

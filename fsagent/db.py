@@ -86,6 +86,19 @@ MIGRATIONS: dict[str, Sequence[str]] = {
         CREATE INDEX upload_tasks_path ON upload_tasks(path);
         CREATE INDEX upload_tasks_completed ON upload_tasks(completed);
         """,
+        # 2: crash consistency (fsagent/uploads/_store.py). `ino` is the backing file's
+        # inode, so recovery finds a task whose rename was not yet recorded; `fp_*` are
+        # the backing file's size, mtime and ctime when it was verified, so recovery can
+        # tell a complete file nobody touched from one it must hash again; `job_sha256`
+        # is the SHA-256 of the version `job` imports, so one version is imported once.
+        """
+        ALTER TABLE upload_tasks ADD COLUMN ino INTEGER;
+        ALTER TABLE upload_tasks ADD COLUMN fp_size INTEGER;
+        ALTER TABLE upload_tasks ADD COLUMN fp_mtime_ns INTEGER;
+        ALTER TABLE upload_tasks ADD COLUMN fp_ctime_ns INTEGER;
+        ALTER TABLE upload_tasks ADD COLUMN job_sha256 TEXT;
+        UPDATE upload_tasks SET job_sha256 = sha256 WHERE job IS NOT NULL;
+        """,
     ),
     "jobs": (
         # 1: one row per job (fsagent/jobs/_engine.py writes it) and the repository

@@ -5,7 +5,7 @@ Public surface:
 * ``JobsComponent`` — the agent component named ``"jobs"``: ``MOUNT/jobs/`` and
   ``MOUNT/jobs.json``, the scheduler task, the ``jobs`` section of ``status``, the
   ``Jobs.*`` RPC methods, and the hand-off verbs the uploads component calls
-  (``submit``, ``cancel_if_not_started``).
+  (``submit``, ``cancel_if_not_started``, ``job_state``).
 * ``State``, ``IllegalMove``, ``UnknownVerb``, ``TRANSITIONS`` — the state machine.
 * ``KINDS`` — the registry of job kinds (``import``, ``archive``, ``verify``).
 
@@ -56,6 +56,12 @@ class JobsComponent(Component):
 
     async def cancel_if_not_started(self, job_id: str) -> bool:
         return await self.engine.cancel_if_not_started(job_id)
+
+    def job_state(self, job_id: str) -> str | None:
+        """The job's state word (``pending`` ... ``cancelled``), None if there is no such
+        job (never submitted, or evicted from the history)."""
+        job = self.engine.jobs.get(job_id)
+        return None if job is None else job.state.value
 
     # -- component hooks -------------------------------------------------------------------
 

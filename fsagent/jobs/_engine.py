@@ -562,7 +562,7 @@ class Engine:
                     ErrorCode.INTERNAL, f"cannot prepare the job's directory: {e}"))
             return
         ctx = RunContext(job_id=job.id, spec=job.spec, config=self.config, db=self.db,
-                         owner_uid=job.owner_uid,
+                         owner_uid=job.owner_uid, upload_task=self.agent.upload_task,
                          outputs_dir=tmp, log=JobLog(self.log_path(job.id)),
                          to_thread=self.agent.to_thread)
         if job.state is not State.PENDING:

@@ -12,6 +12,16 @@ Design notes
   one, it is committed before the command runs. The
   file is not hashed again (the upload just did), but a file whose size no longer
   matches the verified one fails the job rather than recording a lie.
+* **The job follows its upload, not the path it had.** An upload may be renamed (or
+  its directory moved) between its verification and the job's run, so ``run`` asks
+  the uploads component for the task by ID (``ctx.upload_task``) and imports it at
+  the path it has *now*. The version must still be the one verified: a task that is
+  no longer ``complete`` with the spec's SHA-256 (rewritten meanwhile) fails the job
+  with ``CHANGED``, and one that was removed with ``BAD_INPUT``; the uploads
+  component starts a new import when a version comes back ``complete`` and its job
+  did not succeed, so each version is imported exactly once. A spec whose task is
+  not an upload the agent knows (an import submitted by hand for a file) is taken
+  by its path, as given.
 * **Then ``import_command``**, if configured: an argv list from the config with
   ``{path}`` (absolute path of the stored file), ``{sha256}`` and ``{task}``
   substituted per argument. No shell is involved, so nothing in a file name can become
@@ -75,17 +85,27 @@ class Import(Kind):
 
     async def run(self, ctx: RunContext) -> None:
         spec = ctx.spec
-        try:
-            real = confine(ctx.uploads_dir, spec["path"])
-        except SpecError as e:
-            raise JobFailed(ErrorCode.BAD_INPUT, str(e)) from None
-        size = (await ctx.to_thread(os.stat, real)).st_size
-        if size != spec["size"]:
-            raise JobFailed(ErrorCode.CHANGED, f"{spec['path']!r} is {size} bytes now, "
+        path = None
+        # The stat runs in a thread: if the upload moved meanwhile, look again. From the
+        # last ``_current_path`` to the record below nothing awaits, so nothing moves.
+        while path != (now := _current_path(ctx)):
+            path = now
+            try:
+                real = confine(ctx.uploads_dir, path)
+                st = await ctx.to_thread(os.stat, real)
+            except SpecError as e:
+                raise JobFailed(ErrorCode.BAD_INPUT, str(e)) from None
+            except (FileNotFoundError, NotADirectoryError):
+                st = None
+        if st is None:
+            raise JobFailed(ErrorCode.BAD_INPUT, f"{path!r} no longer exists in uploads/")
+        if st.st_size != spec["size"]:
+            raise JobFailed(ErrorCode.CHANGED, f"{path!r} is {st.st_size} bytes now, "
                             f"{spec['size']} when its upload was verified")
+        mtime_ns = st.st_mtime_ns if path != spec["path"] else spec["mtime_ns"]
         command = ctx.config.import_command
-        row = (spec["path"], spec["size"], spec["sha256"], spec["mtime_ns"], spec["task"],
-               ctx.job_id)
+        spec = ctx.spec = {**spec, "path": path}
+        row = (path, spec["size"], spec["sha256"], mtime_ns, spec["task"], ctx.job_id)
         if command:
             # The command acts on the outside world: the record is durable before it runs.
             await ctx.db.run(record_manifest, *row)
@@ -94,14 +114,14 @@ class Import(Kind):
             # fsync) right after this returns and carries the manifest row with it. A
             # crash before that leaves the job to be run again, which records it again.
             ctx.db.stage(("manifest", spec["path"]), _RECORD, (*row, time.time()))
-        ctx.log(f"recorded {spec['path']} ({spec['size']} bytes, sha256 {spec['sha256']})")
-        ctx.content = {"Path": spec["path"], "Size": spec["size"], "SHA256": spec["sha256"],
+        ctx.log(f"recorded {path} ({spec['size']} bytes, sha256 {spec['sha256']})")
+        ctx.content = {"Path": path, "Size": spec["size"], "SHA256": spec["sha256"],
                        "Task": spec["task"]}
         ctx.set_progress(1, 2)
         ctx.message = "recorded in the manifest"
         if command:
             await self._run_command(ctx, command, str(real))
-        ctx.message = f"imported {spec['path']}"
+        ctx.message = f"imported {path}"
 
     async def _run_command(self, ctx: RunContext, command: tuple[str, ...], path: str):
         values = {"{path}": path, "{sha256}": ctx.spec["sha256"], "{task}": ctx.spec["task"]}
@@ -127,3 +147,18 @@ class Import(Kind):
                    else f"exited with status {result.returncode}")
             raise JobFailed(ErrorCode.COMMAND_FAILED, f"import_command {how}")
         ctx.log("import_command exited with status 0")
+
+
+def _current_path(ctx: RunContext) -> str:
+    """Where the spec's upload is now, if it is still the version that was verified."""
+    spec = ctx.spec
+    task = ctx.upload_task(spec["task"])
+    if task is None:
+        return spec["path"]  # not an upload the agent knows: the path is the subject
+    if task["state"] == "removed":
+        raise JobFailed(ErrorCode.BAD_INPUT, f"upload {spec['task']} ({spec['path']!r}) "
+                        "was removed before its import ran")
+    if task["state"] != "complete" or task["sha256"] != spec["sha256"]:
+        raise JobFailed(ErrorCode.CHANGED, f"{task['path']!r} changed since it was verified "
+                        f"(it is {task['state']} now); its new version gets its own import")
+    return task["path"]

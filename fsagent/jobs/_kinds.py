@@ -73,7 +73,8 @@ class RunContext:
 
     def __init__(self, *, job_id: str, spec: dict, config, db, outputs_dir: Path,
                  log: Callable[[str], None], to_thread: Callable[..., Awaitable[Any]],
-                 owner_uid: int | None = None):
+                 owner_uid: int | None = None,
+                 upload_task: Callable[[str], dict[str, Any] | None] | None = None):
         self.job_id = job_id
         self.owner_uid = owner_uid
         self.spec = spec
@@ -83,6 +84,10 @@ class RunContext:
         self.outputs_dir = outputs_dir
         self.log = log  # thread-safe: appends one line to the job's log (at ``log.path``)
         self.to_thread = to_thread
+        # Event loop only. What the uploads component knows of an upload task right now
+        # (``{"path", "state", "size", "sha256"}``, ``{"state": "removed"}`` for one that
+        # ended, None for an ID it never had); see ``Agent.upload_task``.
+        self.upload_task = upload_task or (lambda task_id: None)
         self.progress = 0
         self.message = ""
         self.content: dict[str, Any] = {}

@@ -50,6 +50,7 @@ import re
 import stat
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import trio
@@ -74,6 +75,8 @@ IMPORT_RETRY_MAX_SECONDS = 600.0
 CLOSE_BATCH_SECONDS = 0.02     # closes arriving this close together share one sync
 SYNCFS_AT = 8                  # this many files to sync: one syncfs beats many fdatasyncs
 MANIFEST_LIMIT = 16 * 2**20    # bigger "manifests" are not manifests
+REMOVED_REMEMBERED = 100_000   # ended task IDs kept so their import jobs can tell
+_LIVE_IMPORT = {"pending", "running", "paused", "success"}
 _HEX = re.compile(r"^[0-9a-f]+$")
 _STATUS_XATTRS = {b"task", b"state", b"offset", b"progress", b"job", b"error"}
 _DECLARABLE = {b"size", b"md5", b"sha1", b"sha256"}
@@ -122,8 +125,9 @@ class UploadsComponent(Component):
         self._declared_sizes: set[Task] = set()  # uploads whose declared size reserves space
         self._unsynced: set[Task] = set()        # written since their last checkpoint
         self._writing: set[Task] = set()         # with a BackingWriter (write-behind)
+        self._removed: OrderedDict[str, None] = OrderedDict()  # recently ended task IDs
         self.counters = {"write_calls": 0, "bytes_written": 0, "rehashed": 0, "checkpoints": 0,
-                         "recovered_cuts": 0}
+                         "recovered_cuts": 0, "rechecked": 0}
         # Collected at scrape time from counts kept anyway: nothing added to the write path.
         agent.metrics.counter("fsagent_upload_bytes_received_total", "Bytes written into "
                               "uploads/", collect=lambda: self.counters["bytes_written"])
@@ -168,6 +172,8 @@ class UploadsComponent(Component):
             for t in self.tasks.tracked():
                 if t.state is State.PARTIAL:
                     nursery.start_soon(self._consider, t)
+                elif t.state is State.VERIFYING:  # RECHECK at recovery
+                    nursery.start_soon(self._recheck, t)
             task_status.started()
 
     async def checkpoint(self) -> None:
@@ -193,12 +199,23 @@ class UploadsComponent(Component):
         t = self.tasks.get(rel)
         if t is None:
             try:
-                size = os.lstat(self.backing(rel)).st_size
+                st = os.lstat(self.backing(rel))
+                size, ino = st.st_size, st.st_ino
             except OSError:
-                size = 0
-            t = Task(rel=rel, present=size, tracked=_trackable(rel))
+                size, ino = 0, None
+            t = Task(rel=rel, present=size, ino=ino, tracked=_trackable(rel))
             self.tasks.add(t)
         return t
+
+    def describe_task(self, task_id: str) -> dict[str, Any] | None:
+        """An upload task as an import job must see it now (``Agent.upload_task``)."""
+        t = self.tasks.get_id(task_id)
+        if t is None:
+            return {"state": "removed"} if task_id in self._removed else None
+        if not t.tracked:
+            return {"state": "removed"}  # renamed to a temporary name: not an upload now
+        return {"path": t.path, "state": t.state.value, "size": t.present,
+                "sha256": t.computed.get("sha256")}
 
     # -- events from the nodes ---------------------------------------------------------------
 
@@ -207,9 +224,8 @@ class UploadsComponent(Component):
             return None
         t = self._task(rel)
         t.writers += 1
+        was_complete = t.state is State.COMPLETE
         if t.tracked:
-            if t.state is State.COMPLETE:
-                t.completed = t.job = None  # a new version: it gets its own import
             t.apply(Event.OPEN_WRITE)
             t.error = None
             t.held = False
@@ -217,10 +233,16 @@ class UploadsComponent(Component):
         if truncated and t.present:
             t.present = 0
             t.durable = 0
-            t.changed()
+        # Whatever the writer does, the verified hash no longer proves anything. ``job``
+        # stays: if these same bytes come back, that import still stands (``_verify``).
+        t.changed()
         if t.present == 0 or t.hasher is None or t.hasher.broken:
             self._new_hasher(t)
         self.tasks.save(t)
+        if was_complete and t.tracked:
+            # Out of complete durably before the writer can change a byte: recovery
+            # must never find a "complete" record over bytes that are not its hash.
+            await self._commit(t)
         return t
 
     def _new_hasher(self, t: Task) -> None:
@@ -319,18 +341,42 @@ class UploadsComponent(Component):
             self._writing.discard(t)
 
     async def fsync(self, handle: FileHandle) -> None:
+        """fsync on any descriptor makes the file's data durable: ``sync FILE`` opens it
+        read-only, and fdatasync on that descriptor flushes every writer's pages too."""
         t = handle.task
         if t is None:
-            return
-        await self.settle_writes(t, handle.fd)
-        size = t.present
+            t = handle.node.writing_task()
+            if t is None:
+                try:
+                    t = self.tasks.get(handle.node.rel)
+                except FUSEError:
+                    t = None  # unlinked while open: no task to record it for
+            await self.drain(t)
+        else:
+            await self.settle_writes(t, handle.fd)
+        size = t.present if t is not None else 0
         try:
             await self.agent.to_thread(os.fdatasync, handle.fd)
         except OSError as e:
             raise FUSEError(e.errno or errno.EIO) from None
-        if t.tracked:
+        if t is not None and t.tracked and not t.ended:
             self._mark_durable(t, size)
             await self._flush()
+
+    async def _commit(self, t: Task) -> None:
+        """Stage ``t``'s row and wait until it is durable."""
+        self.tasks.save(t)
+        await self._flush()
+
+    async def changing(self, rel: bytes) -> None:
+        """The bytes of ``rel`` are about to change without a writer (a truncate by
+        path): a complete task leaves ``complete`` durably first."""
+        t = self.tasks.get(rel)
+        if t is None or not t.tracked or t.state is not State.COMPLETE:
+            return
+        t.changed()
+        t.apply(Event.MODIFY)
+        await self._commit(t)
 
     async def closed(self, t: Task) -> None:
         t.writers -= 1
@@ -359,6 +405,20 @@ class UploadsComponent(Component):
             if t.state is State.PARTIAL:
                 self._want_checkpoint(t, consider=True)
 
+    def attributes_changed(self, rel: bytes) -> None:
+        """Mode, owner, times or a user xattr changed through the mount: the bytes did
+        not, so a complete task's fingerprint follows (recovery need not hash it)."""
+        t = self.tasks.get(rel)
+        if t is not None and t.tracked and t.state is State.COMPLETE:
+            self._refresh_fingerprint(t)
+
+    def _refresh_fingerprint(self, t: Task) -> None:
+        try:
+            t.fingerprint = _fingerprint(os.lstat(self.backing(t.rel)))
+        except OSError:
+            t.fingerprint = None  # recovery will hash it again: never a false proof
+        self.tasks.save(t)
+
     def mtime_set(self, rel: bytes, mtime_ns: int) -> None:
         t = self.tasks.get(rel)
         if t is None:
@@ -377,6 +437,7 @@ class UploadsComponent(Component):
     async def _end(self, t: Task) -> None:
         tracked, job = t.tracked, t.job
         self.tasks.remove(t)
+        self._remember_removed(t.task_id)
         self._checkpoint_wanted.discard(t)
         self._consider_after_checkpoint.discard(t)
         self._writing.discard(t)
@@ -410,7 +471,7 @@ class UploadsComponent(Component):
             await self._renamed_into_place(t, from_rsync=is_temporary_path(old_rel))
         elif was_tracked:
             if t.state is State.COMPLETE:
-                self.tasks.save(t)
+                self._refresh_fingerprint(t)  # a rename moves the ctime, not the bytes
             self._notice_manifest(t)
 
     async def _renamed_into_place(self, t: Task, *, from_rsync: bool) -> None:
@@ -445,6 +506,11 @@ class UploadsComponent(Component):
         self._notice_manifest(t)
         if not t.writers:
             self._want_checkpoint(t, consider=True)
+
+    def _remember_removed(self, task_id: str) -> None:
+        self._removed[task_id] = None
+        if len(self._removed) > REMOVED_REMEMBERED:
+            self._removed.popitem(last=False)
 
     # -- declarations (xattrs) -------------------------------------------------------------------
 
@@ -684,6 +750,10 @@ class UploadsComponent(Component):
                 return
         if not self._current(t, generation):
             return  # written to, truncated or removed meanwhile: that change decides
+        try:
+            fingerprint = _fingerprint(os.lstat(self.backing(t.rel)))
+        except OSError:
+            fingerprint = None  # proves nothing: a crash makes recovery hash it again
         t.computed = dict(digests)
         for algorithm, expected, source in declarations:
             actual = digests[algorithm]
@@ -694,13 +764,20 @@ class UploadsComponent(Component):
                 self.tasks.save(t)
                 self._failed(t, "mismatch")
                 return
-        rechecked = t.completed is not None and t.job is not None
+        # One version, one import: bytes that come back complete with the hash their
+        # import was submitted for (a recheck, a hash declared late, a rewrite with the
+        # same bytes) keep that import, unless it ended without success.
+        old_job = t.job
+        same_version = (old_job is not None and t.job_sha256 == digests["sha256"]
+                        and self._import_state(old_job) in _LIVE_IMPORT)
         t.error = None
+        t.fingerprint = fingerprint
         t.apply(Event.VERIFIED)
         if t.hasher is not None:
             t.hasher.close()
             t.hasher = None
-        if not rechecked:
+        if not same_version:
+            t.job = t.job_sha256 = None
             t.completed = time.time()
             self.completed_total.inc()
         # Staged, not committed here: the data is already durable, and a crash before the
@@ -708,8 +785,14 @@ class UploadsComponent(Component):
         self.tasks.save(t)
         log.info("upload complete: %s (%d bytes, sha256 %s)", t.path, t.present,
                  t.computed["sha256"])
-        if not rechecked:
+        if not same_version:
+            if old_job is not None:
+                await self._cancel_import(old_job)  # it would import bytes that are gone
             await self._hand_off(t)
+
+    def _import_state(self, job: str) -> str | None:
+        jobs = self._jobs()
+        return None if jobs is None else jobs.job_state(job)
 
     def _current(self, t: Task, generation: int) -> bool:
         return (not t.ended and t.tracked and t.generation == generation
@@ -758,7 +841,7 @@ class UploadsComponent(Component):
         # (it would be handed over, and imported, twice after the restart).
         job = str(uuid.uuid4())
         error_before = t.error
-        t.job, t.error = job, None
+        t.job, t.job_sha256, t.error = job, t.computed["sha256"], None
         self.tasks.save(t)
         try:
             st = os.lstat(self.backing(t.rel))
@@ -767,7 +850,7 @@ class UploadsComponent(Component):
             # The import belongs to whoever owns the file: they may cancel or re-prioritise it.
             await self.agent.submit_job("import", spec, owner_uid=st.st_uid, job_id=job)
         except Exception as e:
-            t.job, t.error = None, error_before
+            t.job, t.job_sha256, t.error = None, None, error_before
             self.tasks.save(t)
             if t.task_id not in self._import_retry:
                 log.exception("handing %s to the job engine failed", t.path)
@@ -838,23 +921,34 @@ class UploadsComponent(Component):
         rows = await db.run(load_tasks)
         files = await self.agent.to_thread(_walk_files, self._root_path)
         cuts: list[tuple[bytes, int]] = []
-        for t in rows:
-            if t.rel not in files:
+        for t, st in _match_rows(rows, files):
+            if st is None:
                 self.tasks.forget_row(t)  # removed while we were down
+                self._remember_removed(t.task_id)
                 continue
-            size = files.pop(t.rel)
-            if t.state is not State.COMPLETE and not clean and size > t.durable:
-                cuts.append((self.backing(t.rel), t.durable))
-                size = t.durable
-            elif t.state is State.COMPLETE and size != t.present:
-                t.apply(Event.MODIFY)  # changed behind our back: check it again
+            size = st.st_size
+            t.apply(Event.RESTART)
+            if t.state is State.COMPLETE:
+                # Trusted only while the file is provably the one verified: same inode,
+                # size, mtime and ctime. Anything else (a rename or a change that never
+                # reached the database, an edit while we were down) is hashed again
+                # before the task is complete again (``_recheck``).
+                if t.fingerprint != _fingerprint(st):
+                    t.fingerprint = None
+                    t.apply(Event.RECHECK)
+            else:
+                t.computed = {}  # hashes of an unfinished file describe no version now
+                t.fingerprint = None
+                if not clean and size > t.durable:
+                    cuts.append((self.backing(t.rel), t.durable))
+                    size = t.durable
+            t.ino = st.st_ino
             t.present = size
             t.durable = min(t.durable, size)
-            t.apply(Event.RESTART)
             if t.declared_size is not None:
                 self._declared_sizes.add(t)
             self.tasks.add(t)
-        for rel, size in files.items():
+        for rel, st in files.items():
             if not _trackable(rel):
                 if not is_temporary_path(rel):
                     log.warning("ignoring %r in the store: its name is not UTF-8, so it "
@@ -864,8 +958,8 @@ class UploadsComponent(Component):
             # flushed, or put into the store by hand) is adopted at its size as partial: we
             # never destroy bytes we cannot prove are garbage; a resumed rsync
             # --append-verify checks the whole file and repairs it if it must.
-            t = Task(rel=rel, present=size)
-            t.durable = size
+            t = Task(rel=rel, present=st.st_size, ino=st.st_ino)
+            t.durable = st.st_size
             self.tasks.add(t)
         if cuts:
             await self.agent.to_thread(_cut_back, cuts)
@@ -875,6 +969,61 @@ class UploadsComponent(Component):
                             os.fsdecode(path), size)
         await db.flush()
 
+    async def _recheck(self, t: Task) -> None:
+        """Hash a complete file recovery could not prove unchanged. The same bytes stay
+        complete with their import; other bytes are a new version, which the
+        completion rules take from ``partial`` like any other."""
+        generation = t.generation
+        self.counters["rechecked"] += 1
+        try:
+            digests = await self.agent.to_thread(hash_file, self.backing(t.rel),
+                                                 ["sha256"])
+        except OSError as e:
+            digests = {}
+            log.warning("rechecking %s: %s", t.path, e.strerror)
+        if not self._current(t, generation):
+            return
+        if digests.get("sha256") == t.computed.get("sha256"):
+            await self._verify(t, generation)
+            return
+        log.warning("upload %s is not the bytes it was verified as (changed while the "
+                    "agent was not looking); checking it again as a new version", t.path)
+        t.changed()
+        t.apply(Event.MODIFY)
+        self.tasks.save(t)
+        self._want_checkpoint(t, consider=True)
+
+
+def _fingerprint(st: os.stat_result) -> tuple[int, int, int]:
+    """What recovery compares: size, mtime and ctime (no client can set a ctime)."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _match_rows(rows: list[Task], files: dict[bytes, os.stat_result]):
+    """Pair each task row with its file: at its own path when the inode agrees (or the
+    row has none recorded), else wherever its inode is now (a rename whose record never
+    reached the database). Yields ``(task, stat)`` with ``stat`` None for a row whose
+    file is gone, and takes every matched file out of ``files``."""
+    by_ino = {st.st_ino: rel for rel, st in files.items()}
+    unplaced = []
+    for t in rows:
+        st = files.get(t.rel)
+        if st is not None and (t.ino is None or t.ino == st.st_ino):
+            del files[t.rel]
+            yield t, st
+        else:
+            unplaced.append(t)
+    for t in unplaced:
+        rel = by_ino.get(t.ino) if t.ino is not None else None
+        st = files.pop(rel, None) if rel is not None else None
+        if st is not None and st.st_ino == t.ino:
+            log.info("upload %s was renamed to %s before the agent stopped", t.path,
+                     os.fsdecode(rel))
+            t.rel = rel
+            yield t, st
+        else:
+            yield t, None
+
 
 def _trackable(rel: bytes) -> bool:
     """Whether a file at ``rel`` is an upload task: not an rsync temp file, and a UTF-8
@@ -882,8 +1031,8 @@ def _trackable(rel: bytes) -> bool:
     return not is_temporary_path(rel) and is_utf8(rel)
 
 
-def _walk_files(root: bytes) -> dict[bytes, int]:
-    found: dict[bytes, int] = {}
+def _walk_files(root: bytes) -> dict[bytes, os.stat_result]:
+    found: dict[bytes, os.stat_result] = {}
     prefix = len(root) + 1
     for directory, _dirs, names in os.walk(root):
         for name in names:
@@ -893,7 +1042,7 @@ def _walk_files(root: bytes) -> dict[bytes, int]:
             except FileNotFoundError:
                 continue
             if stat.S_ISREG(st.st_mode):
-                found[path[prefix:]] = st.st_size
+                found[path[prefix:]] = st
     return found
 
 

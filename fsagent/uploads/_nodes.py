@@ -127,6 +127,7 @@ class _Entry(Node):
                 os.utime(path, ns=(atime, mtime), follow_symlinks=False)
                 if fields.update_mtime:
                     self.uploads.mtime_set(self.rel, mtime)
+        self.uploads.attributes_changed(self.rel)
         return await self.getattr(ctx)
 
     async def truncate(self, size: int, fh) -> None:
@@ -160,6 +161,7 @@ class _Entry(Node):
             raise FUSEError(errno.ENOTSUP)
         with backing_errors():
             os.setxattr(self.backing, name, value, follow_symlinks=False)
+        self.uploads.attributes_changed(self.rel)
 
     async def removexattr(self, name: bytes, ctx) -> None:
         if name.startswith(FSAGENT_XATTR) and self.uploads.is_task(self.rel):
@@ -169,6 +171,7 @@ class _Entry(Node):
             raise FUSEError(errno.ENOTSUP)
         with backing_errors():
             os.removexattr(self.backing, name, follow_symlinks=False)
+        self.uploads.attributes_changed(self.rel)
 
     def forgotten(self) -> None:
         if self.parent is not None:
@@ -353,6 +356,7 @@ class UploadFile(_Entry):
         return super().stat()
 
     async def truncate(self, size: int, fh) -> None:
+        await self.uploads.changing(self.rel)  # a complete task leaves complete first
         if isinstance(fh, FileHandle):
             os.ftruncate(fh.fd, size)
         else:

@@ -13,6 +13,15 @@ Design notes
 * **Deletion** stages a DELETE under the same key, replacing any pending upsert, so a
   flush never writes a row for a task that no longer exists. ``path`` is indexed but
   not unique: within one flush a task may take over the path of one being deleted.
+* **Identity and proof** (crash consistency). ``ino`` is the backing file's inode
+  number, recorded when the task first sees its file: a rename keeps it, so recovery
+  matches a row whose path change never reached SQLite to the file that moved.
+  ``fingerprint`` is ``(size, mtime_ns, ctime_ns)`` of the backing file when it was
+  verified (refreshed when the mount itself changes only metadata): any write,
+  truncate or rename moves the ctime, which no client can set, so recovery trusts a
+  ``complete`` row only while the fingerprint still matches and hashes it again
+  otherwise. ``job_sha256`` is the SHA-256 of the version ``job`` imports: a file
+  that comes back to ``complete`` with those same bytes keeps its import.
 * **Temporary files** (rsync's ``.NAME.XXXXXX``) get a ``Task`` too, so their writes
   are hashed on the fly, but ``tracked`` is False: no row, no listing, no state
   changes, until a rename into place promotes them.
@@ -33,7 +42,8 @@ __all__ = ["Task", "TaskTable", "load_tasks"]
 
 _COLUMNS = ("task_id", "path", "state", "bytes_present", "durable_offset", "declared_size",
             "client_md5", "client_sha1", "client_sha256", "md5", "sha1", "sha256", "job",
-            "error", "held", "renamed_by_rsync", "created", "updated", "completed")
+            "error", "held", "renamed_by_rsync", "created", "updated", "completed", "ino",
+            "fp_size", "fp_mtime_ns", "fp_ctime_ns", "job_sha256")
 _UPSERT = (
     f"INSERT INTO upload_tasks ({', '.join(_COLUMNS)}) VALUES "
     f"({', '.join('?' for _ in _COLUMNS)}) ON CONFLICT(task_id) DO UPDATE SET "
@@ -58,6 +68,9 @@ class Task:
     created: float = dataclasses.field(default_factory=time.time)
     updated: float = dataclasses.field(default_factory=time.time)
     completed: float | None = None
+    ino: int | None = None          # the backing file's inode (follows renames)
+    fingerprint: tuple[int, int, int] | None = None  # (size, mtime_ns, ctime_ns) verified
+    job_sha256: str | None = None   # the SHA-256 of the version ``job`` imports
     # -- runtime only --
     tracked: bool = True
     writers: int = 0
@@ -86,6 +99,7 @@ class Task:
         self.generation += 1
         self.last_change = time.monotonic()
         self.computed = {}
+        self.fingerprint = None
         self.timed = False
 
     @property
@@ -107,7 +121,8 @@ class Task:
                 self.client.get("sha256"), self.computed.get("md5"),
                 self.computed.get("sha1"), self.computed.get("sha256"), self.job,
                 self.error, int(self.held), int(self.renamed_by_rsync), self.created,
-                self.updated, self.completed)
+                self.updated, self.completed, self.ino,
+                *(self.fingerprint or (None, None, None)), self.job_sha256)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row | tuple) -> Task:
@@ -121,7 +136,10 @@ class Task:
             computed={a: values[a] for a in ("md5", "sha1", "sha256") if values[a]},
             job=values["job"], error=values["error"], held=bool(values["held"]),
             renamed_by_rsync=bool(values["renamed_by_rsync"]), created=values["created"],
-            updated=values["updated"], completed=values["completed"], stored=True,
+            updated=values["updated"], completed=values["completed"], ino=values["ino"],
+            fingerprint=(None if values["fp_size"] is None else
+                         (values["fp_size"], values["fp_mtime_ns"], values["fp_ctime_ns"])),
+            job_sha256=values["job_sha256"], stored=True,
         )
 
 
@@ -131,17 +149,22 @@ def load_tasks(conn: sqlite3.Connection) -> list[Task]:
 
 
 class TaskTable:
-    """Tasks by path, plus the staging of their rows."""
+    """Tasks by path and by ID, plus the staging of their rows."""
 
     def __init__(self, db):
         self._db = db
         self.by_path: dict[bytes, Task] = {}
+        self.by_id: dict[str, Task] = {}
 
     def get(self, rel: bytes) -> Task | None:
         return self.by_path.get(rel)
 
+    def get_id(self, task_id: str) -> Task | None:
+        return self.by_id.get(task_id)
+
     def add(self, task: Task) -> Task:
         self.by_path[task.rel] = task
+        self.by_id[task.task_id] = task
         self.save(task)
         return task
 
@@ -151,9 +174,12 @@ class TaskTable:
             self._db.stage(("upload", task.task_id), _UPSERT, task.row())
 
     def remove(self, task: Task) -> None:
+        task.apply(Event.UNLINK)
         task.ended = True
         if self.by_path.get(task.rel) is task:
             del self.by_path[task.rel]
+        if self.by_id.get(task.task_id) is task:
+            del self.by_id[task.task_id]
         if task.hasher is not None:
             task.hasher.close()
             task.hasher = None

@@ -16,8 +16,14 @@ Design notes
   the last writer closed it (``close``); bytes changed without a writer, e.g. a
   truncate by path (``modify``); a completion rule held (``size_reached``,
   ``hash_declared``, ``renamed_into_place``, ``settled``); the check ended
-  (``verified``, ``mismatch``, ``fail``); the agent restarted (``restart``); the file
-  went away (``unlink``, which ends the task: next state ``None``).
+  (``verified``, ``mismatch``, ``fail``); the agent restarted (``restart``); recovery
+  cannot prove a complete file is still the bytes it verified (``recheck``: it is
+  hashed again before anyone is told it is complete); the file went away (``unlink``,
+  which ends the task: next state ``None``).
+* **What ``complete`` promises**: the recorded SHA-256 is the SHA-256 of the file's
+  bytes, now and after any crash. So every change of the bytes leaves ``complete``
+  first (``open_write``, ``modify``), and ``verifying`` is left by ``modify`` when the
+  check finds other bytes than the ones it was asked to confirm.
 * **Which rule holds** is decided by ``completion_event`` from plain facts (writers,
   sizes, declarations, the mtime-0 hold, idle time), so it is unit-tested without a
   mount. The rules, in order: a declared size is authoritative (not reached: wait;
@@ -64,6 +70,7 @@ class Event(str, enum.Enum):
     MISMATCH = "mismatch"
     FAIL = "fail"
     RESTART = "restart"
+    RECHECK = "recheck"
     UNLINK = "unlink"
 
     def __str__(self) -> str:
@@ -89,6 +96,9 @@ TRANSITIONS: dict[tuple[State, Event], State | None] = {
     # A hash declared after the fact re-checks a finished or failed file.
     (C, E.HASH_DECLARED): V,
     (F, E.HASH_DECLARED): V,
+    # Recovery could not prove the bytes are the ones verified (renamed, touched, or
+    # changed while the agent was down): check them again.
+    (C, E.RECHECK): V,
     (V, E.VERIFIED): C,
     (V, E.MISMATCH): F,
     (P, E.FAIL): F,
