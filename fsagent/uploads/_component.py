@@ -76,7 +76,10 @@ CLOSE_BATCH_SECONDS = 0.02     # closes arriving this close together share one s
 SYNCFS_AT = 8                  # this many files to sync: one syncfs beats many fdatasyncs
 MANIFEST_LIMIT = 16 * 2**20    # bigger "manifests" are not manifests
 REMOVED_REMEMBERED = 100_000   # ended task IDs kept so their import jobs can tell
-_LIVE_IMPORT = {"pending", "running", "paused", "success"}
+# An import that ended in these did not import its version: the same bytes coming back
+# complete get a new one. Any other state, or none (evicted from the job history: it
+# ran long ago), means the version has its import.
+_DEAD_IMPORT = {"failure", "cancelled"}
 _HEX = re.compile(r"^[0-9a-f]+$")
 _STATUS_XATTRS = {b"task", b"state", b"offset", b"progress", b"job", b"error"}
 _DECLARABLE = {b"size", b"md5", b"sha1", b"sha256"}
@@ -769,7 +772,7 @@ class UploadsComponent(Component):
         # same bytes) keep that import, unless it ended without success.
         old_job = t.job
         same_version = (old_job is not None and t.job_sha256 == digests["sha256"]
-                        and self._import_state(old_job) in _LIVE_IMPORT)
+                        and self._import_state(old_job) not in _DEAD_IMPORT)
         t.error = None
         t.fingerprint = fingerprint
         t.apply(Event.VERIFIED)
