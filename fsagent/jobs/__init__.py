@@ -5,7 +5,7 @@ Public surface:
 * ``JobsComponent`` — the agent component named ``"jobs"``: ``MOUNT/jobs/`` and
   ``MOUNT/jobs.json``, the scheduler task, the ``jobs`` section of ``status``, the
   ``Jobs.*`` RPC methods, and the hand-off verbs the uploads component calls
-  (``submit``, ``cancel_if_not_started``, ``job_state``).
+  (``submit``, ``cancel_if_not_started``, ``job_state``, ``import_moved``).
 * ``State``, ``IllegalMove``, ``UnknownVerb``, ``TRANSITIONS`` — the state machine.
 * ``KINDS`` — the registry of job kinds (``import``, ``archive``, ``verify``).
 
@@ -29,6 +29,7 @@ from ..rpc import RpcError, current_peer
 from ._engine import (
     BadSpec, Engine, JobExists, JobNotFinished, NoSuchJob, ShuttingDown, valid_job_name,
 )
+from ._import import stage_manifest_move
 from ._kinds import KINDS
 from ._nodes import JobsDirectory, render_jobs_json
 from ._states import TRANSITIONS, IllegalMove, State, UnknownVerb
@@ -56,6 +57,11 @@ class JobsComponent(Component):
 
     async def cancel_if_not_started(self, job_id: str) -> bool:
         return await self.engine.cancel_if_not_started(job_id)
+
+    def import_moved(self, task: str, job_id: str, path: str) -> None:
+        """Upload ``task``, imported by ``job_id``, is at ``path`` now: its manifest row
+        follows (staged with the upload's own record)."""
+        stage_manifest_move(self.agent.db, task, job_id, path)
 
     def job_state(self, job_id: str) -> str | None:
         """The job's state word (``pending`` ... ``cancelled``), None if there is no such

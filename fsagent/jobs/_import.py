@@ -6,7 +6,8 @@ Design notes
   upload is complete and its SHA-256 verified. Spec: ``{"task", "path" (relative to
   uploads/), "size", "sha256", "mtime_ns"}``.
 * **Manifest first.** The file is recorded in the repository manifest (path, size,
-  SHA-256, mtime, task, job); ``verify`` jobs check against it. Without an
+  SHA-256, mtime, task, job); ``verify`` jobs check against it. The row stays at the
+  file's path: when the upload is renamed later, the uploads component moves it. Without an
   ``import_command`` the row rides in the transaction that records the job's success
   (one fsync per import, not two: thousands of small files are the common case); with
   one, it is committed before the command runs. The
@@ -41,7 +42,7 @@ import trio
 from ._kinds import JobFailed, Kind, RunContext, SpecError, confine, only_keys, register
 from ._states import ErrorCode
 
-__all__ = ["Import", "record_manifest"]
+__all__ = ["Import", "stage_manifest_move"]
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -57,11 +58,16 @@ def _int(spec: dict, key: str, minimum: int | None = None) -> int:
 
 _RECORD = ("INSERT OR REPLACE INTO manifest (path, size, sha256, mtime_ns, task, job_id, "
            "recorded) VALUES (?, ?, ?, ?, ?, ?, ?)")
+_MOVE = "UPDATE OR REPLACE manifest SET path = ? WHERE task = ? AND job_id = ?"
 
 
-def record_manifest(conn, path: str, size: int, sha256: str, mtime_ns: int, task: str,
-                    job_id: str) -> None:
-    conn.execute(_RECORD, (path, size, sha256, mtime_ns, task, job_id, time.time()))
+def stage_manifest_move(db, task: str, job_id: str, path: str) -> None:
+    """Stage moving the manifest row ``job_id`` recorded for ``task`` to ``path`` (the
+    upload was renamed); it replaces a row at ``path`` (a file renamed over) and does
+    nothing if the import has not recorded it yet (it will, at the upload's new path).
+    Keyed by task: only the last rename matters, and it runs after everything staged
+    before it, the import's own row included (``Database.stage`` keeps event order)."""
+    db.stage(("manifest-follows", task), _MOVE, (path, task, job_id))
 
 
 @register
@@ -106,14 +112,17 @@ class Import(Kind):
         command = ctx.config.import_command
         spec = ctx.spec = {**spec, "path": path}
         row = (path, spec["size"], spec["sha256"], mtime_ns, spec["task"], ctx.job_id)
+        # Staged right after the last ``_current_path`` (no await between): a rename of
+        # the upload from now on is staged after this row and moves it (uploads keeps
+        # the manifest row at the file's path). Keyed by job, not path: two imports at
+        # one path in one flush both run, in order.
+        ctx.db.stage(("manifest", ctx.job_id), _RECORD, (*row, time.time()))
         if command:
             # The command acts on the outside world: the record is durable before it runs.
-            await ctx.db.run(record_manifest, *row)
-        else:
-            # Staged: the job's own success record is flushed (one transaction, one
-            # fsync) right after this returns and carries the manifest row with it. A
-            # crash before that leaves the job to be run again, which records it again.
-            ctx.db.stage(("manifest", spec["path"]), _RECORD, (*row, time.time()))
+            await ctx.db.flush()
+        # Otherwise the job's own success record is flushed (one transaction, one fsync)
+        # right after this returns and carries the manifest row with it. A crash before
+        # that leaves the job to be run again, which records it again.
         ctx.log(f"recorded {path} ({spec['size']} bytes, sha256 {spec['sha256']})")
         ctx.content = {"Path": path, "Size": spec["size"], "SHA256": spec["sha256"],
                        "Task": spec["task"]}

@@ -475,6 +475,11 @@ class UploadsComponent(Component):
         elif was_tracked:
             if t.state is State.COMPLETE:
                 self._refresh_fingerprint(t)  # a rename moves the ctime, not the bytes
+            jobs = self._jobs()
+            if t.job is not None and jobs is not None:
+                # The repository manifest records a file at its path: its import's row
+                # follows the rename (replacing the row of a file renamed over).
+                jobs.import_moved(t.task_id, t.job, t.path)
             self._notice_manifest(t)
 
     async def _renamed_into_place(self, t: Task, *, from_rsync: bool) -> None:
@@ -845,6 +850,8 @@ class UploadsComponent(Component):
         job = str(uuid.uuid4())
         error_before = t.error
         t.job, t.job_sha256, t.error = job, t.computed["sha256"], None
+        # No await from here to the engine staging the job's row: the database takes
+        # them into one transaction (fsagent/db.py), so neither is ever durable alone.
         self.tasks.save(t)
         try:
             st = os.lstat(self.backing(t.rel))
@@ -852,9 +859,13 @@ class UploadsComponent(Component):
                     "sha256": t.computed["sha256"], "mtime_ns": st.st_mtime_ns}
             # The import belongs to whoever owns the file: they may cancel or re-prioritise it.
             await self.agent.submit_job("import", spec, owner_uid=st.st_uid, job_id=job)
-        except Exception as e:
+        except BaseException as e:
+            # Not submitted (refused, failed, or cancelled by a shutdown): the task must
+            # not name a job that does not exist, or the version would never be imported.
             t.job, t.job_sha256, t.error = None, None, error_before
             self.tasks.save(t)
+            if not isinstance(e, Exception):
+                raise
             if t.task_id not in self._import_retry:
                 log.exception("handing %s to the job engine failed", t.path)
             self._import_failed(t, f"{type(e).__name__}: {e}")
