@@ -43,11 +43,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
 import logging
 import os
 import re
-import stat
 import time
 import uuid
 from typing import Any
@@ -57,6 +57,7 @@ from pyfuse3 import FUSEError
 
 from ..agent import Component
 from ..fs import DynamicFile, Node
+from ..longpaths import BackingTree
 from ._hashing import StreamHasher, hash_file
 from ._manifests import ALGORITHMS, DIGEST_HEX_LENGTH, manifest_kind, manifest_names_for, \
     parse_manifest
@@ -90,9 +91,9 @@ def _syncfs(path: bytes) -> None:
         os.close(fd)
 
 
-def _fdatasync_path(path: bytes) -> None:
+def _fdatasync_path(paths: BackingTree, rel: bytes) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = paths.open(rel, os.O_RDONLY)
     except FileNotFoundError:
         return
     try:
@@ -108,6 +109,7 @@ class UploadsComponent(Component):
         super().__init__(agent)
         self.config = agent.config
         self._root_path = os.fsencode(self.config.uploads_dir)
+        self.paths = BackingTree(self._root_path)  # syscalls on paths of any length
         self.tasks = TaskTable(agent.db)
         self.root = UploadDir(self, None, b"")
         self._nursery: trio.Nursery | None = None
@@ -193,7 +195,7 @@ class UploadsComponent(Component):
         t = self.tasks.get(rel)
         if t is None:
             try:
-                size = os.lstat(self.backing(rel)).st_size
+                size = self.paths.lstat(rel).st_size
             except OSError:
                 size = 0
             t = Task(rel=rel, present=size, tracked=_trackable(rel))
@@ -240,7 +242,7 @@ class UploadsComponent(Component):
         if hasher is not None:
             if offset > hasher.position and offset <= t.present and not hasher.broken:
                 await self.drain(t)  # the prefix is read back from disk
-                await hasher.feed_existing(self.backing(t.rel), offset)
+                await hasher.feed_existing(functools.partial(self.paths.open, t.rel), offset)
             await hasher.feed(offset, data)
         if len(data) > INLINE_WRITE or (writer is not None and writer.pending):
             # Acknowledged now, applied in order in a worker thread (_writer.py).
@@ -416,9 +418,8 @@ class UploadsComponent(Component):
     async def _renamed_into_place(self, t: Task, *, from_rsync: bool) -> None:
         """A temp file got its real name: it becomes a task now."""
         await self.drain(t)
-        path = self.backing(t.rel)
         try:
-            st = os.lstat(path)
+            st = self.paths.lstat(t.rel)
         except OSError:
             return
         t.tracked = True
@@ -433,8 +434,9 @@ class UploadsComponent(Component):
         for algorithm in ("size", *ALGORITHMS):
             name = FSAGENT_XATTR + algorithm.encode()
             try:
-                value = os.getxattr(path, name, follow_symlinks=False)
-                os.removexattr(path, name, follow_symlinks=False)
+                with self.paths.at(t.rel) as path:
+                    value = os.getxattr(path, name, follow_symlinks=False)
+                    os.removexattr(path, name, follow_symlinks=False)
             except OSError:
                 continue
             try:
@@ -586,8 +588,8 @@ class UploadsComponent(Component):
         if len(batch) >= SYNCFS_AT:
             await self.agent.to_thread(_syncfs, self._root_path)
         else:
-            paths = [self.backing(t.rel) for t in batch]
-            await self.agent.to_thread(lambda: [_fdatasync_path(p) for p in paths])
+            rels = [t.rel for t in batch]
+            await self.agent.to_thread(lambda: [_fdatasync_path(self.paths, r) for r in rels])
         for t, size in sizes.items():
             if not t.ended:
                 self._mark_durable(t, size)
@@ -646,14 +648,13 @@ class UploadsComponent(Component):
         """Every hash declared for ``t``: ``(algorithm, hex, where it was declared)``."""
         out = [(a, v, f"user.fsagent.{a}") for a, v in sorted(t.client.items())]
         directory, _, name = t.rel.rpartition(b"/")
-        base = self.backing(directory)
         # Most directories have no manifest: a few failed stats here beat a thread hop.
         candidates = [m for m, _ in manifest_names_for(name)
-                      if os.path.exists(base + b"/" + m)]
+                      if self.paths.exists(directory + b"/" + m if directory else m)]
         if not candidates:
             return out
         try:
-            found = await self.agent.to_thread(_read_manifests, base, name)
+            found = await self.agent.to_thread(_read_manifests, self.paths, directory, name)
         except OSError as e:
             log.warning("reading manifests next to %s: %s", t.path, e)
             found = []
@@ -673,7 +674,7 @@ class UploadsComponent(Component):
             self.counters["rehashed"] += 1
             await self.drain(t)
             try:
-                digests = await self.agent.to_thread(hash_file, self.backing(t.rel),
+                digests = await self.agent.to_thread(_hash_file, self.paths, t.rel,
                                                      sorted(algorithms))
             except OSError as e:
                 if self._current(t, generation):
@@ -725,9 +726,9 @@ class UploadsComponent(Component):
 
     async def _apply_manifest(self, directory: bytes, name: bytes, kind) -> None:
         algorithm, subject = kind
-        path = self.backing(directory + b"/" + name if directory else name)
+        rel = directory + b"/" + name if directory else name
         try:
-            content = await self.agent.to_thread(_read_small, path)
+            content = await self.agent.to_thread(_read_small, self.paths, rel)
         except OSError:
             return
         for target in parse_manifest(content, algorithm, subject):
@@ -761,7 +762,7 @@ class UploadsComponent(Component):
         t.job, t.error = job, None
         self.tasks.save(t)
         try:
-            st = os.lstat(self.backing(t.rel))
+            st = self.paths.lstat(t.rel)
             spec = {"task": t.task_id, "path": t.path, "size": t.present,
                     "sha256": t.computed["sha256"], "mtime_ns": st.st_mtime_ns}
             # The import belongs to whoever owns the file: they may cancel or re-prioritise it.
@@ -836,7 +837,7 @@ class UploadsComponent(Component):
         db = self.agent.db
         clean = db.previous_run_clean
         rows = await db.run(load_tasks)
-        files = await self.agent.to_thread(_walk_files, self._root_path)
+        files = await self.agent.to_thread(self.paths.walk_files)
         cuts: list[tuple[bytes, int]] = []
         for t in rows:
             if t.rel not in files:
@@ -844,7 +845,7 @@ class UploadsComponent(Component):
                 continue
             size = files.pop(t.rel)
             if t.state is not State.COMPLETE and not clean and size > t.durable:
-                cuts.append((self.backing(t.rel), t.durable))
+                cuts.append((t.rel, t.durable))
                 size = t.durable
             elif t.state is State.COMPLETE and size != t.present:
                 t.apply(Event.MODIFY)  # changed behind our back: check it again
@@ -868,11 +869,11 @@ class UploadsComponent(Component):
             t.durable = size
             self.tasks.add(t)
         if cuts:
-            await self.agent.to_thread(_cut_back, cuts)
+            await self.agent.to_thread(_cut_back, self.paths, cuts)
             self.counters["recovered_cuts"] = len(cuts)
-            for path, size in cuts:
+            for rel, size in cuts:
                 log.warning("unclean stop: cut %s back to its durable offset %d",
-                            os.fsdecode(path), size)
+                            os.fsdecode(self.backing(rel)), size)
         await db.flush()
 
 
@@ -882,24 +883,9 @@ def _trackable(rel: bytes) -> bool:
     return not is_temporary_path(rel) and is_utf8(rel)
 
 
-def _walk_files(root: bytes) -> dict[bytes, int]:
-    found: dict[bytes, int] = {}
-    prefix = len(root) + 1
-    for directory, _dirs, names in os.walk(root):
-        for name in names:
-            path = directory + b"/" + name
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                found[path[prefix:]] = st.st_size
-    return found
-
-
-def _cut_back(cuts: list[tuple[bytes, int]]) -> None:
-    for path, size in cuts:
-        fd = os.open(path, os.O_WRONLY)
+def _cut_back(paths: BackingTree, cuts: list[tuple[bytes, int]]) -> None:
+    for rel, size in cuts:
+        fd = paths.open(rel, os.O_WRONLY)
         try:
             os.ftruncate(fd, size)
             os.fsync(fd)
@@ -907,16 +893,21 @@ def _cut_back(cuts: list[tuple[bytes, int]]) -> None:
             os.close(fd)
 
 
-def _read_small(path: bytes) -> bytes:
-    with open(path, "rb") as f:
+def _hash_file(paths: BackingTree, rel: bytes, algorithms: list[str]) -> dict[str, str]:
+    return hash_file(paths.open(rel, os.O_RDONLY), algorithms)  # open() takes the fd
+
+
+def _read_small(paths: BackingTree, rel: bytes) -> bytes:
+    with open(paths.open(rel, os.O_RDONLY), "rb") as f:
         return f.read(MANIFEST_LIMIT)
 
 
-def _read_manifests(directory: bytes, name: bytes) -> list[tuple[str, str, str]]:
+def _read_manifests(paths: BackingTree, directory: bytes,
+                    name: bytes) -> list[tuple[str, str, str]]:
     out = []
     for manifest, algorithm in manifest_names_for(name):
         try:
-            content = _read_small(directory + b"/" + manifest if directory else manifest)
+            content = _read_small(paths, directory + b"/" + manifest if directory else manifest)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             continue
         kind = manifest_kind(manifest)

@@ -96,8 +96,10 @@ class StreamHasher:
             return
         await self._queue(data)
 
-    async def feed_existing(self, path: bytes, end: int) -> None:
-        """Claim the bytes already on disk up to ``end`` (a resumed upload's prefix)."""
+    async def feed_existing(self, path: bytes | Callable[[], int], end: int) -> None:
+        """Claim the bytes already on disk up to ``end`` (a resumed upload's prefix).
+        ``path`` is the file's path or a function opening it for reading (any length:
+        ``BackingTree.open``), called when the bytes are read."""
         if self.broken or end <= self.position:
             return
         start, self.position = self.position, end
@@ -158,7 +160,7 @@ class StreamHasher:
                     h.update(item)
                 continue
             path, start, end = item
-            fd = os.open(path, os.O_RDONLY)
+            fd = path() if callable(path) else os.open(path, os.O_RDONLY)
             try:
                 while start < end:
                     block = os.pread(fd, min(CHUNK, end - start), start)
