@@ -105,7 +105,8 @@ def test_fifo_socket_and_device_node_are_real_and_are_not_tasks(fast):
 
     # A FIFO in the mount is a pipe: the kernel serves it, the agent never sees the bytes.
     received = []
-    reader = threading.Thread(target=lambda: received.append((up / "d/fifo").read_bytes()))
+    reader = threading.Thread(target=lambda: received.append((up / "d/fifo").read_bytes()),
+                              daemon=True)
     reader.start()
     with open(up / "d/fifo", "wb") as w:
         w.write(b"through the pipe")
@@ -373,6 +374,14 @@ with open("gone.bin", "wb") as f:
 os.truncate("gone.bin", 5)
 out["truncated"] = open("gone.bin", "rb").read().decode()
 os.unlink("gone.bin")
+# mv -n: renameat2(RENAME_NOREPLACE), refused over an existing name, done otherwise.
+with open("x.bin", "wb") as f:
+    f.write(b"x")
+import subprocess
+subprocess.run(["mv", "-n", "x.bin", "sub/g.bin"], check=True)
+subprocess.run(["mv", "-n", "x.bin", "y.bin"], check=True)
+out["noreplace"] = [os.path.exists("x.bin"), open("y.bin", "rb").read().decode()]
+os.unlink("y.bin")
 try:
     os.link("sub/g.bin", "hard")
 except OSError as e:
@@ -399,7 +408,7 @@ def test_create_rename_unlink_stat_xattr_past_path_max(fast):
     assert "user.note" in out["listed"] and "user.fsagent.state" in out["listed"]
     assert (out["mode"], out["mtime"]) == (0o600, 1_500_000_000_123_456_789)
     assert out["readlink"] == "sub/g.bin" and out["through_link"] == out["expected"]
-    assert out["truncated"] == "short"
+    assert out["truncated"] == "short" and out["noreplace"] == [False, "x"]
     assert out["fifo"] is True and out["link_errno"] == errno.EPERM  # hard links: by design
     assert out["sha256"] == out["expected"]
     assert out["names"] == ["fifo", "link", "sub"]

@@ -38,8 +38,9 @@ INLINE_LIMIT = 64 * 1024
 QUEUE_ITEMS = 16  # x up to 1 MiB per FUSE write: the memory bound of one upload's backlog
 
 
-def hash_file(path: bytes, algorithms: Iterable[str]) -> dict[str, str]:
-    """Hex digests of the whole file (blocking: run it in a worker thread)."""
+def hash_file(path: bytes | int, algorithms: Iterable[str]) -> dict[str, str]:
+    """Hex digests of the whole file at ``path`` or open as descriptor ``path`` (then
+    closed here). Blocking: run it in a worker thread."""
     hashes = {a: hashlib.new(a) for a in algorithms}
     with open(path, "rb", buffering=0) as f:
         while True:
