@@ -27,6 +27,9 @@ Design notes
   ``{path}`` (absolute path of the stored file), ``{sha256}`` and ``{task}``
   substituted per argument. No shell is involved, so nothing in a file name can become
   shell syntax. stdout and stderr go into the job's log; exit status 0 is success.
+  ``{path}`` is the absolute path even when it is longer than ``PATH_MAX`` (an upload
+  reached step by step): the manifest row is right, but a command that opens such a
+  path gets ENAMETOOLONG and fails the job, visibly.
   Cancelling or pausing the job terminates the command (trio: SIGTERM, then SIGKILL).
 """
 
@@ -34,11 +37,13 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import time
 
 import trio
 
+from .. import longpaths
 from ._kinds import JobFailed, Kind, RunContext, SpecError, confine, only_keys, register
 from ._states import ErrorCode
 
@@ -81,7 +86,7 @@ class Import(Kind):
         if isinstance(task, bool) or not isinstance(task, (str, int)):
             raise SpecError(f'"task" must be a string, got {task!r}')
         real = confine(env.uploads_dir, spec["path"])
-        if not real.is_file():
+        if not stat.S_ISREG(longpaths.stat_follow(real).st_mode):
             raise SpecError(f'{spec["path"]!r} is not a regular file')
         sha256 = spec["sha256"]
         if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256.lower()):
@@ -98,7 +103,7 @@ class Import(Kind):
             path = now
             try:
                 real = confine(ctx.uploads_dir, path)
-                st = await ctx.to_thread(os.stat, real)
+                st = await ctx.to_thread(longpaths.stat_follow, real)
             except SpecError as e:
                 raise JobFailed(ErrorCode.BAD_INPUT, str(e)) from None
             except (FileNotFoundError, NotADirectoryError):

@@ -43,11 +43,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
 import logging
 import os
 import re
-import stat
 import time
 import uuid
 from collections import OrderedDict
@@ -58,6 +58,7 @@ from pyfuse3 import FUSEError
 
 from ..agent import Component
 from ..fs import DynamicFile, Node
+from ..longpaths import BackingTree
 from ._hashing import StreamHasher, hash_file
 from ._manifests import ALGORITHMS, DIGEST_HEX_LENGTH, manifest_kind, manifest_names_for, \
     parse_manifest
@@ -96,9 +97,9 @@ def _syncfs(path: bytes) -> None:
         os.close(fd)
 
 
-def _fdatasync_path(path: bytes) -> None:
+def _fdatasync_path(paths: BackingTree, rel: bytes) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = paths.open(rel, os.O_RDONLY)
     except FileNotFoundError:
         return
     try:
@@ -114,6 +115,7 @@ class UploadsComponent(Component):
         super().__init__(agent)
         self.config = agent.config
         self._root_path = os.fsencode(self.config.uploads_dir)
+        self.paths = BackingTree(self._root_path)  # syscalls on paths of any length
         self.tasks = TaskTable(agent.db)
         self.root = UploadDir(self, None, b"")
         self._nursery: trio.Nursery | None = None
@@ -202,7 +204,7 @@ class UploadsComponent(Component):
         t = self.tasks.get(rel)
         if t is None:
             try:
-                st = os.lstat(self.backing(rel))
+                st = self.paths.lstat(rel)
                 size, ino = st.st_size, st.st_ino
             except OSError:
                 size, ino = 0, None
@@ -265,7 +267,7 @@ class UploadsComponent(Component):
         if hasher is not None:
             if offset > hasher.position and offset <= t.present and not hasher.broken:
                 await self.drain(t)  # the prefix is read back from disk
-                await hasher.feed_existing(self.backing(t.rel), offset)
+                await hasher.feed_existing(functools.partial(self.paths.open, t.rel), offset)
             await hasher.feed(offset, data)
         if len(data) > INLINE_WRITE or (writer is not None and writer.pending):
             # Acknowledged now, applied in order in a worker thread (_writer.py).
@@ -417,7 +419,7 @@ class UploadsComponent(Component):
 
     def _refresh_fingerprint(self, t: Task) -> None:
         try:
-            t.fingerprint = _fingerprint(os.lstat(self.backing(t.rel)))
+            t.fingerprint = _fingerprint(self.paths.lstat(t.rel))
         except OSError:
             t.fingerprint = None  # recovery will hash it again: never a false proof
         self.tasks.save(t)
@@ -485,9 +487,8 @@ class UploadsComponent(Component):
     async def _renamed_into_place(self, t: Task, *, from_rsync: bool) -> None:
         """A temp file got its real name: it becomes a task now."""
         await self.drain(t)
-        path = self.backing(t.rel)
         try:
-            st = os.lstat(path)
+            st = self.paths.lstat(t.rel)
         except OSError:
             return
         t.tracked = True
@@ -502,8 +503,9 @@ class UploadsComponent(Component):
         for algorithm in ("size", *ALGORITHMS):
             name = FSAGENT_XATTR + algorithm.encode()
             try:
-                value = os.getxattr(path, name, follow_symlinks=False)
-                os.removexattr(path, name, follow_symlinks=False)
+                with self.paths.at(t.rel) as path:
+                    value = os.getxattr(path, name, follow_symlinks=False)
+                    os.removexattr(path, name, follow_symlinks=False)
             except OSError:
                 continue
             try:
@@ -660,8 +662,8 @@ class UploadsComponent(Component):
         if len(batch) >= SYNCFS_AT:
             await self.agent.to_thread(_syncfs, self._root_path)
         else:
-            paths = [self.backing(t.rel) for t in batch]
-            await self.agent.to_thread(lambda: [_fdatasync_path(p) for p in paths])
+            rels = [t.rel for t in batch]
+            await self.agent.to_thread(lambda: [_fdatasync_path(self.paths, r) for r in rels])
         for t, size in sizes.items():
             if not t.ended:
                 self._mark_durable(t, size)
@@ -720,14 +722,13 @@ class UploadsComponent(Component):
         """Every hash declared for ``t``: ``(algorithm, hex, where it was declared)``."""
         out = [(a, v, f"user.fsagent.{a}") for a, v in sorted(t.client.items())]
         directory, _, name = t.rel.rpartition(b"/")
-        base = self.backing(directory)
         # Most directories have no manifest: a few failed stats here beat a thread hop.
         candidates = [m for m, _ in manifest_names_for(name)
-                      if os.path.exists(base + b"/" + m)]
+                      if self.paths.exists(directory + b"/" + m if directory else m)]
         if not candidates:
             return out
         try:
-            found = await self.agent.to_thread(_read_manifests, base, name)
+            found = await self.agent.to_thread(_read_manifests, self.paths, directory, name)
         except OSError as e:
             log.warning("reading manifests next to %s: %s", t.path, e)
             found = []
@@ -747,7 +748,7 @@ class UploadsComponent(Component):
             self.counters["rehashed"] += 1
             await self.drain(t)
             try:
-                digests = await self.agent.to_thread(hash_file, self.backing(t.rel),
+                digests = await self.agent.to_thread(_hash_file, self.paths, t.rel,
                                                      sorted(algorithms))
             except OSError as e:
                 if self._current(t, generation):
@@ -759,7 +760,7 @@ class UploadsComponent(Component):
         if not self._current(t, generation):
             return  # written to, truncated or removed meanwhile: that change decides
         try:
-            fingerprint = _fingerprint(os.lstat(self.backing(t.rel)))
+            fingerprint = _fingerprint(self.paths.lstat(t.rel))
         except OSError:
             fingerprint = None  # proves nothing: a crash makes recovery hash it again
         t.computed = dict(digests)
@@ -816,9 +817,9 @@ class UploadsComponent(Component):
 
     async def _apply_manifest(self, directory: bytes, name: bytes, kind) -> None:
         algorithm, subject = kind
-        path = self.backing(directory + b"/" + name if directory else name)
+        rel = directory + b"/" + name if directory else name
         try:
-            content = await self.agent.to_thread(_read_small, path)
+            content = await self.agent.to_thread(_read_small, self.paths, rel)
         except OSError:
             return
         for target in parse_manifest(content, algorithm, subject):
@@ -854,7 +855,7 @@ class UploadsComponent(Component):
         # them into one transaction (fsagent/db.py), so neither is ever durable alone.
         self.tasks.save(t)
         try:
-            st = os.lstat(self.backing(t.rel))
+            st = self.paths.lstat(t.rel)
             spec = {"task": t.task_id, "path": t.path, "size": t.present,
                     "sha256": t.computed["sha256"], "mtime_ns": st.st_mtime_ns}
             # The import belongs to whoever owns the file: they may cancel or re-prioritise it.
@@ -933,7 +934,7 @@ class UploadsComponent(Component):
         db = self.agent.db
         clean = db.previous_run_clean
         rows = await db.run(load_tasks)
-        files = await self.agent.to_thread(_walk_files, self._root_path)
+        files = await self.agent.to_thread(self.paths.walk_files)
         cuts: list[tuple[bytes, int]] = []
         for t, st in _match_rows(rows, files):
             if st is None:
@@ -954,7 +955,7 @@ class UploadsComponent(Component):
                 t.computed = {}  # hashes of an unfinished file describe no version now
                 t.fingerprint = None
                 if not clean and size > t.durable:
-                    cuts.append((self.backing(t.rel), t.durable))
+                    cuts.append((t.rel, t.durable))
                     size = t.durable
             t.ino = st.st_ino
             t.present = size
@@ -976,11 +977,11 @@ class UploadsComponent(Component):
             t.durable = st.st_size
             self.tasks.add(t)
         if cuts:
-            await self.agent.to_thread(_cut_back, cuts)
+            await self.agent.to_thread(_cut_back, self.paths, cuts)
             self.counters["recovered_cuts"] = len(cuts)
-            for path, size in cuts:
+            for rel, size in cuts:
                 log.warning("unclean stop: cut %s back to its durable offset %d",
-                            os.fsdecode(path), size)
+                            os.fsdecode(self.backing(rel)), size)
         await db.flush()
 
     async def _recheck(self, t: Task) -> None:
@@ -990,8 +991,7 @@ class UploadsComponent(Component):
         generation = t.generation
         self.counters["rechecked"] += 1
         try:
-            digests = await self.agent.to_thread(hash_file, self.backing(t.rel),
-                                                 ["sha256"])
+            digests = await self.agent.to_thread(_hash_file, self.paths, t.rel, ["sha256"])
         except OSError as e:
             digests = {}
             log.warning("rechecking %s: %s", t.path, e.strerror)
@@ -1045,24 +1045,9 @@ def _trackable(rel: bytes) -> bool:
     return not is_temporary_path(rel) and is_utf8(rel)
 
 
-def _walk_files(root: bytes) -> dict[bytes, os.stat_result]:
-    found: dict[bytes, os.stat_result] = {}
-    prefix = len(root) + 1
-    for directory, _dirs, names in os.walk(root):
-        for name in names:
-            path = directory + b"/" + name
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                found[path[prefix:]] = st
-    return found
-
-
-def _cut_back(cuts: list[tuple[bytes, int]]) -> None:
-    for path, size in cuts:
-        fd = os.open(path, os.O_WRONLY)
+def _cut_back(paths: BackingTree, cuts: list[tuple[bytes, int]]) -> None:
+    for rel, size in cuts:
+        fd = paths.open(rel, os.O_WRONLY)
         try:
             os.ftruncate(fd, size)
             os.fsync(fd)
@@ -1070,16 +1055,21 @@ def _cut_back(cuts: list[tuple[bytes, int]]) -> None:
             os.close(fd)
 
 
-def _read_small(path: bytes) -> bytes:
-    with open(path, "rb") as f:
+def _hash_file(paths: BackingTree, rel: bytes, algorithms: list[str]) -> dict[str, str]:
+    return hash_file(paths.open(rel, os.O_RDONLY), algorithms)  # open() takes the fd
+
+
+def _read_small(paths: BackingTree, rel: bytes) -> bytes:
+    with open(paths.open(rel, os.O_RDONLY), "rb") as f:
         return f.read(MANIFEST_LIMIT)
 
 
-def _read_manifests(directory: bytes, name: bytes) -> list[tuple[str, str, str]]:
+def _read_manifests(paths: BackingTree, directory: bytes,
+                    name: bytes) -> list[tuple[str, str, str]]:
     out = []
     for manifest, algorithm in manifest_names_for(name):
         try:
-            content = _read_small(directory + b"/" + manifest if directory else manifest)
+            content = _read_small(paths, directory + b"/" + manifest if directory else manifest)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             continue
         kind = manifest_kind(manifest)

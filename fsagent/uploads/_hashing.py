@@ -38,8 +38,9 @@ INLINE_LIMIT = 64 * 1024
 QUEUE_ITEMS = 16  # x up to 1 MiB per FUSE write: the memory bound of one upload's backlog
 
 
-def hash_file(path: bytes, algorithms: Iterable[str]) -> dict[str, str]:
-    """Hex digests of the whole file (blocking: run it in a worker thread)."""
+def hash_file(path: bytes | int, algorithms: Iterable[str]) -> dict[str, str]:
+    """Hex digests of the whole file at ``path`` or open as descriptor ``path`` (then
+    closed here). Blocking: run it in a worker thread."""
     hashes = {a: hashlib.new(a) for a in algorithms}
     with open(path, "rb", buffering=0) as f:
         while True:
@@ -96,8 +97,10 @@ class StreamHasher:
             return
         await self._queue(data)
 
-    async def feed_existing(self, path: bytes, end: int) -> None:
-        """Claim the bytes already on disk up to ``end`` (a resumed upload's prefix)."""
+    async def feed_existing(self, path: bytes | Callable[[], int], end: int) -> None:
+        """Claim the bytes already on disk up to ``end`` (a resumed upload's prefix).
+        ``path`` is the file's path or a function opening it for reading (any length:
+        ``BackingTree.open``), called when the bytes are read."""
         if self.broken or end <= self.position:
             return
         start, self.position = self.position, end
@@ -158,7 +161,7 @@ class StreamHasher:
                     h.update(item)
                 continue
             path, start, end = item
-            fd = os.open(path, os.O_RDONLY)
+            fd = path() if callable(path) else os.open(path, os.O_RDONLY)
             try:
                 while start < end:
                     block = os.pread(fd, min(CHUNK, end - start), start)
