@@ -9,9 +9,15 @@ BIN    := $(VENV)/bin
 # and benches; python3-dev/-venv and gcc let a stock Debian python build pyfuse3.
 # systemd provides systemd-analyze (the tests verify the units); util-linux and passwd
 # provide setpriv and useradd (the multi-user tests run commands as a second user).
+# autoconf, automake, gcc, make and libacl1-dev build pjdfstest (tests/test_conformance.py,
+# from ../shared/tools/); perl provides prove, which runs it.
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
-                rsync attr zip unzip inotify-tools e2fsprogs systemd util-linux passwd
+                rsync attr zip unzip inotify-tools e2fsprogs systemd util-linux passwd \
+                autoconf automake make libacl1-dev perl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Another apt (unattended-upgrades on a fresh machine, a parallel CI job) may hold the
+# dpkg lock: wait for it rather than fail the run.
+APT_GET := $(SUDO) apt-get -o DPkg::Lock::Timeout=600
 
 # `make install`: the package in its own venv, the command on PATH, the units, the config
 # example (and a config, only if there is none: an upgrade never touches yours), the
@@ -39,8 +45,8 @@ system-packages:
 	  done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:" $$missing; \
-	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	  $(APT_GET) update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq $$missing; \
 	fi
 
 $(VENV)/.installed: pyproject.toml
@@ -73,4 +79,4 @@ bench: setup
 
 clean:
 	-fusermount3 -uz mnt 2>/dev/null
-	rm -rf $(VENV) .fsagent *.egg-info
+	rm -rf $(VENV) .fsagent *.egg-info .build
