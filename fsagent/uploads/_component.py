@@ -238,6 +238,7 @@ class UploadsComponent(Component):
         if truncated and t.present:
             t.present = 0
             t.durable = 0
+            t.shrinks += 1
         # Whatever the writer does, the verified hash no longer proves anything. ``job``
         # stays: if these same bytes come back, that import still stands (``_verify``).
         t.changed()
@@ -329,6 +330,7 @@ class UploadsComponent(Component):
     def _cut(self, t: Task, size: int) -> None:
         t.present = size
         t.durable = min(t.durable, size)
+        t.shrinks += 1
         t.changed()
         if t.hasher is not None and size < t.hasher.position:
             t.hasher.break_stream()
@@ -359,13 +361,13 @@ class UploadsComponent(Component):
             await self.drain(t)
         else:
             await self.settle_writes(t, handle.fd)
-        size = t.present if t is not None else 0
+        size, shrinks = (t.present, t.shrinks) if t is not None else (0, 0)
         try:
             await self.agent.to_thread(os.fdatasync, handle.fd)
         except OSError as e:
             raise FUSEError(e.errno or errno.EIO) from None
         if t is not None and t.tracked and not t.ended:
-            self._mark_durable(t, size)
+            self._mark_durable(t, size, shrinks)
             await self._flush()
 
     async def _commit(self, t: Task) -> None:
@@ -398,6 +400,7 @@ class UploadsComponent(Component):
             return
         t.present = size
         t.durable = min(t.durable, size)
+        t.shrinks += 1
         t.changed()
         if t.hasher is not None and size < t.hasher.position:
             if size == 0:
@@ -655,7 +658,7 @@ class UploadsComponent(Component):
             return
         for t in batch:
             await self.drain(t)  # the sizes noted below must be on disk before the sync
-        sizes = {t: t.present for t in batch}
+        sizes = {t: (t.present, t.shrinks) for t in batch}
         # syncfs flushes the whole filesystem, other programs' dirty data included, so it
         # is only worth it for many files; a clean stop with a few open uploads must not
         # wait for someone else's gigabytes.
@@ -664,14 +667,20 @@ class UploadsComponent(Component):
         else:
             rels = [t.rel for t in batch]
             await self.agent.to_thread(lambda: [_fdatasync_path(self.paths, r) for r in rels])
-        for t, size in sizes.items():
+        for t, (size, shrinks) in sizes.items():
             if not t.ended:
-                self._mark_durable(t, size)
+                self._mark_durable(t, size, shrinks)
         self.counters["checkpoints"] += 1
         await self._flush()
 
-    def _mark_durable(self, t: Task, size: int) -> None:
-        t.durable = min(size, t.present)
+    def _mark_durable(self, t: Task, size: int, shrinks: int) -> None:
+        """The first ``size`` bytes of ``t``, noted before a sync that has now returned,
+        are on disk. A durable offset only grows here: a checkpoint that noted an older,
+        smaller size must not undo an ``fsync`` that finished meanwhile. Unless the file
+        was cut or truncated since the size was noted (``shrinks``): then the bytes that
+        sync covered may be gone, and the cut already lowered the offset."""
+        if shrinks == t.shrinks:
+            t.durable = max(t.durable, min(size, t.present))
         t.since_checkpoint = max(0, t.present - t.durable)
         self.tasks.save(t)
 
@@ -936,7 +945,8 @@ class UploadsComponent(Component):
         rows = await db.run(load_tasks)
         files = await self.agent.to_thread(self.paths.walk_files)
         cuts: list[tuple[bytes, int]] = []
-        for t, st in _match_rows(rows, files):
+        jobs = self._jobs()
+        for t, st, moved in _match_rows(rows, files):
             if st is None:
                 self.tasks.forget_row(t)  # removed while we were down
                 self._remember_removed(t.task_id)
@@ -957,6 +967,8 @@ class UploadsComponent(Component):
                 if not clean and size > t.durable:
                     cuts.append((t.rel, t.durable))
                     size = t.durable
+            if moved and t.job is not None and jobs is not None:
+                jobs.import_moved(t.task_id, t.job, t.path)  # as a live rename would
             t.ino = st.st_ino
             t.present = size
             t.durable = min(t.durable, size)
@@ -1016,15 +1028,15 @@ def _fingerprint(st: os.stat_result) -> tuple[int, int, int]:
 def _match_rows(rows: list[Task], files: dict[bytes, os.stat_result]):
     """Pair each task row with its file: at its own path when the inode agrees (or the
     row has none recorded), else wherever its inode is now (a rename whose record never
-    reached the database). Yields ``(task, stat)`` with ``stat`` None for a row whose
-    file is gone, and takes every matched file out of ``files``."""
+    reached the database). Yields ``(task, stat, moved)`` with ``stat`` None for a row
+    whose file is gone, and takes every matched file out of ``files``."""
     by_ino = {st.st_ino: rel for rel, st in files.items()}
     unplaced = []
     for t in rows:
         st = files.get(t.rel)
         if st is not None and (t.ino is None or t.ino == st.st_ino):
             del files[t.rel]
-            yield t, st
+            yield t, st, False
         else:
             unplaced.append(t)
     for t in unplaced:
@@ -1034,9 +1046,9 @@ def _match_rows(rows: list[Task], files: dict[bytes, os.stat_result]):
             log.info("upload %s was renamed to %s before the agent stopped", t.path,
                      os.fsdecode(rel))
             t.rel = rel
-            yield t, st
+            yield t, st, True
         else:
-            yield t, None
+            yield t, None, False
 
 
 def _trackable(rel: bytes) -> bool:

@@ -79,6 +79,7 @@ class Task:
     generation: int = 0             # bumped on every change of the bytes
     last_change: float = dataclasses.field(default_factory=time.monotonic)
     since_checkpoint: int = 0
+    shrinks: int = 0                # bumped when bytes may be cut away (truncate, cut-back)
     timed: bool = False             # a real mtime was set since the bytes last changed
     ended: bool = False
     stored: bool = False            # a row may exist: deleting must reach SQLite
