@@ -331,7 +331,12 @@ class Engine:
                   message="queued")
         self.jobs[job_id] = job
         try:
-            await self._persist(job, durable=True)
+            # Shielded: a cancel (the agent stopping) must not leave us unsure whether the
+            # job is durable. Another flush may commit its row before ours runs, so once
+            # it is staged only a failed commit means "not submitted" (the uploads
+            # hand-off keeps or drops its record of the job on exactly that answer).
+            with trio.CancelScope(shield=True):
+                await self._persist(job, durable=True)
         except BaseException:
             # Not durable, so not submitted: the caller gets the error and nothing is
             # queued (the scheduler only sees it below). A draft stays a draft.
