@@ -48,6 +48,7 @@ from typing import Any
 
 import trio
 
+from ..component import Host
 from ._kinds import KINDS, JobFailed, KindEnv, RunContext, SpecError, Stopped
 from ._states import ErrorCode, IllegalMove, State, next_state
 
@@ -219,7 +220,7 @@ class JobLog:
 
 
 class Engine:
-    def __init__(self, agent):
+    def __init__(self, agent: Host):
         self.agent = agent
         self.config = agent.config
         self.db = agent.db

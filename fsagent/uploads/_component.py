@@ -30,7 +30,7 @@ Design notes
   a rename into place, and from the settle loop. ``verify`` uses the on-the-fly digests
   when the stream covered the whole file, otherwise re-hashes in a worker thread; a
   write during verification supersedes it (the generation changed).
-* **Import hand-off**: ``agent.submit_job("import", spec)``; without a job engine, or
+* **Import hand-off**: ``agent.jobs.submit("import", spec)``; without a job engine, or
   when it fails (its database cannot be written, say), the task stays complete with no
   job and its ``error`` says why; it is retried with a doubling delay from
   ``IMPORT_RETRY_FIRST_SECONDS`` up to ``IMPORT_RETRY_MAX_SECONDS`` (a refusal that
@@ -56,7 +56,7 @@ from typing import Any
 import trio
 from pyfuse3 import FUSEError
 
-from ..agent import Component
+from ..component import Component
 from ..fs import DynamicFile, Node
 from ..longpaths import BackingTree
 from ._hashing import StreamHasher, hash_file
@@ -841,10 +841,7 @@ class UploadsComponent(Component):
     # -- import hand-off -------------------------------------------------------------------------------
 
     def _jobs(self):
-        try:
-            return self.agent.component("jobs")
-        except KeyError:
-            return None
+        return self.agent.jobs
 
     async def _hand_off(self, t: Task) -> None:
         if t.job or t.task_id in self._importing or t.state is not State.COMPLETE:
@@ -868,7 +865,7 @@ class UploadsComponent(Component):
             spec = {"task": t.task_id, "path": t.path, "size": t.present,
                     "sha256": t.computed["sha256"], "mtime_ns": st.st_mtime_ns}
             # The import belongs to whoever owns the file: they may cancel or re-prioritise it.
-            await self.agent.submit_job("import", spec, owner_uid=st.st_uid, job_id=job)
+            await self._jobs().submit("import", spec, owner_uid=st.st_uid, job_id=job)
         except BaseException as e:
             # Not submitted (refused, failed, or cancelled by a shutdown): the task must
             # not name a job that does not exist, or the version would never be imported.
