@@ -10,9 +10,9 @@ Design notes
   changes state while it is read is looked at again instead of judged half-way.
 * **The import rule** (``import_problems``): a file that is ``complete`` has a
   successful ``import`` job (its ``user.fsagent.job``) whose spec carries this file's
-  task, size and SHA-256, and the manifest row that job wrote records that size and
-  hash (or was since replaced by another successful import of the same path). This is
-  the one definition both the hand-written case tests and the model-based test use.
+  task, size and SHA-256, and the manifest holds a row of that job recording that size
+  and hash (its path may be an older name of the file). This is the one definition both
+  the hand-written case tests and the model-based test use.
 """
 
 from __future__ import annotations
@@ -119,21 +119,20 @@ def import_problems(rel: str, attrs: dict[str, str], data: bytes,
         problems.append(f"{rel}: task {attrs.get('task')}, but its import job {job_id} is "
                         f"for task {spec.get('task')}")
     if job_state(job) == "success":
-        content = job.get("Content") or {}
-        where = content.get("Path", spec.get("path"))
-        row = rows.get(where)
-        if row is None:
-            problems.append(f"{rel}: import job {job_id} succeeded but the manifest has no "
-                            f"row for {where!r}")
-        elif row[3] == job_id:
+        mine = [(path, row) for path, row in rows.items() if row[3] == job_id]
+        if not mine:
+            content = job.get("Content") or {}
+            where = content.get("Path", spec.get("path"))
+            now = rows.get(where)
+            problems.append(
+                f"{rel}: import job {job_id} succeeded, but no manifest row records it (the "
+                f"row for {where!r}, where it recorded {content.get('Size')} bytes, "
+                + ("is gone)" if now is None else f"now belongs to job {now[3]}: {now[0]} "
+                   f"bytes sha256 {now[1]})"))
+        for path, row in mine:
             if (row[0], row[1]) != (size, digest):
-                problems.append(f"{rel}: the manifest row of job {job_id} records "
+                problems.append(f"{rel}: the manifest row of job {job_id} ({path!r}) records "
                                 f"{row[0]} bytes sha256 {row[1]}, not {size} / {digest}")
-        else:
-            other = by_id.get(row[3])
-            if other is None or job_state(other) != "success":
-                problems.append(f"{rel}: the manifest row for {where!r} belongs to job "
-                                f"{row[3]}, which is not a successful import")
     return problems
 
 
