@@ -168,6 +168,7 @@ class Lineage:
         self.uncertain = False           # a step that may change it was in flight
         self.reopened = False            # a writer had it open when the agent stopped
         self.complete_seen: tuple | None = None  # (task, sha256, job) seen, untouched since
+        self.relabelled = False          # renamed (or its metadata set) since seen complete
         self.declared_size: int | None = None
         self.declared_sha: str | None = None
         self.rsync_from: tuple | None = None     # (source path, version) rsync put here
@@ -179,6 +180,7 @@ class Lineage:
     def touch(self) -> None:
         self.exact = False
         self.complete_seen = None
+        self.relabelled = False
         self.rsync_from = None
         self._streaming = False
 
@@ -573,9 +575,11 @@ class Worker:
             if over is not None:
                 model.end(over)
             lin.path = new
+            lin.relabelled = True
 
         def maybe():
             lin.maybe = {new}
+            lin.relabelled = True
             if over is not None:
                 over.maybe = {None}
         self.step(f"rename({old} -> {new}{' over a file' if over else ''})",
@@ -722,12 +726,15 @@ class Worker:
             [f"{tree.root}/", f"{self.up / dst}/"]
 
         def ack(result):
-            sent = {line.split(" ", 1)[1] for line in result.stdout.splitlines()
-                    if line.startswith(">f")}
+            items = [line.split(" ", 1) for line in result.stdout.splitlines() if " " in line]
+            sent = {name for code, name in items if code.startswith(">f")}
+            retimed = {name for code, name in items if code.startswith(".f")}
             model.dirs.add(dst)
             for name in tree.names():
                 for sub in _parents(name):
                     model.dirs.add(f"{dst}/{sub}")
+                if name in retimed and model.at(f"{dst}/{name}") is not None:
+                    model.at(f"{dst}/{name}").relabelled = True  # mode/times set, no data
                 if name not in sent:
                     continue
                 content = tree.content[name]
@@ -800,6 +807,7 @@ class Worker:
                     and attrs.get("sha256") == sha256_bytes(data):
                 lin.anchor()
                 lin.complete_seen = (attrs.get("task"), attrs["sha256"], attrs["job"])
+                lin.relabelled = False
 
     def pause(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -1046,8 +1054,10 @@ class Checker:
         """Complete and untouched since (a rename is not a touch): still complete, with the
         same task, hash and job, before anything could re-verify it."""
         for lin in list(self.model.lineages.values()):
-            if lin.complete_seen is None or lin.maybe:
-                continue  # where it is, if a rename was in flight, is known after matching
+            if lin.complete_seen is None or lin.maybe or lin.relabelled:
+                # Renamed (its ctime moved): recovery may hash it again to be sure, so it
+                # is judged once settled (same task, hash and job: no second import).
+                continue
             try:
                 attrs = task_attrs(self.up / lin.path)
             except FileNotFoundError:
@@ -1077,13 +1087,21 @@ class Checker:
         """Wait until every file is complete or failed (or waits for its declared size)
         and no import is pending or running; returns path -> (xattrs, bytes)."""
         deadline = time.monotonic() + 60
+        quiet_since, last = None, None
         while True:
             files, dirs = self.walk()
             states = {rel: task_attrs(self.up / rel) for rel in files}
             waiting = {rel: a.get("state") for rel, a in states.items() if not _settled(a)}
-            busy = [j["ID"] for j in import_jobs(self.agent.mount)
-                    if job_state(j) in ("pending", "running")]
-            if not waiting and not busy:
+            jobs = import_jobs(self.agent.mount)
+            busy = [j["ID"] for j in jobs if job_state(j) in ("pending", "running")]
+            # Settled = nothing waiting and no import to come, twice 0.5 s apart (an
+            # import is submitted a moment after the one before it ended).
+            now = (sorted(states.items()), len(jobs))
+            if waiting or busy or now != last:
+                quiet_since, last = None, now
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= 0.5:
                 break
             if time.monotonic() > deadline:
                 self.fail(f"not settled 60 s after the restart: files {waiting}, "
@@ -1118,7 +1136,7 @@ class Checker:
             seen_lineages.add(lin.id)
             if not fits[(rel, lin.id)]:
                 self.fail(self.data_problem(rel, lin, data))
-            if lin.complete_seen is not None and lin.maybe and None not in lin.maybe:
+            if lin.complete_seen is not None and None not in lin.possible():
                 self.still_complete(rel, lin, attrs, "once settled")
             self.check_file(rel, lin, attrs, data)
         for lin in lineages:
@@ -1140,7 +1158,7 @@ class Checker:
             lin.path, lin.maybe = rel, set()
             lin.content, lin.candidates = data, [data]
             lin.floor, lin.exact = 0, False
-            lin.uncertain = lin.reopened = False
+            lin.uncertain = lin.reopened = lin.relabelled = False
             lin.complete_seen = None
             if changed:
                 lin.rsync_from = None
