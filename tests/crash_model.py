@@ -639,24 +639,26 @@ class Worker:
         lin = self.pick_file()
         if lin is None or lin.declared_sha or lin.declared_size is not None:
             return
+        # In flight at the stop, it may or may not have been declared: the model assumes
+        # it was (a declaration only excuses a later failure, never demands one).
         if self.rng.random() < 0.7:
             value = sha256_bytes(lin.content)
 
-            def ack(_):
+            def ack(_=None):
                 lin.declared_sha = value
                 lin.complete_seen = None
             self.step(f"setxattr({lin.path}, sha256)",
                       lambda: os.setxattr(self.up / lin.path, "user.fsagent.sha256",
-                                          value.encode()), ack)
+                                          value.encode()), ack, ack)
         else:
             value = len(lin.content)
 
-            def ack(_):
+            def ack(_=None):
                 lin.declared_size = value
                 lin.complete_seen = None
             self.step(f"setxattr({lin.path}, size {value})",
                       lambda: os.setxattr(self.up / lin.path, "user.fsagent.size",
-                                          str(value).encode()), ack)
+                                          str(value).encode()), ack, ack)
 
     def op_sync_file(self) -> None:
         """fsync on a read-only descriptor, or coreutils `sync FILE` (the same thing)."""

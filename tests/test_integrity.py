@@ -94,6 +94,31 @@ def import_checked(agent, rel: str, timeout: float = 20.0) -> tuple[dict, bytes]
         time.sleep(0.1)
 
 
+def all_imports_checked(agent, rels: list[str], timeout: float = 30.0) -> None:
+    """``import_checked`` for many files, reading the jobs and the manifest once a round."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = imports_finished(agent.mount)
+        problems = ["imports still running"]
+        if found is not None:
+            by_id, rows = {j["ID"]: j for j in found}, manifest(agent.state)
+            problems = []
+            for rel in rels:
+                attrs, data = look(agent.uploads / rel)
+                if attrs.get("state") != "complete":
+                    problems.append(f"{rel} is {attrs.get('state')}")
+                    continue
+                if attrs.get("sha256") != sha256_bytes(data):
+                    problems.append(f"{rel}: complete with sha256 {attrs.get('sha256')} but "
+                                    f"its bytes hash to {sha256_bytes(data)}")
+                problems += import_problems(rel, attrs, data, by_id, rows)
+        if not problems:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("\n".join(problems[:20]))
+        time.sleep(0.1)
+
+
 def make_complete(agent, rel: str, data: bytes) -> dict:
     """Write ``rel`` with ``data`` and wait until it is complete and imported."""
     path = agent.uploads / rel
@@ -380,7 +405,7 @@ def test_directory_moved_before_its_imports_run(agent_factory, tmp_path):
     for name, content in contents.items():
         assert by_sha.get(sha256_bytes(content)) == 1, f"{name}: imported " \
             f"{by_sha.get(sha256_bytes(content), 0)} times"
-        import_checked(agent, f"t2/{name}")
+    all_imports_checked(agent, [f"t2/{name}" for name in contents])
     assert manifest_problems({j["ID"]: j for j in found}, manifest(agent.state)) == []
     no_traceback(agent)
 
