@@ -25,7 +25,7 @@ SYSCONFDIR ?= /etc
 UNITDIR    ?= /etc/systemd/system
 DOCDIR     ?= /usr/share/doc/fsagent
 
-.PHONY: run test setup system-packages bench clean install
+.PHONY: run test setup system-packages bench soak clean install
 
 run: setup
 	$(BIN)/fsagent run $(ARGS)
@@ -88,6 +88,13 @@ install: system-packages
 
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# The crash soak (issue 10): rounds of the model-based crash workload (tests/crash_model.py),
+# the agent killed or stopped at random moments; prints the rounds played and every violation
+# with its seed. `make soak SOAK_ROUNDS=200`, `make soak SOAK_ARGS="--seed 42 --keep-going"`.
+SOAK_ROUNDS ?= 2000
+soak: setup
+	$(BIN)/python bench/soak_crash.py --rounds $(SOAK_ROUNDS) $(SOAK_ARGS)
 
 clean:
 	-fusermount3 -uz mnt 2>/dev/null
