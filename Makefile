@@ -15,9 +15,6 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
                 rsync attr zip unzip inotify-tools e2fsprogs systemd util-linux passwd \
                 autoconf automake make libacl1-dev perl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Another apt (unattended-upgrades on a fresh machine, a parallel CI job) may hold the
-# dpkg lock: wait for it rather than fail the run.
-APT_GET := $(SUDO) apt-get -o DPkg::Lock::Timeout=600
 
 # `make install`: the package in its own venv, the command on PATH, the units, the config
 # example (and a config, only if there is none: an upgrade never touches yours), the
@@ -38,6 +35,14 @@ test: setup
 
 setup: system-packages $(VENV)/.installed
 
+# apt's locks: on a freshly booted machine unattended-upgrades (or another install, a
+# parallel CI job) may hold them, and apt-get then fails at once with exit 100. Wait up to APT_LOCK_WAIT
+# seconds instead: DPkg::Lock::Timeout makes `install` wait for the dpkg lock; `update`
+# takes the package lists lock, which apt (2.6, Debian 12) does not wait for under any
+# option, so it is retried while "Could not get lock" is what failed it.
+APT_LOCK_WAIT ?= 600
+APT_GET := $(SUDO) apt-get -o DPkg::Lock::Timeout=$(APT_LOCK_WAIT)
+
 # dpkg-query first, so a machine that has everything never touches apt.
 system-packages:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -45,7 +50,14 @@ system-packages:
 	  done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:" $$missing; \
-	  $(APT_GET) update -qq && \
+	  waited=0; \
+	  until out=$$($(APT_GET) update -qq 2>&1); do \
+	    case "$$out" in *"Could not get lock"*) ;; *) echo "$$out" >&2; exit 100;; esac; \
+	    if [ $$waited -ge $(APT_LOCK_WAIT) ]; then echo "$$out" >&2; exit 100; fi; \
+	    [ $$waited -gt 0 ] || echo "waiting for the apt package lists lock (another apt runs)"; \
+	    sleep 5; waited=$$((waited + 5)); \
+	  done; \
+	  [ -z "$$out" ] || echo "$$out" >&2; \
 	  DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq $$missing; \
 	fi
 

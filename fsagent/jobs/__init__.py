@@ -8,6 +8,7 @@ Public surface:
   (``submit``, ``cancel_if_not_started``, ``job_state``, ``import_moved``).
 * ``State``, ``IllegalMove``, ``UnknownVerb``, ``TRANSITIONS`` — the state machine.
 * ``KINDS`` — the registry of job kinds (``import``, ``archive``, ``verify``).
+* ``add_jobs_commands`` — ``fsagent jobs ...`` (over RPC).
 
 Inside: ``_states`` (the transition table), ``_engine`` (verbs, scheduler,
 persistence, history), ``_kinds`` (the kind contract and path confinement),
@@ -22,13 +23,14 @@ from typing import Any
 
 import trio
 
-from ..agent import Component
+from ..component import Component, Host
 from ..fs import DynamicFile, Node
 from . import _archive, _import, _verify  # noqa: F401  (each registers its kind)
 from ..rpc import RpcError, current_peer
 from ._engine import (
     BadSpec, Engine, JobExists, JobNotFinished, NoSuchJob, ShuttingDown, valid_job_name,
 )
+from ._cli import add_jobs_commands
 from ._import import stage_manifest_move
 from ._kinds import KINDS
 from ._nodes import JobsDirectory, render_jobs_json
@@ -36,14 +38,14 @@ from ._states import TRANSITIONS, IllegalMove, State, UnknownVerb
 
 __all__ = [
     "JobsComponent", "State", "IllegalMove", "UnknownVerb", "TRANSITIONS", "KINDS",
-    "BadSpec", "NoSuchJob", "JobExists", "JobNotFinished", "ShuttingDown",
+    "BadSpec", "NoSuchJob", "JobExists", "JobNotFinished", "ShuttingDown", "add_jobs_commands",
 ]
 
 
 class JobsComponent(Component):
     name = "jobs"
 
-    def __init__(self, agent):
+    def __init__(self, agent: Host):
         super().__init__(agent)
         self.engine = Engine(agent)
         self.engine.load()

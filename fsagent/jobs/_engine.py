@@ -48,6 +48,7 @@ from typing import Any
 
 import trio
 
+from ..component import Host
 from ._kinds import KINDS, JobFailed, KindEnv, RunContext, SpecError, Stopped
 from ._states import ErrorCode, IllegalMove, State, next_state
 
@@ -219,7 +220,7 @@ class JobLog:
 
 
 class Engine:
-    def __init__(self, agent):
+    def __init__(self, agent: Host):
         self.agent = agent
         self.config = agent.config
         self.db = agent.db
@@ -331,7 +332,12 @@ class Engine:
                   message="queued")
         self.jobs[job_id] = job
         try:
-            await self._persist(job, durable=True)
+            # Shielded: a cancel (the agent stopping) must not leave us unsure whether the
+            # job is durable. Another flush may commit its row before ours runs, so once
+            # it is staged only a failed commit means "not submitted" (the uploads
+            # hand-off keeps or drops its record of the job on exactly that answer).
+            with trio.CancelScope(shield=True):
+                await self._persist(job, durable=True)
         except BaseException:
             # Not durable, so not submitted: the caller gets the error and nothing is
             # queued (the scheduler only sees it below). A draft stays a draft.

@@ -2,7 +2,7 @@
 
 Design notes
 ------------
-* Submitted by the uploads component (``agent.submit_job("import", spec)``) when an
+* Submitted by the uploads component (``agent.jobs.submit("import", spec)``) when an
   upload is complete and its SHA-256 verified. Spec: ``{"task", "path" (relative to
   uploads/), "size", "sha256", "mtime_ns"}``.
 * **Manifest first.** The file is recorded in the repository manifest (path, size,

@@ -35,7 +35,7 @@ from typing import Any
 import trio
 from pyfuse3 import FUSEError
 
-from ..agent import Component
+from ..component import Component, Host
 from ..fs import DynamicFile, Node
 from ..longpaths import BackingTree
 from ._checkpoints import Checkpointer, drain
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 class UploadsComponent(Component):
     name = "uploads"
 
-    def __init__(self, agent):
+    def __init__(self, agent: Host):
         super().__init__(agent)
         config = self.config = agent.config
         self._root_path = os.fsencode(config.uploads_dir)

@@ -4,9 +4,9 @@ Design notes
 ------------
 * **One route.** Submitting an import, cancelling one, asking a job's state and
   moving a manifest row after a rename all go through ``ImportHandOff``, which reaches
-  the engine through the agent (the component named "jobs"). Nothing else in
-  ``uploads/`` talks to jobs.
-* **Submit**: ``agent.submit_job("import", {"task", "path", "size", "sha256",
+  the engine through the host's one route (``host.jobs``, ``fsagent/component.py``).
+  Nothing else in ``uploads/`` talks to jobs.
+* **Submit**: ``host.jobs.submit("import", {"task", "path", "size", "sha256",
   "mtime_ns"}, job_id=...)`` with an ID picked and staged on the task first, with no
   await until the engine stages the job's own row: the database takes writes staged
   together into one transaction (``fsagent/db.py``), so the job and the task's record
@@ -31,6 +31,8 @@ import uuid
 
 import trio
 
+from ..component import Host
+from ..longpaths import BackingTree
 from ._store import TaskTable
 from ._task import State, Task
 
@@ -43,7 +45,7 @@ IMPORT_RETRY_MAX_SECONDS = 600.0
 
 
 class ImportHandOff:
-    def __init__(self, agent, tasks: TaskTable, paths):
+    def __init__(self, agent: Host, tasks: TaskTable, paths: BackingTree):
         self._agent = agent
         self._tasks = tasks
         self._paths = paths
@@ -53,10 +55,7 @@ class ImportHandOff:
         self._retry_changed = trio.Event()
 
     def _jobs(self):
-        try:
-            return self._agent.component("jobs")
-        except KeyError:
-            return None
+        return self._agent.jobs
 
     def job_state(self, job: str) -> str | None:
         """The job's state word; None without a job engine or for a job it does not
@@ -98,7 +97,7 @@ class ImportHandOff:
             spec = {"task": t.task_id, "path": t.path, "size": t.present,
                     "sha256": t.computed["sha256"], "mtime_ns": st.st_mtime_ns}
             # The import belongs to whoever owns the file: they may cancel or re-prioritise it.
-            await self._agent.submit_job("import", spec, owner_uid=st.st_uid, job_id=job)
+            await self._jobs().submit("import", spec, owner_uid=st.st_uid, job_id=job)
         except BaseException as e:
             # Not submitted (refused, failed, or cancelled by a shutdown): the task must
             # not name a job that does not exist, or the version would never be imported.
