@@ -35,7 +35,9 @@ from ._task import Task
 
 __all__ = ["Checkpointer", "CLOSE_BATCH_SECONDS", "SYNCFS_AT"]
 
-log = logging.getLogger(__name__)
+# The pipeline logs under the component's name, as before the stages were split out:
+# operators grep and alert on these lines ("upload complete: ...").
+log = logging.getLogger("fsagent.uploads._component")
 
 CLOSE_BATCH_SECONDS = 0.02     # closes arriving this close together share one sync
 SYNCFS_AT = 8                  # this many files to sync: one syncfs beats many fdatasyncs

@@ -45,7 +45,9 @@ from ._task import Event, State, Task, completion_event
 
 __all__ = ["Completion"]
 
-log = logging.getLogger(__name__)
+# The pipeline logs under the component's name, as before the stages were split out:
+# operators grep and alert on these lines ("upload complete: ...").
+log = logging.getLogger("fsagent.uploads._component")
 
 MANIFEST_LIMIT = 16 * 2**20    # bigger "manifests" are not manifests
 # An import that ended in these did not import its version: the same bytes coming back

@@ -38,7 +38,9 @@ from ._task import State, Task
 
 __all__ = ["ImportHandOff", "IMPORT_RETRY_FIRST_SECONDS", "IMPORT_RETRY_MAX_SECONDS"]
 
-log = logging.getLogger(__name__)
+# The pipeline logs under the component's name, as before the stages were split out:
+# operators grep and alert on these lines ("upload complete: ...").
+log = logging.getLogger("fsagent.uploads._component")
 
 IMPORT_RETRY_FIRST_SECONDS = 2.0
 IMPORT_RETRY_MAX_SECONDS = 600.0

@@ -38,7 +38,9 @@ from ._writes import WritePath
 
 __all__ = ["Names", "trackable", "REMOVED_REMEMBERED"]
 
-log = logging.getLogger(__name__)
+# The pipeline logs under the component's name, as before the stages were split out:
+# operators grep and alert on these lines ("upload complete: ...").
+log = logging.getLogger("fsagent.uploads._component")
 
 REMOVED_REMEMBERED = 100_000   # ended task IDs kept so their import jobs can tell
 

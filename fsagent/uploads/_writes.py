@@ -37,7 +37,9 @@ from ._writer import INLINE_WRITE, BackingWriter
 
 __all__ = ["WritePath"]
 
-log = logging.getLogger(__name__)
+# The pipeline logs under the component's name, as before the stages were split out:
+# operators grep and alert on these lines ("upload complete: ...").
+log = logging.getLogger("fsagent.uploads._component")
 
 
 class WritePath:
