@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent / "fsagent"
 # Not components: the agent itself, the contract, and the service plumbing the agent
 # drives (each of those modules declares the narrower protocol it needs).
 NOT_COMPONENTS = {Path("agent.py"), Path("component.py")}
+# How the code names the host: ``agent``/``self.agent``, and a stage's ``self._agent``.
+_HOST_NAMES = {"agent", "_agent"}
 
 
 def _members(protocol) -> set[str]:
@@ -29,7 +31,8 @@ def _members(protocol) -> set[str]:
 
 
 def _agent_uses() -> dict[str, list[str]]:
-    """``{attribute: ["path:line", ...]}`` for every ``<...>agent.<attribute>`` read."""
+    """``{attribute: ["path:line", ...]}`` for every ``<...>agent.<attribute>`` read
+    (and a stage's ``self._agent``)."""
     uses: dict[str, list[str]] = {}
     for path in sorted(ROOT.rglob("*.py")):
         rel = path.relative_to(ROOT)
@@ -39,8 +42,8 @@ def _agent_uses() -> dict[str, list[str]]:
             if not isinstance(node, ast.Attribute):
                 continue
             owner = node.value
-            if (isinstance(owner, ast.Name) and owner.id == "agent") or (
-                    isinstance(owner, ast.Attribute) and owner.attr == "agent"):
+            if (isinstance(owner, ast.Name) and owner.id in _HOST_NAMES) or (
+                    isinstance(owner, ast.Attribute) and owner.attr in _HOST_NAMES):
                 uses.setdefault(node.attr, []).append(f"fsagent/{rel}:{node.lineno}")
     return uses
 

@@ -29,6 +29,12 @@ Design notes
   the state the run ended in). ``fsagent_jobs{state,kind}`` is counted at scrape time.
 * **History.** Finished jobs beyond ``job_history`` (newest kept) or older than
   ``job_ttl`` are removed with their directory; only finished jobs are ever evicted.
+* **Why one module** (it is over 500 lines): the jobs table, the pending heap, the
+  active runs and the staged rows are one state with invariants across them (a job is
+  in the heap only while pending, has a run only while running, has a row for as long
+  as it exists), and the verbs, the scheduler and eviction all write it. Split, that
+  state would have writers in several modules; what is not that state (the transition
+  table, the kinds, the FUSE tree, the CLI) already lives elsewhere.
 """
 
 from __future__ import annotations

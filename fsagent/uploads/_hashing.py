@@ -106,6 +106,29 @@ class StreamHasher:
         start, self.position = self.position, end
         await self._queue((path, start, end))
 
+    def includes(self, algorithm: str) -> bool:
+        return algorithm in self.algorithms
+
+    @property
+    def fresh(self) -> bool:
+        """Nothing claimed yet: a hasher with other algorithms may replace this one."""
+        return self.position == 0 and not self.broken
+
+    @property
+    def usable(self) -> bool:
+        """Whether this stream can still produce digests (else start a new one)."""
+        return not self.broken
+
+    def gap_before(self, offset: int, present: int) -> bool:
+        """A write at ``offset`` skips bytes already on disk (a resumed append): the
+        prefix up to ``offset`` must be claimed from disk first (``feed_existing``)."""
+        return not self.broken and self.position < offset <= present
+
+    def cut_to(self, size: int) -> None:
+        """The file was cut to ``size`` bytes: bytes this stream claimed are gone."""
+        if size < self.position:
+            self.break_stream()
+
     def short_write(self) -> None:
         """A claimed write did not fully reach the disk."""
         self.break_stream()
