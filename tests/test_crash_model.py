@@ -5,9 +5,12 @@ restarted on the same state, every invariant checked after each restart; see
 ``tests/crash_model.py`` for what is checked and why. The long run is ``make soak``
 (``bench/soak_crash.py``).
 
-The seed is random unless ``FSAGENT_CRASH_SEED`` is set, and is printed with the failing
-round's operations on failure. ``FSAGENT_CRASH_ROUNDS`` (default 40) and
-``FSAGENT_CRASH_SECONDS`` (default 75: no new round starts after that) bound the run.
+The seed is ``DEFAULT_SEED`` unless ``FSAGENT_CRASH_SEED`` is set (``random`` picks a new
+one each run), and is printed with the failing round's operations on failure. The suite
+replays one workload on every run, so a red run is a finding, not a roll of the dice;
+exploring new seeds is the soak's job (``make soak``, thousands of rounds).
+``FSAGENT_CRASH_ROUNDS`` (default 40) and ``FSAGENT_CRASH_SECONDS`` (default 75: no new
+round starts after that) bound the run.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ import random
 
 from crash_model import play, report
 
+DEFAULT_SEED = 20261129
+
 
 def test_random_workload_with_crashes_keeps_every_invariant(tmp_path):
-    seed = int(os.environ.get("FSAGENT_CRASH_SEED") or random.randrange(1, 10**9))
+    choice = os.environ.get("FSAGENT_CRASH_SEED", "")
+    seed = random.randrange(1, 10**9) if choice == "random" else int(choice or DEFAULT_SEED)
     rounds = int(os.environ.get("FSAGENT_CRASH_ROUNDS", "40"))
     budget = float(os.environ.get("FSAGENT_CRASH_SECONDS", "75"))
     result = play(tmp_path, seed, rounds, budget_seconds=budget)
