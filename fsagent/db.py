@@ -297,14 +297,21 @@ class Database:
     def staged_count(self) -> int:
         return len(self._staged)
 
-    async def flush(self) -> None:
+    @property
+    def staged_generation(self) -> int:
+        """A mark for what is staged now: ``flush(through=mark)`` makes at least that
+        durable (and returns at once if a flush already did)."""
+        return self._staged_gen
+
+    async def flush(self, *, through: int | None = None) -> None:
         """Write everything staged so far in one transaction (one fsync).
 
-        Returns once everything staged before the call is durable, including what a
-        flush already in progress took with it: so it waits for that flush (it holds
-        the limiter) even when nothing is left staged for itself.
+        Returns once everything staged before the call (or before the ``through``
+        mark) is durable, including what a flush already in progress took with it: so
+        it waits for that flush (it holds the limiter) even when nothing is left staged
+        for itself.
         """
-        wanted = self._staged_gen
+        wanted = self._staged_gen if through is None else through
         if self._durable_gen >= wanted:
             return
         async with self._limiter:

@@ -751,7 +751,7 @@ class Stage:
         self.metrics = Registry()
         self.completion = Completion(
             tasks=self.tasks, paths=paths, settle_seconds=10, to_thread=to_thread_fn,
-            handoff=self.handoff, metrics=self.metrics, counters=self.counters,
+            handoff=self.handoff, db=db, metrics=self.metrics, counters=self.counters,
             want_checkpoint=lambda t, **kw: self.wanted.append((t, kw)),
             checkpoint_pending=lambda t: False)
         self.completion.nursery = nursery

@@ -18,6 +18,11 @@ Design notes
   opened for writing and closed unchanged) keep that import, unless it failed or was
   cancelled; other bytes cancel it if it has not started and get their own
   (``_handoff.py``).
+* **Shown once durable.** ``complete`` is shown (xattrs, ``uploads.json``) only once
+  the task's record says so on disk (``Task.shown``): the hand-off's commit of the
+  import job carries it, so no fsync is added; until then the task shows
+  ``verifying``. So a crash never takes back a ``complete`` (or a job ID) a user saw,
+  unless the database itself cannot be written (then the task's ``error`` says so).
 * **Recheck** (``recheck``): a complete file recovery could not prove unchanged is
   hashed; the same bytes are verified as above, other bytes are a new version that
   the rules take from ``partial`` like any other.
@@ -58,7 +63,7 @@ _DEAD_IMPORT = {"failure", "cancelled"}
 
 class Completion:
     def __init__(self, *, tasks: TaskTable, paths: BackingTree, settle_seconds: float,
-                 to_thread: Callable[..., Awaitable], handoff: ImportHandOff, metrics,
+                 to_thread: Callable[..., Awaitable], handoff: ImportHandOff, db, metrics,
                  counters: dict[str, int], want_checkpoint: Callable[..., None],
                  checkpoint_pending: Callable[[Task], bool]):
         self._tasks = tasks
@@ -66,6 +71,7 @@ class Completion:
         self._settle = settle_seconds
         self._to_thread = to_thread
         self._handoff = handoff
+        self._db = db
         self._counters = counters
         self._want_checkpoint = want_checkpoint      # Checkpointer.want
         self._checkpoint_pending = checkpoint_pending
@@ -194,15 +200,29 @@ class Completion:
             t.job = t.job_sha256 = None
             t.completed = time.time()
             self.completed_total.inc()
-        # Staged, not committed here: the data is already durable, and a crash before the
-        # next flush only means this file is verified again at start-up.
         self._tasks.save(t)
+        mark = self._db.staged_generation
         log.info("upload complete: %s (%d bytes, sha256 %s)", t.path, t.present,
                  t.computed["sha256"])
         if not same_version:
             if old_job is not None:
                 await self._handoff.cancel(old_job)  # it would import bytes that are gone
             await self._handoff.submit(t)
+        await self._commit_complete(t, generation, mark)
+
+    async def _commit_complete(self, t: Task, generation: int, mark: int) -> None:
+        """Show ``complete`` once its record is durable (``Task.shown``): a crash must
+        not take back what a user saw. The hand-off's commit (the job and the task's
+        record of it) normally took the row already, so this costs no fsync."""
+        try:
+            await self._db.flush(through=mark)
+        except Exception as e:
+            # The database cannot record anything now (a failing disk): the row stays
+            # staged for its retry. The bytes are verified, and hiding that would hide
+            # the failure, which the task's ``error`` (import not started) names.
+            log.error("recording %s as complete failed (%s); it stays staged", t.path, e)
+        if t.state is State.COMPLETE and t.generation == generation and not t.ended:
+            t.committed = True
 
     async def recheck(self, t: Task) -> None:
         """Hash a complete file recovery could not prove unchanged (see the notes)."""

@@ -75,7 +75,8 @@ class UploadsComponent(Component):
             checkpoint_seconds=config.checkpoint_seconds, then=self._consider)
         self.completion = Completion(
             tasks=self.tasks, paths=self.paths, settle_seconds=config.settle_seconds,
-            to_thread=agent.to_thread, handoff=self.handoff, metrics=agent.metrics,
+            to_thread=agent.to_thread, handoff=self.handoff, db=agent.db,
+            metrics=agent.metrics,
             counters=self.counters, want_checkpoint=self.checkpoints.want,
             checkpoint_pending=self.checkpoints.pending_consideration)
         self.writes = WritePath(paths=self.paths, space=self.space,
@@ -98,7 +99,7 @@ class UploadsComponent(Component):
     def status(self) -> dict[str, Any]:
         states: dict[str, int] = {s.value: 0 for s in State}
         for t in self.tasks.tracked():
-            states[t.state.value] += 1
+            states[t.shown.value] += 1
         return {"tasks": states, **self.counters, "checkpoints": self.checkpoints.count}
 
     def counts(self) -> dict[str, int]:
@@ -309,8 +310,8 @@ class UploadsComponent(Component):
 
     def render_list(self) -> bytes:
         tasks = self.tasks.tracked()
-        unfinished = [t for t in tasks if t.state is not State.COMPLETE]
-        done = sorted((t for t in tasks if t.state is State.COMPLETE),
+        unfinished = [t for t in tasks if t.shown is not State.COMPLETE]
+        done = sorted((t for t in tasks if t.shown is State.COMPLETE),
                       key=lambda t: t.completed or 0, reverse=True)
         shown = sorted(unfinished, key=lambda t: t.updated)
         shown += done[: self.config.recent_uploads]

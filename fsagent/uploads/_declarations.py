@@ -39,7 +39,7 @@ def task_xattrs(t: Task) -> dict[bytes, bytes]:
     p = t.progress
     out = {
         b"user.fsagent.task": t.task_id.encode(),
-        b"user.fsagent.state": t.state.value.encode(),
+        b"user.fsagent.state": t.shown.value.encode(),
         b"user.fsagent.offset": str(t.present).encode(),
     }
     if t.declared_size is not None:

@@ -243,6 +243,7 @@ class Task:
     timed: bool = False             # a real mtime was set since the bytes last changed
     ended: bool = False
     stored: bool = False            # a row may exist: deleting must reach SQLite
+    committed: bool = False         # the current state is durable (see ``shown``)
 
     @property
     def path(self) -> str:
@@ -253,8 +254,9 @@ class Task:
         new = next_state(self.state, event)
         if new is None:
             self.ended = True  # the table ends the task (unlink): no state after this
-        else:
+        elif new is not self.state:
             self.state = new
+            self.committed = False
         self.updated = time.time()
         return new
 
@@ -266,13 +268,22 @@ class Task:
         self.timed = False
 
     @property
+    def shown(self) -> State:
+        """The state users see (xattrs, uploads.json). ``complete`` is a promise about
+        the bytes that must survive a crash, so it is shown only once its record is
+        durable; until then the task shows ``verifying``, which it still is on disk."""
+        if self.state is State.COMPLETE and not self.committed:
+            return State.VERIFYING
+        return self.state
+
+    @property
     def progress(self) -> float | None:
-        return progress_percent(self.present, self.declared_size, self.state)
+        return progress_percent(self.present, self.declared_size, self.shown)
 
     def summary(self) -> dict[str, Any]:
         """The task as uploads.json shows it."""
         return {
-            "taskID": self.task_id, "path": self.path, "state": self.state.value,
+            "taskID": self.task_id, "path": self.path, "state": self.shown.value,
             "offset": self.present, "size": self.declared_size, "progress": self.progress,
             "sha256": self.computed.get("sha256"), "job": self.job, "error": self.error,
             "updated": round(self.updated, 3),
@@ -302,5 +313,5 @@ class Task:
             updated=values["updated"], completed=values["completed"], ino=values["ino"],
             fingerprint=(None if values["fp_size"] is None else
                          (values["fp_size"], values["fp_mtime_ns"], values["fp_ctime_ns"])),
-            job_sha256=values["job_sha256"], stored=True,
+            job_sha256=values["job_sha256"], stored=True, committed=True,
         )
