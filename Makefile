@@ -9,8 +9,11 @@ BIN    := $(VENV)/bin
 # and benches; python3-dev/-venv and gcc let a stock Debian python build pyfuse3.
 # systemd provides systemd-analyze (the tests verify the units); util-linux and passwd
 # provide setpriv and useradd (the multi-user tests run commands as a second user).
+# autoconf, automake, gcc, make and libacl1-dev build pjdfstest (tests/test_conformance.py,
+# from ../shared/tools/); perl provides prove, which runs it.
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
-                rsync attr zip unzip inotify-tools e2fsprogs systemd util-linux passwd
+                rsync attr zip unzip inotify-tools e2fsprogs systemd util-linux passwd \
+                autoconf automake make libacl1-dev perl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # `make install`: the package in its own venv, the command on PATH, the units, the config
@@ -32,6 +35,14 @@ test: setup
 
 setup: system-packages $(VENV)/.installed
 
+# apt's locks: on a freshly booted machine unattended-upgrades (or another install, a
+# parallel CI job) may hold them, and apt-get then fails at once with exit 100. Wait up to APT_LOCK_WAIT
+# seconds instead: DPkg::Lock::Timeout makes `install` wait for the dpkg lock; `update`
+# takes the package lists lock, which apt (2.6, Debian 12) does not wait for under any
+# option, so it is retried while "Could not get lock" is what failed it.
+APT_LOCK_WAIT ?= 600
+APT_GET := $(SUDO) apt-get -o DPkg::Lock::Timeout=$(APT_LOCK_WAIT)
+
 # dpkg-query first, so a machine that has everything never touches apt.
 system-packages:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -39,8 +50,15 @@ system-packages:
 	  done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:" $$missing; \
-	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	  waited=0; \
+	  until out=$$($(APT_GET) update -qq 2>&1); do \
+	    case "$$out" in *"Could not get lock"*) ;; *) echo "$$out" >&2; exit 100;; esac; \
+	    if [ $$waited -ge $(APT_LOCK_WAIT) ]; then echo "$$out" >&2; exit 100; fi; \
+	    [ $$waited -gt 0 ] || echo "waiting for the apt package lists lock (another apt runs)"; \
+	    sleep 5; waited=$$((waited + 5)); \
+	  done; \
+	  [ -z "$$out" ] || echo "$$out" >&2; \
+	  DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq $$missing; \
 	fi
 
 $(VENV)/.installed: pyproject.toml
@@ -80,4 +98,4 @@ soak: setup
 
 clean:
 	-fusermount3 -uz mnt 2>/dev/null
-	rm -rf $(VENV) .fsagent *.egg-info
+	rm -rf $(VENV) .fsagent *.egg-info .build

@@ -3,10 +3,12 @@
 Design notes
 ------------
 * **Components.** Each capability (uploads, jobs, the RPC server, the monitor) is a
-  ``Component``: it may add entries to the mounted root, contribute a section to
-  ``status``, run long-lived tasks in the agent's nursery (``serve``), and make its
-  state durable at shutdown (``checkpoint``). ``build_components`` is the one list of
-  them; adding a capability is adding a line there.
+  ``Component`` (``fsagent/component.py``): it may add entries to the mounted root,
+  contribute a section to ``status``, run long-lived tasks in the agent's nursery
+  (``serve``), and make its state durable at shutdown (``checkpoint``).
+  ``build_components`` is the one list of them; adding a capability is adding a line
+  there. The agent is the components' ``Host``: they reach it only through that
+  protocol, and import nothing of this module, so the imports run one way.
 * **Start-up order.** Lock the state dir (one agent per state), open and migrate the
   database, clear a stale mount, build the tree, mount, start the services, and only
   then log "mounted": nothing is served before the state it serves is ready.
@@ -18,7 +20,7 @@ Design notes
   vanishes underneath us (an admin's ``fusermount3 -u``), the same path runs.
 * **Blocking work** goes through ``agent.to_thread`` (a shared CapacityLimiter of
   ``worker_threads``), so no component can starve the event loop or the machine.
-* **Under systemd** (``fsagent/liveness.py``): READY=1 once the mount answers, a
+* **Under systemd** (``fsagent/service/liveness.py``): READY=1 once the mount answers, a
   watchdog fed by a real round trip through the mount, STATUS= from ``counts()``,
   STOPPING=1 as soon as shutdown begins. **Metrics**: ``agent.metrics`` is the one
   registry, served as ``MOUNT/metrics`` (and over HTTP with ``metrics_listen``);
@@ -39,66 +41,31 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import __version__, liveness, metrics_http
-from .agent_metrics import last_checkpoint, record_checkpoint, register_agent_metrics
+from . import __version__
+from .component import Component, JobHandOff
 from .config import Config
 from .db import Database
+from .fileserver import FileServer
 from .fs import Directory, DynamicFile, Filesystem, Node
-from .metrics import CONTENT_TYPE, Registry
-from .mountpoint import lock_state_dir, prepare_mount_point
-from .sdnotify import Notifier
+from .jobs import JobsComponent
+from .monitor import MonitorServer
+from .rpc import RpcComponent
+from .service import liveness, metrics_http
+from .service.agent_metrics import last_checkpoint, record_checkpoint, register_agent_metrics
+from .service.metrics import CONTENT_TYPE, Registry
+from .service.mountpoint import lock_state_dir, prepare_mount_point
+from .service.sdnotify import Notifier
+from .uploads import UploadsComponent
 
-__all__ = ["Agent", "Component", "run_agent"]
+__all__ = ["Agent", "run_agent"]
 
 log = logging.getLogger(__name__)
 
 FUSE_MAX_TASKS = 1000  # concurrent FUSE requests (blocking `wait` reads included)
 
 
-class Component:
-    """Base for a capability plugged into the agent. Every hook is optional."""
-
-    name = "component"
-
-    def __init__(self, agent: Agent):
-        self.agent = agent
-
-    def root_entries(self) -> dict[bytes, Node]:
-        """Top-level entries this component adds to the mounted tree."""
-        return {}
-
-    def status(self) -> dict[str, Any]:
-        """This component's section of ``status`` (JSON-serialisable)."""
-        return {}
-
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Long-running tasks; call ``task_status.started()`` once ready."""
-        task_status.started()
-
-    async def checkpoint(self) -> None:
-        """Make in-flight state durable. Runs at shutdown, shielded from cancellation."""
-
-    def rpc_methods(self) -> dict[str, Callable[..., Any]]:
-        """msgpack-RPC methods this component serves: ``{"Name.op": async fn(*params)}``."""
-        return {}
-
-    def counts(self) -> dict[str, int]:
-        """Live counts for systemd's one-line STATUS=, e.g. ``{"uploads receiving": 2}``.
-
-        Called on the event loop every second (STATUS= is re-sent when the line
-        changes): keep it cheap (no I/O).
-        """
-        return {}
-
-
 def build_components(agent: Agent) -> list[Component]:
     """Every capability of the agent, in start-up order."""
-    from .fileserver import FileServer
-    from .jobs import JobsComponent
-    from .monitor import MonitorServer
-    from .rpc._component import RpcComponent
-    from .uploads import UploadsComponent  # components import Component from here
-
     return [
         UploadsComponent(agent),
         FileServer(agent),
@@ -109,6 +76,9 @@ def build_components(agent: Agent) -> list[Component]:
 
 
 class Agent:
+    """The running agent: owns the nursery, the mount and the state; the ``Host``
+    (``fsagent/component.py``) its components are given."""
+
     def __init__(self, config: Config):
         self.config = config
         self.started_wall = time.time()
@@ -128,21 +98,31 @@ class Agent:
         self.last_checkpoint: tuple[float, float] | None = None  # (finished, seconds)
         self._stopping_announced = False
 
-    # -- helpers for components ---------------------------------------------------------
+    # -- the Host protocol (fsagent/component.py): what components use -----------------
 
     async def to_thread(self, fn: Callable, *args: Any) -> Any:
         """Run blocking work in a worker thread under the agent's capacity limit."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
-    async def submit_job(self, kind: str, spec: dict[str, Any], *, priority: int = 0,
-                         owner_uid: int | None = None, job_id: str | None = None) -> str:
-        """The one hand-off point into the job engine (the component named "jobs").
+    @property
+    def jobs(self) -> JobHandOff | None:
+        """The one route into the job engine (the component named "jobs"): uploads submit
+        an "import" job through it when a file is verified, and cancel or look up that
+        job through it later. None when the agent runs without a job engine."""
+        try:
+            return self.component("jobs")
+        except KeyError:
+            return None
 
-        Uploads call it with kind "import" when a file is verified; returns the job ID
-        once the job is durable (``job_id`` picks the ID; default: a new UUID).
-        """
-        return await self.component("jobs").submit(
-            kind, spec, priority=priority, owner_uid=owner_uid, job_id=job_id)
+    def upload_task(self, task_id: str) -> dict[str, Any] | None:
+        """What the uploads component knows of upload task ``task_id`` now (import jobs
+        follow their upload by ID: it may have been renamed, rewritten or removed since
+        the job was submitted); None without an uploads component or for an unknown ID."""
+        try:
+            uploads = self.component("uploads")
+        except KeyError:
+            return None
+        return uploads.describe_task(task_id)
 
     def component(self, name: str) -> Component:
         for c in self.components:
@@ -210,16 +190,17 @@ class Agent:
             log.warning("the previous agent did not stop cleanly; recovering")
         self.last_checkpoint = self.db.run_sync(last_checkpoint)
         self.components = build_components(self)
-        root = Directory()
-        root.add(b"status", StatusFile(self.render_status, self.pid))
-        root.add(b"metrics", DynamicFile(self.metrics.render))
+        entries: dict[bytes, Node] = {
+            b"status": StatusFile(self.render_status, self.pid),
+            b"metrics": DynamicFile(self.metrics.render),
+        }
         for component in self.components:
             for name, node in component.root_entries().items():
-                if name in root._children:
+                if name in entries:
                     raise RuntimeError(f"{component.name} adds {name!r} twice to the root")
-                root.add(name, node)
-        self.fs = Filesystem(root, statfs_path=cfg.state_dir)
-        for node in root._children.values():
+                entries[name] = node
+        self.fs = Filesystem(Directory(entries), statfs_path=cfg.state_dir)
+        for node in entries.values():
             self.fs.register(node, permanent=True)
         register_agent_metrics(self)
 

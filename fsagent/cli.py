@@ -17,7 +17,7 @@ import trio
 from . import __version__
 from .config import LOG_LEVELS, SETTINGS, ConfigError, load_config
 from .db import DatabaseError
-from .logs import configure_logging
+from .service.logs import configure_logging
 
 __all__ = ["main", "build_parser"]
 
@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("setting", nargs="?", metavar="SETTING",
                         choices=[s.name for s in SETTINGS], help="print only this value")
     config.set_defaults(func=cmd_config)
-    from .rpc._cli import add_rpc_commands
+    from .rpc import add_rpc_commands
     add_rpc_commands(sub)
-    from .jobs._cli import add_jobs_commands
+    from .jobs import add_jobs_commands
     add_jobs_commands(sub)
     return parser
 

@@ -16,6 +16,12 @@ Design notes
   per-file bookkeeping (bytes present, timestamps) goes through ``stage()``, which
   coalesces by key and is written by ``flush()`` in one transaction, every
   ``db_flush_seconds`` and at explicit durability points (checkpoints, shutdown).
+* **Staged writes keep event order and stay together.** A flush runs the staged
+  statements in the order they were last staged (re-staging a key moves it to the
+  end, so a row that follows a rename is written after the row it follows), and it
+  takes its batch on the event loop: writes staged with no ``await`` between them
+  are always in the same transaction. The upload hand-off relies on that (a task's
+  record of its import job and the job itself commit together or not at all).
 * **Threads.** The connection is used from one worker thread at a time
   (``CapacityLimiter(1)`` plus a lock for the synchronous start-up/shutdown path), so
   no SQLite call ever runs on the event loop.
@@ -85,6 +91,19 @@ MIGRATIONS: dict[str, Sequence[str]] = {
         );
         CREATE INDEX upload_tasks_path ON upload_tasks(path);
         CREATE INDEX upload_tasks_completed ON upload_tasks(completed);
+        """,
+        # 2: crash consistency (fsagent/uploads/_store.py). `ino` is the backing file's
+        # inode, so recovery finds a task whose rename was not yet recorded; `fp_*` are
+        # the backing file's size, mtime and ctime when it was verified, so recovery can
+        # tell a complete file nobody touched from one it must hash again; `job_sha256`
+        # is the SHA-256 of the version `job` imports, so one version is imported once.
+        """
+        ALTER TABLE upload_tasks ADD COLUMN ino INTEGER;
+        ALTER TABLE upload_tasks ADD COLUMN fp_size INTEGER;
+        ALTER TABLE upload_tasks ADD COLUMN fp_mtime_ns INTEGER;
+        ALTER TABLE upload_tasks ADD COLUMN fp_ctime_ns INTEGER;
+        ALTER TABLE upload_tasks ADD COLUMN job_sha256 TEXT;
+        UPDATE upload_tasks SET job_sha256 = sha256 WHERE job IS NOT NULL;
         """,
     ),
     "jobs": (
@@ -266,6 +285,7 @@ class Database:
 
         Cheap and synchronous: safe to call from any FUSE handler on the event loop.
         """
+        self._staged.pop(key, None)  # to the end: statements run in event order
         self._staged[key] = (sql, params)
         self._staged_gen += 1  # after the insert: a flush that reads the count has the row
 
@@ -288,35 +308,65 @@ class Database:
         if self._durable_gen >= wanted:
             return
         async with self._limiter:
-            if self._durable_gen < wanted:
-                await trio.to_thread.run_sync(self.flush_sync)
+            if self._durable_gen >= wanted:
+                return
+            # The batch is taken here, on the event loop, not in the thread: stage()
+            # calls with no await between them land in one batch (see the design notes).
+            # Holding the limiter, no thread is using the connection, so the lock is free.
+            with self._lock:
+                covered, batch = self._take_batch()
+            if not batch:
+                return
+            try:
+                await trio.to_thread.run_sync(self._write_batch, batch, covered)
+            except BaseException:
+                self._restore_batch(batch)
+                raise
 
     def flush_sync(self) -> None:
+        """The same, on the calling thread: only for start-up and shutdown."""
         with self._lock:
-            if not self._staged:
-                # No flush is in flight while we hold the lock and a failed one puts its
-                # batch back, so everything staged so far is durable (or was unstaged).
-                self._durable_gen = max(self._durable_gen, self._staged_gen)
-                return
-            # Swap under the lock: stage() calls that race with us land in the fresh dict.
-            covered = self._staged_gen  # read before the swap: see stage()
-            batch, self._staged = self._staged, {}
-            started = time.monotonic()
+            covered, batch = self._take_batch()
+        if not batch:
+            return
+        try:
+            self._write_batch(batch, covered)
+        except BaseException:
+            self._restore_batch(batch)
+            raise
+
+    def _take_batch(self) -> tuple[int, dict[Any, tuple[str, Sequence[Any]]]]:
+        if not self._staged:
+            # No flush is in flight (callers hold the limiter or the lock) and a failed
+            # one puts its batch back, so everything staged so far is durable.
+            self._durable_gen = max(self._durable_gen, self._staged_gen)
+            return self._staged_gen, {}
+        covered = self._staged_gen  # read before the swap: see stage()
+        batch, self._staged = self._staged, {}
+        return covered, batch
+
+    def _write_batch(self, batch: dict[Any, tuple[str, Sequence[Any]]], covered: int) -> None:
+        started = time.monotonic()
+        with self._lock:
             try:
                 with self._transaction():
                     for sql, params in batch.values():
                         self._conn.execute(sql, params)
             except BaseException:
-                # Nothing was written (the transaction rolled back): put the batch back
-                # under anything staged since, which is newer and wins.
-                batch.update(self._staged)
-                self._staged = batch
                 self.flush_failures += 1
                 raise
             self.flush_count += 1
             self._durable_gen = max(self._durable_gen, covered)
-            if self.on_flush is not None:
-                self.on_flush(time.monotonic() - started)
+        if self.on_flush is not None:
+            self.on_flush(time.monotonic() - started)
+
+    def _restore_batch(self, batch: dict[Any, tuple[str, Sequence[Any]]]) -> None:
+        """Nothing was written (the transaction rolled back): put the batch back before
+        anything staged since, which is newer and wins (and runs later)."""
+        for key, value in self._staged.items():
+            batch.pop(key, None)
+            batch[key] = value
+        self._staged = batch
 
     async def flush_periodically(
         self, interval: float, *, task_status=trio.TASK_STATUS_IGNORED

@@ -2,12 +2,13 @@
 
 Design notes
 ------------
-* **Confinement first.** Every path is made absolute-and-real (``os.path.realpath``:
-  symlinks and ``..`` resolved) and must then lie in one of ``config.export_roots``
-  (themselves resolved at load time), else ``OmeroFSError("not under an exported
-  root: PATH")``, naming the path as the client gave it. OMERO.fs read any path on the
-  machine; with no roots configured, this one reads none. A symlink inside a root
-  that points outside is refused like any other outside path.
+* **Confinement first** (``fsagent/confinement.py``, shared with the monitors). Every
+  path is made absolute-and-real (``os.path.realpath``: symlinks and ``..`` resolved)
+  and must then lie in one of ``config.export_roots`` (themselves resolved at load
+  time), else ``OmeroFSError("not under an exported root: PATH")``, naming the path as
+  the client gave it. OMERO.fs read any path on the machine; with no roots
+  configured, this one reads none. A symlink inside a root that points outside is
+  refused like any other outside path.
 * **Reads are checked again after open.** ``readBlock`` and ``getSHA1`` open the
   resolved path with ``O_NOFOLLOW`` and check where the descriptor really points
   (``/proc/self/fd``), so swapping a directory for a symlink between the check and
@@ -32,55 +33,15 @@ import hashlib
 import os
 import pwd
 import stat
-from pathlib import Path
 from typing import Any
 
-from .agent import Component
+from .component import Component, Host
+from .confinement import Confinement
 from .rpc import OmeroFSError
 
-__all__ = ["FileServer", "Confinement", "file_stats"]
+__all__ = ["FileServer", "file_stats"]
 
 _SHA1_CHUNK = 1 << 20
-
-
-class Confinement:
-    """Decides whether a client-given path is inside the exported roots."""
-
-    def __init__(self, roots: tuple[Path, ...] | list[Path]):
-        self.roots = tuple(os.path.realpath(r) for r in roots)
-
-    def contains(self, real: str) -> bool:
-        return any(real == root or real.startswith(root.rstrip("/") + "/")
-                   for root in self.roots)
-
-    def resolve(self, path: Any) -> str:
-        """The real path of ``path``, or OmeroFSError if it is not confined."""
-        if isinstance(path, bytes):
-            path = os.fsdecode(path)
-        if not isinstance(path, str) or not path:
-            raise OmeroFSError(f"expected a path string, got {path!r:.80}")
-        if "\0" in path:
-            raise OmeroFSError("a path cannot contain NUL")
-        if not os.path.isabs(path):
-            raise OmeroFSError(f"not an absolute path: {path}")
-        real = os.path.realpath(path)
-        if not self.contains(real):
-            raise OmeroFSError(f"not under an exported root: {path}")
-        return real
-
-    def lexical(self, path: str) -> str:
-        """``path`` with ``..`` folded but the last component not followed (for lstat);
-        only call after ``resolve`` accepted it. The parent is resolved for real."""
-        parent, name = os.path.split(os.path.normpath(path))
-        real_parent = os.path.realpath(parent)
-        if name in ("", ".", "..") or not self.contains(real_parent):
-            return os.path.realpath(path)
-        return os.path.join(real_parent, name)
-
-    def check_fd(self, fd: int, path: str) -> None:
-        real = os.readlink(f"/proc/self/fd/{fd}")
-        if not self.contains(real):
-            raise OmeroFSError(f"not under an exported root: {path}")
 
 
 _owner_cache: dict[int, str] = {}
@@ -135,7 +96,7 @@ class FileServer(Component):
 
     name = "fileserver"
 
-    def __init__(self, agent):
+    def __init__(self, agent: Host):
         super().__init__(agent)
         self.confinement = Confinement(agent.config.export_roots)
         self.readblock_max = agent.config.readblock_max_bytes

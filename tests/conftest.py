@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from fsagent.mountpoint import abort_connection, is_mount_point, lazy_unmount
+from fsagent.service.mountpoint import abort_connection, is_mount_point, lazy_unmount
 
 FSAGENT = [sys.executable, "-m", "fsagent"]
 

@@ -72,7 +72,7 @@ from collections import Counter
 from pathlib import Path
 
 from conftest import AgentProcess
-from fsagent.mountpoint import abort_connection
+from fsagent.service.mountpoint import abort_connection
 from integrity_util import (import_jobs, import_problems, job_state, look, manifest,
                             manifest_problems, sha256_bytes, spec_of, task_attrs)
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from fsagent import __version__
-from fsagent.mountpoint import abort_connection, is_mount_point
+from fsagent.service.mountpoint import abort_connection, is_mount_point
 
 
 def test_mounts_the_tree(agent):

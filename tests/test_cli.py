@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from fsagent.mountpoint import is_mount_point
+from fsagent.service.mountpoint import is_mount_point
 
 
 def test_help_lists_commands_and_flags(cli):

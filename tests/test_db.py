@@ -152,3 +152,18 @@ async def test_flush_waits_for_a_flush_in_progress_even_with_nothing_staged(tmp_
     assert second_done == [1]
     other.close()
     d.close()
+
+
+async def test_staged_writes_run_in_event_order(tmp_path, monkeypatch):
+    """Re-staging a key moves it to the end: a row that follows another write (the
+    manifest row that follows a rename) runs after it, whatever was staged first."""
+    monkeypatch.setitem(dbmod.MIGRATIONS, "extra", ("CREATE TABLE m (k TEXT PRIMARY KEY, "
+                                                    "v TEXT);",))
+    d = Database.open(tmp_path / "a.db")
+    d.stage("move", "UPDATE m SET v = 'moved' WHERE k = 'x'", ())  # nothing to move yet
+    d.stage("record", "INSERT INTO m(k, v) VALUES ('x', 'recorded')", ())
+    d.stage("move", "UPDATE m SET v = 'moved' WHERE k = 'x'", ())  # a later rename
+    await d.flush()
+    assert await d.run(lambda c: c.execute("SELECT v FROM m").fetchone()[0]) == "moved"
+    d.close()
+

@@ -7,7 +7,7 @@ import os
 import re
 import signal
 
-from fsagent.logs import JournalFormatter, stderr_is_journal
+from fsagent.service.logs import JournalFormatter, stderr_is_journal
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
 

@@ -17,8 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fsagent.config import ConfigError, load_config
-from fsagent.metrics import Registry
-from fsagent.metrics_http import BadRequest, parse_request_head, route
+from fsagent.service.metrics import Registry
+from fsagent.service.metrics_http import BadRequest, parse_request_head, route
 
 
 def parse(text: str) -> dict:

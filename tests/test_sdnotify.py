@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from fsagent.sdnotify import Notifier
+from fsagent.service.sdnotify import Notifier
 
 
 class FakeServiceManager:
@@ -224,9 +224,10 @@ def test_stopping_at_sigterm(agent_factory, manager):
 
 
 def test_status_line_gathers_every_components_counts(tmp_path):
-    from fsagent.agent import Agent, Component
+    from fsagent.agent import Agent
+    from fsagent.component import Component
     from fsagent.config import load_config
-    from fsagent.liveness import _status_line
+    from fsagent.service.liveness import _status_line
 
     class Uploads(Component):
         name = "uploads"
@@ -257,7 +258,7 @@ def test_status_line_gathers_every_components_counts(tmp_path):
 async def test_status_line_follows_uploads_jobs_and_monitors(agent_factory, manager, tmp_path):
     from jobs_util import GATED_IMPORT, import_spec, open_gate, submit
     from rpcutil import create, open_client
-    from fsagent.liveness import STATUS_INTERVAL
+    from fsagent.service.liveness import STATUS_INTERVAL
     data = tmp_path / "data"
     data.mkdir()
     # No readiness wait of the fixture's: its reads of MOUNT/status would be open files.

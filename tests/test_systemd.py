@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fsagent.config import load_config
-from fsagent.mountpoint import is_mount_point
+from fsagent.service.mountpoint import is_mount_point
 from test_sdnotify import FakeServiceManager
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ import trio
 
 from fsagent.uploads._hashing import StreamHasher, hash_file
 from fsagent.uploads._manifests import manifest_kind, parse_manifest
-from fsagent.uploads._store import Task
+from fsagent.uploads._task import Task
 from fsagent.uploads._task import (
     TRANSITIONS, Event, State, TaskStateError, completion_event, is_temporary_path,
     next_state, progress_percent,

@@ -5,9 +5,10 @@ Public surface:
 * ``JobsComponent`` — the agent component named ``"jobs"``: ``MOUNT/jobs/`` and
   ``MOUNT/jobs.json``, the scheduler task, the ``jobs`` section of ``status``, the
   ``Jobs.*`` RPC methods, and the hand-off verbs the uploads component calls
-  (``submit``, ``cancel_if_not_started``).
+  (``submit``, ``cancel_if_not_started``, ``job_state``, ``import_moved``).
 * ``State``, ``IllegalMove``, ``UnknownVerb``, ``TRANSITIONS`` — the state machine.
 * ``KINDS`` — the registry of job kinds (``import``, ``archive``, ``verify``).
+* ``add_jobs_commands`` — ``fsagent jobs ...`` (over RPC).
 
 Inside: ``_states`` (the transition table), ``_engine`` (verbs, scheduler,
 persistence, history), ``_kinds`` (the kind contract and path confinement),
@@ -22,27 +23,29 @@ from typing import Any
 
 import trio
 
-from ..agent import Component
+from ..component import Component, Host
 from ..fs import DynamicFile, Node
 from . import _archive, _import, _verify  # noqa: F401  (each registers its kind)
 from ..rpc import RpcError, current_peer
 from ._engine import (
     BadSpec, Engine, JobExists, JobNotFinished, NoSuchJob, ShuttingDown, valid_job_name,
 )
+from ._cli import add_jobs_commands
+from ._import import stage_manifest_move
 from ._kinds import KINDS
 from ._nodes import JobsDirectory, render_jobs_json
 from ._states import TRANSITIONS, IllegalMove, State, UnknownVerb
 
 __all__ = [
     "JobsComponent", "State", "IllegalMove", "UnknownVerb", "TRANSITIONS", "KINDS",
-    "BadSpec", "NoSuchJob", "JobExists", "JobNotFinished", "ShuttingDown",
+    "BadSpec", "NoSuchJob", "JobExists", "JobNotFinished", "ShuttingDown", "add_jobs_commands",
 ]
 
 
 class JobsComponent(Component):
     name = "jobs"
 
-    def __init__(self, agent):
+    def __init__(self, agent: Host):
         super().__init__(agent)
         self.engine = Engine(agent)
         self.engine.load()
@@ -56,6 +59,17 @@ class JobsComponent(Component):
 
     async def cancel_if_not_started(self, job_id: str) -> bool:
         return await self.engine.cancel_if_not_started(job_id)
+
+    def import_moved(self, task: str, job_id: str, path: str) -> None:
+        """Upload ``task``, imported by ``job_id``, is at ``path`` now: its manifest row
+        follows (staged with the upload's own record)."""
+        stage_manifest_move(self.agent.db, task, job_id, path)
+
+    def job_state(self, job_id: str) -> str | None:
+        """The job's state word (``pending`` ... ``cancelled``), None if there is no such
+        job (never submitted, or evicted from the history)."""
+        job = self.engine.jobs.get(job_id)
+        return None if job is None else job.state.value
 
     # -- component hooks -------------------------------------------------------------------
 

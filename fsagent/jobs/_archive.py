@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 import zipfile
 
+from .. import longpaths
+
 from ._kinds import (
     JobFailed, Kind, RunContext, SpecError, collect_files, confine, only_keys, path_list,
     register,
@@ -74,14 +76,15 @@ def build_archive(ctx: RunContext) -> None:
                                                   allowZip64=True) as zf:
         for entry in entries:
             ctx.checkpoint()
-            info = zipfile.ZipInfo.from_file(entry.real, entry.name,
-                                             strict_timestamps=False)
+            with longpaths.at(entry.real) as real:  # the path may be past PATH_MAX
+                info = zipfile.ZipInfo.from_file(real, entry.name, strict_timestamps=False)
             if entry.is_dir:
                 zf.writestr(info, b"")
                 continue
             info.compress_type = compression
             try:
-                src = open(entry.real, "rb")
+                with longpaths.at(entry.real) as real:
+                    src = open(real, "rb")
             except FileNotFoundError:
                 raise JobFailed(ErrorCode.BAD_INPUT,
                                 f"{entry.name!r} vanished from uploads/") from None

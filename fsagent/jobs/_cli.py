@@ -18,7 +18,7 @@ import json
 import sys
 
 from ..rpc import RpcError
-from ..rpc._cli import _add_socket_options, _run_client
+from ..rpc.cli_support import add_socket_options, run_client
 
 __all__ = ["add_jobs_commands"]
 
@@ -68,7 +68,7 @@ def add_jobs_commands(sub) -> None:
     p.set_defaults(func=cmd_wait)
 
     for parser in verbs.choices.values():
-        _add_socket_options(parser)
+        add_socket_options(parser)
 
 
 def _call(args: argparse.Namespace, method: str, *params, show) -> int:
@@ -80,7 +80,7 @@ def _call(args: argparse.Namespace, method: str, *params, show) -> int:
             return EXIT_BAD_INPUT
         return show(result)
 
-    return _run_client(args, body)
+    return run_client(args, body)
 
 
 def _print_json(result) -> int:

@@ -29,6 +29,12 @@ Design notes
   the state the run ended in). ``fsagent_jobs{state,kind}`` is counted at scrape time.
 * **History.** Finished jobs beyond ``job_history`` (newest kept) or older than
   ``job_ttl`` are removed with their directory; only finished jobs are ever evicted.
+* **Why one module** (it is over 500 lines): the jobs table, the pending heap, the
+  active runs and the staged rows are one state with invariants across them (a job is
+  in the heap only while pending, has a run only while running, has a row for as long
+  as it exists), and the verbs, the scheduler and eviction all write it. Split, that
+  state would have writers in several modules; what is not that state (the transition
+  table, the kinds, the FUSE tree, the CLI) already lives elsewhere.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from typing import Any
 
 import trio
 
+from ..component import Host
 from ._kinds import KINDS, JobFailed, KindEnv, RunContext, SpecError, Stopped
 from ._states import ErrorCode, IllegalMove, State, next_state
 
@@ -219,7 +226,7 @@ class JobLog:
 
 
 class Engine:
-    def __init__(self, agent):
+    def __init__(self, agent: Host):
         self.agent = agent
         self.config = agent.config
         self.db = agent.db
@@ -331,7 +338,12 @@ class Engine:
                   message="queued")
         self.jobs[job_id] = job
         try:
-            await self._persist(job, durable=True)
+            # Shielded: a cancel (the agent stopping) must not leave us unsure whether the
+            # job is durable. Another flush may commit its row before ours runs, so once
+            # it is staged only a failed commit means "not submitted" (the uploads
+            # hand-off keeps or drops its record of the job on exactly that answer).
+            with trio.CancelScope(shield=True):
+                await self._persist(job, durable=True)
         except BaseException:
             # Not durable, so not submitted: the caller gets the error and nothing is
             # queued (the scheduler only sees it below). A draft stays a draft.
@@ -562,7 +574,7 @@ class Engine:
                     ErrorCode.INTERNAL, f"cannot prepare the job's directory: {e}"))
             return
         ctx = RunContext(job_id=job.id, spec=job.spec, config=self.config, db=self.db,
-                         owner_uid=job.owner_uid,
+                         owner_uid=job.owner_uid, upload_task=self.agent.upload_task,
                          outputs_dir=tmp, log=JobLog(self.log_path(job.id)),
                          to_thread=self.agent.to_thread)
         if job.state is not State.PENDING:

@@ -19,6 +19,9 @@ Design notes
   backing tree; ``collect_files`` applies the same rule to every entry of a directory.
   Kinds call them at validate time (EINVAL for the writer) and again at run time,
   because the tree may have changed in between.
+* **Any length.** An upload's path can be longer than ``PATH_MAX`` once the store's
+  directory is put in front of it, so the file system calls on the uploads tree go
+  through ``longpaths`` (the same answers as ``os``, at any length).
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ import abc
 import dataclasses
 import os
 import pwd
+import stat
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .. import longpaths
 from ._states import ErrorCode
 
 __all__ = [
@@ -73,7 +78,8 @@ class RunContext:
 
     def __init__(self, *, job_id: str, spec: dict, config, db, outputs_dir: Path,
                  log: Callable[[str], None], to_thread: Callable[..., Awaitable[Any]],
-                 owner_uid: int | None = None):
+                 owner_uid: int | None = None,
+                 upload_task: Callable[[str], dict[str, Any] | None] | None = None):
         self.job_id = job_id
         self.owner_uid = owner_uid
         self.spec = spec
@@ -83,6 +89,10 @@ class RunContext:
         self.outputs_dir = outputs_dir
         self.log = log  # thread-safe: appends one line to the job's log (at ``log.path``)
         self.to_thread = to_thread
+        # Event loop only. What the uploads component knows of an upload task right now
+        # (``{"path", "state", "size", "sha256"}``, ``{"state": "removed"}`` for one that
+        # ended, None for an ID it never had); see ``Agent.upload_task``.
+        self.upload_task = upload_task or (lambda task_id: None)
         self.progress = 0
         self.message = ""
         self.content: dict[str, Any] = {}
@@ -155,10 +165,10 @@ def confine(uploads_dir: Path, rel: str, *, must_exist: bool = True) -> Path:
         raise SpecError(f"{rel!r}: '..' is refused; paths stay inside uploads/")
     full = uploads_dir / pure
     root = os.path.realpath(uploads_dir)
-    real = os.path.realpath(full)
+    real = longpaths.realpath(str(full))
     if not _inside(real, root):
         raise SpecError(f"{rel!r} resolves outside uploads/ (a symlink?); refused")
-    if must_exist and not os.path.exists(real):
+    if must_exist and not longpaths.exists(real):
         raise SpecError(f"{rel!r}: no such file or directory in uploads/")
     return Path(real)
 
@@ -166,7 +176,7 @@ def confine(uploads_dir: Path, rel: str, *, must_exist: bool = True) -> Path:
 @dataclasses.dataclass(frozen=True)
 class FileEntry:
     name: str        # path relative to uploads/, '/'-separated (the archive member name)
-    real: Path       # where to read it
+    real: Path       # where to read it (maybe past PATH_MAX: open it through longpaths.at)
     size: int
     is_dir: bool
     mtime: float
@@ -226,22 +236,22 @@ def collect_files(uploads_dir: Path, paths: list[str],
             # such names): say which, rather than failing deep inside zipfile or JSON.
             raise SpecError(f"{name!r}: the name is not UTF-8; rename it in the store "
                             "to include it") from None
-        real = os.path.realpath(path)
+        real = longpaths.realpath(path)
         if not _inside(real, root):
             raise SpecError(f"{name!r} resolves outside uploads/ (a symlink?); refused")
         try:
-            st = os.stat(real)
+            st = longpaths.stat_follow(real)
         except FileNotFoundError:
             raise SpecError(f"{name!r}: no such file or directory in uploads/") from None
-        is_dir = os.path.isdir(real)
-        if not is_dir and not os.path.isfile(real):
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if not is_dir and not stat.S_ISREG(st.st_mode):
             raise SpecError(f"{name!r} is neither a regular file nor a directory")
         if real != root and not reader.may(st, is_dir):  # uploads/ itself is 1777
             raise SpecError(f"{name!r}: uid {owner_uid} may not read it, so this job may "
                             "not either (its outputs are readable by every user)")
         seen.setdefault(name, FileEntry(name, Path(real), 0 if is_dir else st.st_size,
                                         is_dir, st.st_mtime))
-        return real if is_dir and not os.path.islink(path) else None
+        return real if is_dir and not longpaths.islink(path) else None
 
     for rel in paths:
         confine(uploads_dir, rel)
@@ -249,7 +259,7 @@ def collect_files(uploads_dir: Path, paths: list[str],
         top = add(name, str(uploads_dir / rel))
         if top is None:
             continue
-        for dirpath, dirnames, filenames in os.walk(top):
+        for dirpath, dirnames, filenames in longpaths.walk(top):
             dirnames.sort()
             base = os.path.relpath(dirpath, root).replace(os.sep, "/")
             for d in list(dirnames):

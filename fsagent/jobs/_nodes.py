@@ -28,6 +28,9 @@ Design notes
   A job with no owner (submitted over RPC, or by the agent) belongs to the agent's uid.
 * Nodes are cached per job, so a job keeps its inode numbers while the kernel knows
   them and ``ls jobs/`` of 10,000 jobs creates no garbage beyond the listing.
+* **Why one module** (it is over 500 lines): it is one FUSE tree, a dozen small node
+  classes (one per kind of file) that share one errno table (``_ERRNO``), one owner rule
+  (``may_manage``) and one node cache; split, each would import the others' privates.
 """
 
 from __future__ import annotations

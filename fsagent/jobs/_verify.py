@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from .. import longpaths
+
 from ._kinds import (
     JobFailed, Kind, RunContext, SpecError, collect_files, confine, only_keys, path_list,
     register,
@@ -59,13 +61,13 @@ class Verify(Kind):
         for p in paths:
             real = confine(env.uploads_dir, p, must_exist=False)
             exact, prefix = _under(p)
-            if not real.exists() and not any(r == exact or r.startswith(prefix)
+            if not longpaths.exists(real) and not any(r == exact or r.startswith(prefix)
                                               for r in recorded):
                 raise SpecError(f"{p!r}: no such file or directory in uploads/, "
                                 "and nothing recorded there")
         # The report names files and their state and is readable by every user: only
         # what the job's owner may read (see _kinds.Reader), checked again at run time.
-        present = [p for p in paths if (env.uploads_dir / p).exists()]
+        present = [p for p in paths if longpaths.exists(env.uploads_dir / p)]
         await env.to_thread(collect_files, env.uploads_dir, present, env.owner_uid)
         return {"paths": paths}
 
@@ -76,7 +78,9 @@ class Verify(Kind):
 
 def _sha256(ctx: RunContext, path, progress: list[int], total: int) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with longpaths.at(path) as short:  # the path may be past PATH_MAX
+        f = open(short, "rb")
+    with f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
             progress[0] += len(chunk)
@@ -87,7 +91,7 @@ def _sha256(ctx: RunContext, path, progress: list[int], total: int) -> str:
 
 def check_files(ctx: RunContext, recorded: dict[str, tuple[int, str]]) -> None:
     """Blocking: runs in a worker thread."""
-    present = [p for p in ctx.spec["paths"] if (ctx.uploads_dir / p).exists()]
+    present = [p for p in ctx.spec["paths"] if longpaths.exists(ctx.uploads_dir / p)]
     try:
         on_disk = {e.name: e for e in collect_files(ctx.uploads_dir, present, ctx.owner_uid)
                    if not e.is_dir}

@@ -74,7 +74,7 @@ _TROUBLE = ("Overflow", "Watch limit reached", "Cannot watch", "Watched director
 
 @dataclass(frozen=True)
 class MonitorCounters:
-    """The server's counters every monitor adds to (``fsagent/metrics.py`` Counters)."""
+    """The server's counters every monitor adds to (``fsagent/service/metrics.py`` Counters)."""
 
     delivered: Any
     overflows: Any

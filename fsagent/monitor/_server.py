@@ -6,8 +6,8 @@ Design notes
   (``Persistent|OneShot|Inactivity``, ``Creation|Modification|Deletion|All``,
   ``Flat|Recurse|Follow``); a bad one is an ``OmeroFSError`` naming the argument.
 * The path must be a directory inside an exported root after resolving symlinks and
-  ``..`` (the same ``Confinement`` as FileServer); the monitor watches the resolved
-  path and reports resolved paths.
+  ``..`` (the same ``Confinement`` as FileServer: ``fsagent/confinement.py``); the
+  monitor watches the resolved path and reports resolved paths.
 * ``proxy`` must be nil: events go to the connection that created the monitor, as
   ``fsEventHappened(monitorId, events)`` notifications. When that connection closes,
   its monitors wait ``monitor_grace_seconds`` for a ``startMonitor`` from a new
@@ -32,8 +32,8 @@ from typing import Any
 
 import trio
 
-from ..agent import Component
-from ..fileserver import Confinement
+from ..component import Component, Host
+from ..confinement import Confinement
 from ..rpc import OmeroFSError, Peer, current_peer
 from ._inotify import load_library
 from ._monitor import (MONITOR_TYPES, PATH_MODES, STARTED, STOPPED, WATCH_EVENT_TYPES,
@@ -61,7 +61,7 @@ def _choice(name: str, value: Any, choices) -> str:
 class MonitorServer(Component):
     name = "monitors"
 
-    def __init__(self, agent):
+    def __init__(self, agent: Host):
         super().__init__(agent)
         cfg = agent.config
         self.confinement = Confinement(cfg.export_roots)

@@ -2,9 +2,10 @@
 
 Design notes
 ------------
-* Both find the agent's socket with the same rules as ``fsagent run`` (``--socket``,
+* All find the agent's socket with the same rules as ``fsagent run`` (``--socket``,
   else ``--config``'s ``socket``/``state_dir``, else the defaults), so a command run
-  next to ``fsagent run`` needs no flags.
+  next to ``fsagent run`` needs no flags (``cli_support.py``, shared with
+  ``fsagent jobs``).
 * ``call`` parses each argument as JSON and, if it is not JSON, takes it as a plain
   string, so ``fsagent call FileServer.getSize /data/a.tif`` works unquoted. The
   result is printed as JSON; msgpack bin (``readBlock``) becomes
@@ -30,20 +31,10 @@ from typing import Any
 
 import trio
 
-from ..config import load_config
-from ._client import open_client
 from ._errors import RpcError
+from .cli_support import EXIT_ERROR_REPLY, add_socket_options, run_client
 
 __all__ = ["add_rpc_commands", "EXIT_ERROR_REPLY"]
-
-EXIT_ERROR_REPLY = 3
-
-
-def _add_socket_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--socket", metavar="PATH", help="the agent's RPC Unix socket "
-                        "(default: from --config, else STATE_DIR/rpc.sock)")
-    parser.add_argument("--config", metavar="FILE", help="TOML config the agent runs with")
-    parser.add_argument("--state-dir", metavar="DIR", help="the agent's state dir")
 
 
 def add_rpc_commands(sub) -> None:
@@ -51,7 +42,7 @@ def add_rpc_commands(sub) -> None:
         "call", help="call one RPC method and print its result as JSON",
         description="Call METHOD with ARGS (each parsed as JSON, else taken as a string) "
         "and print the result as JSON. Exit 3 with `NAME: message` on an error reply.")
-    _add_socket_options(call)
+    add_socket_options(call)
     call.add_argument("method", metavar="METHOD", help="e.g. FileServer.getStats")
     call.add_argument("params", metavar="ARG", nargs="*", help="an argument (JSON or string)")
     call.set_defaults(func=cmd_call)
@@ -61,7 +52,7 @@ def add_rpc_commands(sub) -> None:
         description="Print version, uptime, mount, store free space, uploads and jobs "
         "by state, monitors and RPC clients of the running agent; --json prints what "
         "MOUNT/status shows. Exit 2 with one line if the agent cannot be reached.")
-    _add_socket_options(status)
+    add_socket_options(status)
     status.add_argument("--json", action="store_true", help="print the full status as JSON")
     status.set_defaults(func=cmd_status)
 
@@ -69,7 +60,7 @@ def add_rpc_commands(sub) -> None:
         "watch", help="watch a directory; print each event as a JSON line",
         description="Create a Persistent monitor on PATH (inside an exported root) and "
         "print each event as a JSON line until interrupted.")
-    _add_socket_options(watch)
+    add_socket_options(watch)
     watch.add_argument("path", metavar="PATH")
     mode = watch.add_mutually_exclusive_group()
     mode.add_argument("--recurse", action="store_const", dest="mode", const="Recurse",
@@ -86,11 +77,6 @@ def add_rpc_commands(sub) -> None:
     watch.add_argument("--block-size", metavar="N", type=int, default=0,
                        help="events per notification (0 = no limit)")
     watch.set_defaults(func=cmd_watch, mode="Flat")
-
-
-def _socket(args: argparse.Namespace):
-    config = load_config(args.config, {"socket": args.socket, "state_dir": args.state_dir})
-    return config.socket_path
 
 
 def _param(text: str) -> Any:
@@ -110,28 +96,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _run_client(args: argparse.Namespace, body) -> int:
-    socket_path = _socket(args)
-
-    async def main():
-        try:
-            client_cm = open_client(socket_path)
-            async with client_cm as client:
-                return await body(client)
-        except OSError as e:
-            print(f"fsagent: error: cannot connect to {socket_path}: {e.strerror or e}",
-                  file=sys.stderr)
-            return 2
-        except RpcError as e:
-            print(f"fsagent: {e.name}: {e.message}", file=sys.stderr)
-            return EXIT_ERROR_REPLY
-        except trio.BrokenResourceError as e:
-            print(f"fsagent: error: the agent dropped the connection: {e}", file=sys.stderr)
-            return 2
-
-    return trio.run(main)
-
-
 def cmd_call(args: argparse.Namespace) -> int:
     params = [_param(p) for p in args.params]
 
@@ -140,7 +104,7 @@ def cmd_call(args: argparse.Namespace) -> int:
         print(json.dumps(_jsonable(result), sort_keys=True))
         return 0
 
-    return _run_client(args, body)
+    return run_client(args, body)
 
 
 def _bytes(n: int | None) -> str:
@@ -214,7 +178,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(format_status(result))
         return 0
 
-    return _run_client(args, body)
+    return run_client(args, body)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -242,4 +206,4 @@ def cmd_watch(args: argparse.Namespace) -> int:
         print("fsagent: error: the agent closed the connection", file=sys.stderr)
         return 2
 
-    return _run_client(args, body)
+    return run_client(args, body)

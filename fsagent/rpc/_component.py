@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from ..agent import Component
+from ..component import Component, Host
 from ..config import group_id
 from ._server import RpcServer, bind_unix_listener
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class RpcComponent(Component):
     name = "rpc"
 
-    def __init__(self, agent):
+    def __init__(self, agent: Host):
         super().__init__(agent)
         self.server: RpcServer | None = None
         self.tcp_addresses: list[str] = []

@@ -38,8 +38,9 @@ INLINE_LIMIT = 64 * 1024
 QUEUE_ITEMS = 16  # x up to 1 MiB per FUSE write: the memory bound of one upload's backlog
 
 
-def hash_file(path: bytes, algorithms: Iterable[str]) -> dict[str, str]:
-    """Hex digests of the whole file (blocking: run it in a worker thread)."""
+def hash_file(path: bytes | int, algorithms: Iterable[str]) -> dict[str, str]:
+    """Hex digests of the whole file at ``path`` or open as descriptor ``path`` (then
+    closed here). Blocking: run it in a worker thread."""
     hashes = {a: hashlib.new(a) for a in algorithms}
     with open(path, "rb", buffering=0) as f:
         while True:
@@ -96,12 +97,37 @@ class StreamHasher:
             return
         await self._queue(data)
 
-    async def feed_existing(self, path: bytes, end: int) -> None:
-        """Claim the bytes already on disk up to ``end`` (a resumed upload's prefix)."""
+    async def feed_existing(self, path: bytes | Callable[[], int], end: int) -> None:
+        """Claim the bytes already on disk up to ``end`` (a resumed upload's prefix).
+        ``path`` is the file's path or a function opening it for reading (any length:
+        ``BackingTree.open``), called when the bytes are read."""
         if self.broken or end <= self.position:
             return
         start, self.position = self.position, end
         await self._queue((path, start, end))
+
+    def includes(self, algorithm: str) -> bool:
+        return algorithm in self.algorithms
+
+    @property
+    def fresh(self) -> bool:
+        """Nothing claimed yet: a hasher with other algorithms may replace this one."""
+        return self.position == 0 and not self.broken
+
+    @property
+    def usable(self) -> bool:
+        """Whether this stream can still produce digests (else start a new one)."""
+        return not self.broken
+
+    def gap_before(self, offset: int, present: int) -> bool:
+        """A write at ``offset`` skips bytes already on disk (a resumed append): the
+        prefix up to ``offset`` must be claimed from disk first (``feed_existing``)."""
+        return not self.broken and self.position < offset <= present
+
+    def cut_to(self, size: int) -> None:
+        """The file was cut to ``size`` bytes: bytes this stream claimed are gone."""
+        if size < self.position:
+            self.break_stream()
 
     def short_write(self) -> None:
         """A claimed write did not fully reach the disk."""
@@ -158,7 +184,7 @@ class StreamHasher:
                     h.update(item)
                 continue
             path, start, end = item
-            fd = os.open(path, os.O_RDONLY)
+            fd = path() if callable(path) else os.open(path, os.O_RDONLY)
             try:
                 while start < end:
                     block = os.pread(fd, min(CHUNK, end - start), start)

@@ -16,6 +16,13 @@ Design notes
   Metadata syscalls (lstat, mkdir, rename, chmod, ...) run inline: they are short and
   doing them in a thread would cost more than the call. Data moves (``read``, large
   ``write``, ``fsync``) go to worker threads.
+* **Any length.** Every syscall goes through ``BackingTree.at`` (``longpaths.py``): the
+  absolute backing path when it fits in ``PATH_MAX``, a path relative to an open
+  directory otherwise, so every path a local disk accepts works here too.
+* **Special files.** FIFOs, sockets and (for root) device nodes are created as on a
+  local disk (``mknod``; ``bind`` and ``cp -a`` come here too) and are nothing more:
+  ``UploadSpecial`` reports no events, so they never become upload tasks. The kernel
+  serves their opens itself; the agent only keeps their inode, mode, owner and times.
 * **Errors** from the backing filesystem are passed to the client with their errno
   (ENOSPC, EEXIST, ENOTEMPTY, ...): ``backing_errors`` turns ``OSError`` into
   ``FUSEError``. Only ``user.*`` xattrs are stored (ENOTSUP otherwise); the
@@ -36,7 +43,8 @@ from pyfuse3 import EntryAttributes, FUSEError
 from ..fs import Handle, Node
 from ._task import is_utf8
 
-__all__ = ["UploadDir", "UploadFile", "UploadSymlink", "FileHandle", "attributes_from_stat"]
+__all__ = ["UploadDir", "UploadFile", "UploadSymlink", "UploadSpecial", "FileHandle",
+           "attributes_from_stat"]
 
 FSAGENT_XATTR = b"user.fsagent."
 # Advertised I/O size: cp and friends size their buffers from st_blksize, and fewer,
@@ -56,6 +64,7 @@ def backing_errors():
 
 
 def renameat2(old: bytes, new: bytes, flags: int) -> None:
+    # Python's os.rename has no flags; both paths may be /proc/self/fd/N/NAME (longpaths.py).
     if _libc.renameat2(_AT_FDCWD, old, _AT_FDCWD, new, ctypes.c_uint(flags)) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
@@ -71,7 +80,7 @@ def attributes_from_stat(inode: int, st: os.stat_result, timeout: float) -> Entr
     a.st_nlink = st.st_nlink
     a.st_uid = st.st_uid
     a.st_gid = st.st_gid
-    a.st_rdev = 0
+    a.st_rdev = st.st_rdev  # device nodes: major and minor as the disk has them
     a.st_size = st.st_size
     a.st_blksize = IO_BLOCK
     a.st_blocks = st.st_blocks
@@ -99,20 +108,19 @@ class _Entry(Node):
         base = self.parent.rel
         return base + b"/" + self.name if base else self.name
 
-    @property
-    def backing(self) -> bytes:
-        return self.uploads.backing(self.rel)
+    def place(self):
+        """``with node.place() as path``: a path to the backing object (``longpaths.py``)."""
+        return self.uploads.paths.at(self.rel)
 
     def stat(self) -> os.stat_result:
-        with backing_errors():
-            return os.lstat(self.backing)
+        with backing_errors(), self.place() as path:
+            return os.lstat(path)
 
     async def getattr(self, ctx) -> EntryAttributes:
         return attributes_from_stat(self.inode, self.stat(), self.attr_timeout)
 
     async def setattr(self, attr, fields, fh, ctx) -> EntryAttributes:
-        path = self.backing
-        with backing_errors():
+        with backing_errors(), self.place() as path:
             if fields.update_size:
                 await self.truncate(attr.st_size, fh)
             if fields.update_mode and not stat.S_ISLNK(self.stat().st_mode):
@@ -127,6 +135,7 @@ class _Entry(Node):
                 os.utime(path, ns=(atime, mtime), follow_symlinks=False)
                 if fields.update_mtime:
                     self.uploads.mtime_set(self.rel, mtime)
+        self.uploads.attributes_changed(self.rel)
         return await self.getattr(ctx)
 
     async def truncate(self, size: int, fh) -> None:
@@ -142,12 +151,12 @@ class _Entry(Node):
             return value
         if not name.startswith(b"user."):
             raise FUSEError(pyfuse3.ENOATTR)
-        with backing_errors():
-            return os.getxattr(self.backing, name, follow_symlinks=False)
+        with backing_errors(), self.place() as path:
+            return os.getxattr(path, name, follow_symlinks=False)
 
     async def listxattr(self, ctx) -> list[bytes]:
-        with backing_errors():
-            stored = [os.fsencode(n) for n in os.listxattr(self.backing, follow_symlinks=False)]
+        with backing_errors(), self.place() as path:
+            stored = [os.fsencode(n) for n in os.listxattr(path, follow_symlinks=False)]
         own = list(self.uploads.task_xattrs(self.rel))
         return own + [n for n in stored if n.startswith(b"user.")
                       and not n.startswith(FSAGENT_XATTR)]
@@ -158,8 +167,9 @@ class _Entry(Node):
             return
         if not name.startswith(b"user."):
             raise FUSEError(errno.ENOTSUP)
-        with backing_errors():
-            os.setxattr(self.backing, name, value, follow_symlinks=False)
+        with backing_errors(), self.place() as path:
+            os.setxattr(path, name, value, follow_symlinks=False)
+        self.uploads.attributes_changed(self.rel)
 
     async def removexattr(self, name: bytes, ctx) -> None:
         if name.startswith(FSAGENT_XATTR) and self.uploads.is_task(self.rel):
@@ -167,8 +177,9 @@ class _Entry(Node):
             return
         if not name.startswith(b"user."):
             raise FUSEError(errno.ENOTSUP)
-        with backing_errors():
-            os.removexattr(self.backing, name, follow_symlinks=False)
+        with backing_errors(), self.place() as path:
+            os.removexattr(path, name, follow_symlinks=False)
+        self.uploads.attributes_changed(self.rel)
 
     def forgotten(self) -> None:
         if self.parent is not None:
@@ -183,8 +194,8 @@ class UploadDir(_Entry):
         self._cache: dict[bytes, _Entry] = {}
 
     def child(self, name: bytes, mode: int) -> _Entry:
-        kind = (UploadDir if stat.S_ISDIR(mode) else UploadSymlink if stat.S_ISLNK(mode)
-                else UploadFile)
+        kind = (UploadFile if stat.S_ISREG(mode) else UploadDir if stat.S_ISDIR(mode)
+                else UploadSymlink if stat.S_ISLNK(mode) else UploadSpecial)
         node = self._cache.get(name)
         if type(node) is not kind:
             node = kind(self.uploads, self, name)
@@ -206,36 +217,46 @@ class UploadDir(_Entry):
         if self._cache.get(name) is node:
             del self._cache[name]
 
-    def _path(self, name: bytes) -> bytes:
+    def _place(self, name: bytes):
+        """``with self._place(name) as path``: the backing path of child ``name``."""
         if b"/" in name or name in (b".", b".."):
             raise FUSEError(errno.EINVAL)
-        return self.backing + b"/" + name
+        return self.uploads.paths.at(self._child_rel(name))
 
-    def _new_path(self, name: bytes) -> bytes:
-        """The backing path for a name being created: a name that is not UTF-8
-        (``is_utf8``) is refused up front with EILSEQ ("Invalid or incomplete multibyte
-        or wide character") and nothing is created."""
+    def _new_place(self, name: bytes):
+        """``_place`` for a name being created: a name that is not UTF-8 (``is_utf8``)
+        is refused up front with EILSEQ ("Invalid or incomplete multibyte or wide
+        character") and nothing is created."""
         if not is_utf8(name):
             raise FUSEError(errno.EILSEQ)
-        return self._path(name)
+        return self._place(name)
 
     def _child_rel(self, name: bytes) -> bytes:
-        return self.rel + b"/" + name if self.rel else name
+        rel = self.rel
+        return rel + b"/" + name if rel else name
 
     async def lookup(self, name: bytes, ctx) -> Node:
-        with backing_errors():
-            st = os.lstat(self._path(name))
+        with backing_errors(), self._place(name) as path:
+            st = os.lstat(path)
         return self.child(name, st.st_mode)
 
     async def children(self, ctx):
         out = []
-        with backing_errors(), os.scandir(self.backing) as it:
-            for entry in it:
-                try:
-                    mode = entry.stat(follow_symlinks=False).st_mode
-                except FileNotFoundError:
-                    continue
-                out.append((entry.name, self.child(entry.name, mode)))
+        # By descriptor: each entry's stat is then relative to it (fstatat), whatever
+        # the length of this directory's path plus the entry's name.
+        with backing_errors():
+            fd = self.uploads.paths.open(self.rel, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                with os.scandir(fd) as it:
+                    for entry in it:
+                        try:
+                            mode = entry.stat(follow_symlinks=False).st_mode
+                        except FileNotFoundError:
+                            continue
+                        name = os.fsencode(entry.name)
+                        out.append((name, self.child(name, mode)))
+            finally:
+                os.close(fd)
         return out
 
     def _own(self, path: bytes, ctx, *, fd: int | None = None) -> None:
@@ -248,8 +269,7 @@ class UploadDir(_Entry):
                 os.chown(path, ctx.uid, ctx.gid, follow_symlinks=False)
 
     async def create(self, name: bytes, mode: int, flags: int, ctx):
-        path = self._new_path(name)
-        with backing_errors():
+        with backing_errors(), self._new_place(name) as path:
             fd = os.open(path, (flags & _OPEN_FLAGS_KEPT) | os.O_CREAT, 0o600)
             try:
                 os.fchmod(fd, stat.S_IMODE(mode))
@@ -262,23 +282,42 @@ class UploadDir(_Entry):
         return node, handle
 
     async def mkdir(self, name: bytes, mode: int, ctx) -> Node:
-        path = self._new_path(name)
-        with backing_errors():
+        with backing_errors(), self._new_place(name) as path:
             os.mkdir(path, 0o700)
             os.chmod(path, stat.S_IMODE(mode))
             self._own(path, ctx)
         return self.child(name, stat.S_IFDIR)
 
+    async def mknod(self, name: bytes, mode: int, rdev: int, ctx) -> Node:
+        kind = stat.S_IFMT(mode)
+        if kind in (0, stat.S_IFREG):
+            # mknod(2) of a regular file arrives here, not in create: it is an empty
+            # file written by nobody, so it is an upload like `touch`'s.
+            node, handle = await self.create(name, stat.S_IFREG | stat.S_IMODE(mode),
+                                             os.O_WRONLY | os.O_EXCL, ctx)
+            await handle.release()
+            return node
+        if kind in (stat.S_IFCHR, stat.S_IFBLK):
+            # The kernel already asks for CAP_MKNOD; the agent (root) would otherwise
+            # create a device for anyone, so only root's own requests pass.
+            if ctx is None or ctx.uid != 0:
+                raise FUSEError(errno.EPERM)
+        elif kind not in (stat.S_IFIFO, stat.S_IFSOCK):
+            raise FUSEError(errno.EINVAL)
+        with backing_errors(), self._new_place(name) as path:
+            os.mknod(path, kind | 0o600, rdev)
+            os.chmod(path, stat.S_IMODE(mode))
+            self._own(path, ctx)
+        return self.child(name, kind)
+
     async def symlink(self, name: bytes, target: bytes, ctx) -> Node:
-        path = self._new_path(name)
-        with backing_errors():
+        with backing_errors(), self._new_place(name) as path:
             os.symlink(target, path)
             self._own(path, ctx)
         return self.child(name, stat.S_IFLNK)
 
     async def unlink(self, name: bytes, ctx) -> None:
-        path = self._path(name)
-        with backing_errors():
+        with backing_errors(), self._place(name) as path:
             if stat.S_ISDIR(os.lstat(path).st_mode):
                 raise FUSEError(errno.EISDIR)
             os.unlink(path)
@@ -288,8 +327,8 @@ class UploadDir(_Entry):
         await self.uploads.unlinked(self._child_rel(name))
 
     async def rmdir(self, name: bytes, ctx) -> None:
-        with backing_errors():
-            os.rmdir(self._path(name))
+        with backing_errors(), self._place(name) as path:
+            os.rmdir(path)
         node = self._cache.pop(name, None)
         if node is not None:
             node.detached = True
@@ -299,8 +338,8 @@ class UploadDir(_Entry):
             raise FUSEError(errno.EXDEV)
         if flags & ~pyfuse3.RENAME_NOREPLACE:
             raise FUSEError(errno.EINVAL)  # RENAME_EXCHANGE would swap two tasks' paths
-        old, new = self._path(name), new_parent._new_path(new_name)
-        with backing_errors():
+        with backing_errors(), self._place(name) as old, \
+                new_parent._new_place(new_name) as new:
             is_dir = stat.S_ISDIR(os.lstat(old).st_mode)
             if flags:
                 renameat2(old, new, flags)
@@ -319,8 +358,12 @@ class UploadDir(_Entry):
 
 class UploadSymlink(_Entry):
     async def readlink(self, ctx) -> bytes:
-        with backing_errors():
-            return os.readlink(self.backing)
+        with backing_errors(), self.place() as path:
+            return os.readlink(path)
+
+
+class UploadSpecial(_Entry):
+    """A FIFO, socket or device node: stored and described, never an upload task."""
 
 
 class UploadFile(_Entry):
@@ -353,15 +396,17 @@ class UploadFile(_Entry):
         return super().stat()
 
     async def truncate(self, size: int, fh) -> None:
+        await self.uploads.changing(self.rel)  # a complete task leaves complete first
         if isinstance(fh, FileHandle):
             os.ftruncate(fh.fd, size)
         else:
-            os.truncate(self.backing, size)
+            with self.place() as path:
+                os.truncate(path, size)
         self.uploads.truncated(self.rel, size)
 
     async def open(self, flags: int, ctx) -> Handle:
         with backing_errors():
-            fd = os.open(self.backing, flags & _OPEN_FLAGS_KEPT & ~os.O_EXCL)
+            fd = self.uploads.paths.open(self.rel, flags & _OPEN_FLAGS_KEPT & ~os.O_EXCL)
         return await self.opened(fd, flags, created=False)
 
     async def opened(self, fd: int, flags: int, *, created: bool) -> FileHandle:

@@ -16,8 +16,18 @@ Design notes
   the last writer closed it (``close``); bytes changed without a writer, e.g. a
   truncate by path (``modify``); a completion rule held (``size_reached``,
   ``hash_declared``, ``renamed_into_place``, ``settled``); the check ended
-  (``verified``, ``mismatch``, ``fail``); the agent restarted (``restart``); the file
-  went away (``unlink``, which ends the task: next state ``None``).
+  (``verified``, ``mismatch``, ``fail``); the agent restarted (``restart``); recovery
+  cannot prove a complete file is still the bytes it verified (``recheck``: it is
+  hashed again before anyone is told it is complete); the file went away (``unlink``,
+  which ends the task: next state ``None``).
+* **What ``complete`` promises**: the recorded SHA-256 is the SHA-256 of the file's
+  bytes, now and after any crash. So every change of the bytes leaves ``complete``
+  first (``open_write``, ``modify``), and ``verifying`` is left by ``modify`` when the
+  check finds other bytes than the ones it was asked to confirm.
+* **The task** (``Task``, below) is the record the table moves: ``Task.apply`` is the
+  only writer of ``state`` and of ``ended`` (set by ``unlink``). The other flags are
+  facts the rules read, not states: ``tracked`` (False for a temporary name: no row,
+  no listing, until ``named``), ``held`` (rsync left it with mtime 0), ``writers``.
 * **Which rule holds** is decided by ``completion_event`` from plain facts (writers,
   sizes, declarations, the mtime-0 hold, idle time), so it is unit-tested without a
   mount. The rules, in order: a declared size is authoritative (not reached: wait;
@@ -32,12 +42,18 @@ Design notes
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import os
 import re
+import sqlite3
+import time
+import uuid
+from typing import Any
 
 __all__ = [
     "State", "Event", "TRANSITIONS", "TaskStateError", "next_state", "completion_event",
-    "is_temporary_path", "is_utf8", "progress_percent",
+    "is_temporary_path", "is_utf8", "progress_percent", "Task", "COLUMNS",
 ]
 
 
@@ -64,6 +80,8 @@ class Event(str, enum.Enum):
     MISMATCH = "mismatch"
     FAIL = "fail"
     RESTART = "restart"
+    RECHECK = "recheck"
+    NAMED = "named"
     UNLINK = "unlink"
 
     def __str__(self) -> str:
@@ -89,6 +107,9 @@ TRANSITIONS: dict[tuple[State, Event], State | None] = {
     # A hash declared after the fact re-checks a finished or failed file.
     (C, E.HASH_DECLARED): V,
     (F, E.HASH_DECLARED): V,
+    # Recovery could not prove the bytes are the ones verified (renamed, touched, or
+    # changed while the agent was down): check them again.
+    (C, E.RECHECK): V,
     (V, E.VERIFIED): C,
     (V, E.MISMATCH): F,
     (P, E.FAIL): F,
@@ -97,6 +118,9 @@ TRANSITIONS: dict[tuple[State, Event], State | None] = {
     (R, E.RESTART): P,
     (V, E.RESTART): P,
     **{(s, E.RESTART): s for s in (P, C, F)},
+    # A temporary file (rsync's .NAME.XXXXXX) renamed to a real name becomes a task: a
+    # closed file not known to be complete (an open one then gets ``open_write``).
+    **{(s, E.NAMED): P for s in ALL},
     **{(s, E.UNLINK): None for s in ALL},
 }
 
@@ -177,3 +201,106 @@ def progress_percent(present: int, declared_size: int | None, state: State) -> f
     if declared_size == 0:
         return 100.0 if present == 0 else 0.0
     return round(min(100.0, 100.0 * present / declared_size), 2)
+
+
+# -- the task ------------------------------------------------------------------------
+
+COLUMNS = ("task_id", "path", "state", "bytes_present", "durable_offset", "declared_size",
+            "client_md5", "client_sha1", "client_sha256", "md5", "sha1", "sha256", "job",
+            "error", "held", "renamed_by_rsync", "created", "updated", "completed", "ino",
+            "fp_size", "fp_mtime_ns", "fp_ctime_ns", "job_sha256")
+
+
+@dataclasses.dataclass(eq=False)
+class Task:
+    rel: bytes                      # path under uploads/
+    task_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    state: State = State.PARTIAL
+    present: int = 0                # bytes present (the file's size)
+    durable: int = 0                # bytes synced to disk and recorded
+    declared_size: int | None = None
+    client: dict[str, str] = dataclasses.field(default_factory=dict)    # algorithm -> hex
+    computed: dict[str, str] = dataclasses.field(default_factory=dict)
+    job: str | None = None
+    error: str | None = None
+    held: bool = False              # rsync left it with mtime 0: never settles by itself
+    renamed_by_rsync: bool = False
+    created: float = dataclasses.field(default_factory=time.time)
+    updated: float = dataclasses.field(default_factory=time.time)
+    completed: float | None = None
+    ino: int | None = None          # the backing file's inode (follows renames)
+    fingerprint: tuple[int, int, int] | None = None  # (size, mtime_ns, ctime_ns) verified
+    job_sha256: str | None = None   # the SHA-256 of the version ``job`` imports
+    # -- runtime only --
+    tracked: bool = True
+    writers: int = 0
+    hasher: Any = None
+    writer: Any = None              # BackingWriter: acknowledged writes not yet applied
+    generation: int = 0             # bumped on every change of the bytes
+    last_change: float = dataclasses.field(default_factory=time.monotonic)
+    since_checkpoint: int = 0
+    shrinks: int = 0                # bumped when bytes may be cut away (truncate, cut-back)
+    timed: bool = False             # a real mtime was set since the bytes last changed
+    ended: bool = False
+    stored: bool = False            # a row may exist: deleting must reach SQLite
+
+    @property
+    def path(self) -> str:
+        return os.fsdecode(self.rel)
+
+    def apply(self, event: Event) -> State | None:
+        """Move along the transition table (raises ``TaskStateError`` if not allowed)."""
+        new = next_state(self.state, event)
+        if new is None:
+            self.ended = True  # the table ends the task (unlink): no state after this
+        else:
+            self.state = new
+        self.updated = time.time()
+        return new
+
+    def changed(self) -> None:
+        self.generation += 1
+        self.last_change = time.monotonic()
+        self.computed = {}
+        self.fingerprint = None
+        self.timed = False
+
+    @property
+    def progress(self) -> float | None:
+        return progress_percent(self.present, self.declared_size, self.state)
+
+    def summary(self) -> dict[str, Any]:
+        """The task as uploads.json shows it."""
+        return {
+            "taskID": self.task_id, "path": self.path, "state": self.state.value,
+            "offset": self.present, "size": self.declared_size, "progress": self.progress,
+            "sha256": self.computed.get("sha256"), "job": self.job, "error": self.error,
+            "updated": round(self.updated, 3),
+        }
+
+    def row(self) -> tuple:
+        return (self.task_id, self.path, self.state.value, self.present, self.durable,
+                self.declared_size, self.client.get("md5"), self.client.get("sha1"),
+                self.client.get("sha256"), self.computed.get("md5"),
+                self.computed.get("sha1"), self.computed.get("sha256"), self.job,
+                self.error, int(self.held), int(self.renamed_by_rsync), self.created,
+                self.updated, self.completed, self.ino,
+                *(self.fingerprint or (None, None, None)), self.job_sha256)
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row | tuple) -> Task:
+        values = dict(zip(COLUMNS, row))
+        return cls(
+            rel=os.fsencode(values["path"]), task_id=values["task_id"],
+            state=State(values["state"]), present=values["bytes_present"],
+            durable=values["durable_offset"], declared_size=values["declared_size"],
+            client={a: values[f"client_{a}"] for a in ("md5", "sha1", "sha256")
+                    if values[f"client_{a}"]},
+            computed={a: values[a] for a in ("md5", "sha1", "sha256") if values[a]},
+            job=values["job"], error=values["error"], held=bool(values["held"]),
+            renamed_by_rsync=bool(values["renamed_by_rsync"]), created=values["created"],
+            updated=values["updated"], completed=values["completed"], ino=values["ino"],
+            fingerprint=(None if values["fp_size"] is None else
+                         (values["fp_size"], values["fp_mtime_ns"], values["fp_ctime_ns"])),
+            job_sha256=values["job_sha256"], stored=True,
+        )

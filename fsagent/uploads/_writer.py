@@ -101,6 +101,12 @@ class BackingWriter:
         error, self.error = self.error, None
         return error
 
+    def take_failure(self) -> tuple[OSError | None, int | None]:
+        """The queued write's error and the offset where the file stops being whole
+        (``failed_at``); both are reported once."""
+        at, self.failed_at = self.failed_at, None
+        return self.take_error(), at
+
     def close(self) -> None:
         self._send.close()
         self._recv.close()

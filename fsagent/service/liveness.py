@@ -9,7 +9,7 @@ Design notes
   this process's pid: the full path kernel → FUSE session → event loop → node → reply
   works. Probes never open a file on our own mount: a descriptor open there when we
   are killed would hang our exit forever on a FLUSH nobody can answer
-  (``agent.StatusFile``).
+  (``fsagent.agent.StatusFile``).
 * **Alive means the loop turns and the mount answers.** Each watchdog tick runs on the
   event loop (a blocked loop cannot tick) and then ``stat``s ``MOUNT/status`` from a
   worker thread (``DynamicFile`` has ``attr_timeout = 0``, so every stat is a
@@ -32,22 +32,34 @@ import logging
 import os
 import signal
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from .sdnotify import Notifier
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    from ..config import Config
 
-__all__ = ["supervise", "DEBUG_STALL_ENV", "STATUS_INTERVAL"]
+__all__ = ["supervise", "Supervised", "DEBUG_STALL_ENV", "STATUS_INTERVAL"]
 
 log = logging.getLogger(__name__)
 
 DEBUG_STALL_ENV = "FSAGENT_DEBUG_STALL_SECONDS"
 STATUS_INTERVAL = 1.0
 READY_RETRY = 0.05
+
+
+class Supervised(Protocol):
+    """What liveness needs of the agent it supervises (``fsagent.agent.Agent``)."""
+
+    config: Config  # the mount point: probes go through MOUNT/status
+    pid: int  # what MOUNT/status's user.fsagent.pid must carry for READY=1
+    serving: trio.Event  # set here once READY=1 is sent
+
+    def status_line(self) -> str:
+        """The one-line STATUS= text (may raise: a component's counts() bug)."""
+        ...
 
 
 def _read_status_pid(path: str) -> int | None:
@@ -63,7 +75,7 @@ async def _probe(limiter: trio.CapacityLimiter, fn, *args):
     return await trio.to_thread.run_sync(fn, *args, limiter=limiter, abandon_on_cancel=True)
 
 
-async def wait_until_serving(agent: Agent, limiter: trio.CapacityLimiter) -> None:
+async def wait_until_serving(agent: Supervised, limiter: trio.CapacityLimiter) -> None:
     """Return once ``MOUNT/status``, read through the kernel, carries our pid."""
     path = os.fspath(agent.config.mount / "status")
     while await _probe(limiter, _read_status_pid, path) != agent.pid:
@@ -78,7 +90,7 @@ def _stat_ok(path: str) -> bool:
     return True
 
 
-async def _watchdog(agent: Agent, notifier: Notifier, limiter: trio.CapacityLimiter,
+async def _watchdog(agent: Supervised, notifier: Notifier, limiter: trio.CapacityLimiter,
                     interval: float) -> None:
     path = os.fspath(agent.config.mount / "status")
     deadline = trio.current_time()
@@ -97,7 +109,7 @@ async def _watchdog(agent: Agent, notifier: Notifier, limiter: trio.CapacityLimi
         await trio.sleep_until(deadline)
 
 
-def _status_line(agent: Agent) -> str:
+def _status_line(agent: Supervised) -> str:
     # A component's counts() failing is its bug, logged; it must not stop the agent.
     try:
         return agent.status_line()
@@ -106,7 +118,7 @@ def _status_line(agent: Agent) -> str:
         return f"serving {agent.config.mount}"
 
 
-async def _status_updates(agent: Agent, notifier: Notifier, last: str) -> None:
+async def _status_updates(agent: Supervised, notifier: Notifier, last: str) -> None:
     while True:
         await trio.sleep(STATUS_INTERVAL)
         line = _status_line(agent)
@@ -136,7 +148,7 @@ def _debug_stall_seconds() -> float | None:
     return seconds if seconds > 0 else None
 
 
-async def supervise(agent: Agent, notifier: Notifier, *,
+async def supervise(agent: Supervised, notifier: Notifier, *,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Readiness, watchdog and STATUS= for the agent; runs until cancelled."""
     task_status.started()

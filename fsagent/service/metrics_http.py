@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import trio
 
-from .config import ConfigError, parse_listen
+from ..config import ConfigError, parse_listen
 
 __all__ = ["BadRequest", "parse_request_head", "response", "bind", "serve"]
 

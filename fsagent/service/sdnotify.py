@@ -14,7 +14,7 @@ Design notes
 * **Watchdog.** ``WATCHDOG_USEC`` is the deadline; like sd_event we ping every half of
   it. ``WATCHDOG_PID``, when set, names the process the watchdog is meant for; any
   other process (a child that inherited the environment) must stay silent. *What*
-  proves liveness is not this module's business: see ``fsagent/liveness.py``.
+  proves liveness is not this module's business: see ``liveness.py`` here.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .config import ConfigError
+from ..config import ConfigError
 
 __all__ = ["MountPointError", "lock_state_dir", "prepare_mount_point", "is_mount_point",
            "lazy_unmount", "abort_connection"]

@@ -2,7 +2,7 @@
 
 Design notes
 ------------
-* Components register their metrics themselves (see ``fsagent/metrics.py``); this
+* Components register their metrics themselves (see ``metrics.py`` here); this
   module holds the ones that belong to the agent as a whole, so ``agent.py`` only
   calls ``register_agent_metrics`` once the filesystem and database exist.
 * Most are *collected* from counts the owners keep anyway (``Filesystem.requests``,
@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from . import __version__
+from .. import __version__
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    from ..db import Database
+    from ..fs import Filesystem
+    from .metrics import Registry
 
-__all__ = ["register_agent_metrics", "record_checkpoint", "last_checkpoint"]
+__all__ = ["register_agent_metrics", "record_checkpoint", "last_checkpoint", "Measured"]
 
 # The table is the "ops" entry of db.MIGRATIONS.
 
@@ -45,7 +47,22 @@ def _nan_if_none(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
-def register_agent_metrics(agent: Agent) -> None:
+class Measured(Protocol):
+    """What these metrics read of the agent (``fsagent.agent.Agent``), at render time."""
+
+    metrics: Registry
+    fs: Filesystem
+    db: Database
+    started_wall: float  # time.time() at start
+    started: float  # time.monotonic() at start
+    last_checkpoint: tuple[float, float] | None  # (finished, seconds), from the database
+
+    def store_space(self) -> tuple[int | None, int | None]:
+        """(free, total) bytes of the state directory's filesystem, or (None, None)."""
+        ...
+
+
+def register_agent_metrics(agent: Measured) -> None:
     m, fs, db = agent.metrics, agent.fs, agent.db
     nan = float("nan")
     m.gauge("fsagent_build_info", "Always 1; the version is the label",
