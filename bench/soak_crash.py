@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -59,7 +60,11 @@ def main() -> int:
     violations = sum(len(r["violations"]) for r in failures)
     print(f"soak: {total_rounds} rounds, {violations} violations "
           f"({len(failures)} failing seeds) in {time.monotonic() - started:.0f} s")
-    return 1 if failures else 0
+    if failures:
+        print(f"the failing rounds' state dirs and agent logs are kept in {base}")
+        return 1
+    shutil.rmtree(base, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":

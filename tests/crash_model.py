@@ -171,7 +171,6 @@ class Lineage:
         self.relabelled = False          # renamed (or its metadata set) since seen complete
         self.declared_size: int | None = None
         self.declared_sha: str | None = None
-        self.rsync_from: tuple | None = None     # (source path, version) rsync put here
         self._streaming = False          # the last candidate is the write still going on
 
     def possible(self) -> set[str | None]:
@@ -181,7 +180,6 @@ class Lineage:
         self.exact = False
         self.complete_seen = None
         self.relabelled = False
-        self.rsync_from = None
         self._streaming = False
 
     def write(self, off: int, data: bytes) -> None:
@@ -744,13 +742,10 @@ class Worker:
                 old = model.at(rel)
                 if inplace and old is not None:
                     old.replace_in_place(content)
-                    lin = old
                 else:
                     if old is not None:
-                        model.end(old)
-                    lin = model.new(rel, content)
-                    lin.candidates = [content]
-                lin.rsync_from = (name, tree.version[name])
+                        model.end(old)  # the temp file renamed over it is a new task
+                    model.new(rel, content)
                 model.became(content)
 
         def maybe():
@@ -765,9 +760,9 @@ class Worker:
                     continue
                 if old is not None:
                     old.maybe = {None}
-                lin = model.new(rel, content)
-                lin.maybe = {None}
-                lin.uncertain = True
+                new = model.new(rel, content)
+                new.maybe = {None}
+                new.uncertain = True
                 model.became(content)
         self.step(f"rsync -a{' --inplace' if inplace else ''} source {tree.index} -> {dst}",
                   lambda: _run(argv), ack, maybe)
@@ -895,7 +890,6 @@ class SourceTree:
     def __init__(self, root: Path, index: int, rng: random.Random):
         self.root, self.index = root, index
         self.content: dict[str, bytes] = {}
-        self.version: dict[str, int] = {}
         root.mkdir(parents=True, exist_ok=True)
         for i in range(rng.randint(3, 10)):
             self._put(f"{'sub/' if i % 3 == 2 else ''}s{i}", rng)
@@ -911,7 +905,6 @@ class SourceTree:
         SourceTree.clock += 10
         os.utime(path, (SourceTree.clock, SourceTree.clock))
         self.content[name] = data
-        self.version[name] = self.version.get(name, 0) + 1
 
     def mutate(self, rng: random.Random) -> None:
         for name in self.names():
@@ -986,7 +979,8 @@ class Run:
             deadline = 20.0
         else:
             deadline = rng.uniform(0.2, 3.0)
-        workers = [Worker(f"w{i}", f"w{i}", self, rs, random.Random(f"{self.seed}-{self.round}-{i}"))
+        workers = [Worker(f"w{i}", f"w{i}", self, rs,
+                          random.Random(f"{self.seed}-{self.round}-{i}"))
                    for i in range(self.workers)]
         threads = [threading.Thread(target=w.work, name=w.name, daemon=True) for w in workers]
         rs.note("main", f"round {self.round}: {how}, "
@@ -1162,8 +1156,6 @@ class Checker:
             lin.floor, lin.exact = 0, False
             lin.uncertain = lin.reopened = lin.relabelled = False
             lin.complete_seen = None
-            if changed:
-                lin.rsync_from = None
             if attrs.get("state") == "complete" and attrs.get("sha256") == sha256_bytes(data):
                 lin.anchor()
                 if attrs.get("job"):
