@@ -8,6 +8,12 @@ SIGTERM, then SIGKILL, then a lazy unmount, even when the test failed. An agent 
 does not die (a thread blocked on a request nobody will answer) gets its FUSE
 connection aborted, so no process, pytest's own temp clean-up included, can hang on a
 dead mount in a later run.
+
+Waiting: the CI machine may be busy (two cores, other suites running at once), so a
+test never assumes something happened after a fixed sleep and never reads a value
+another process writes before that value is whole. It polls (``wait_for``) for the
+complete value, with a deadline (``PATIENCE``) generous enough that only a real fault
+reaches it: a deadline bounds how long a broken run takes, it is not what a test checks.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ import pytest
 from fsagent.service.mountpoint import abort_connection, is_mount_point, lazy_unmount
 
 FSAGENT = [sys.executable, "-m", "fsagent"]
+
+# Seconds to wait for something that normally takes well under one: start-up, a state
+# change, a file another process writes. Only a fault should ever use it up.
+PATIENCE = 60.0
 
 
 class AgentProcess:
@@ -63,7 +73,7 @@ class AgentProcess:
             argv += ["--config", str(self.config_path)]
         return argv + self.extra_args
 
-    def start(self, timeout: float = 20.0, *, wait: bool = True) -> AgentProcess:
+    def start(self, timeout: float = PATIENCE, *, wait: bool = True) -> AgentProcess:
         """Start the agent; with ``wait=False`` return at once (readiness is the test's)."""
         self.log_path = self.base / f"agent-{len(self.logs)}.log"
         self.logs.append(self.log_path)
@@ -98,7 +108,7 @@ class AgentProcess:
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 
-    def stop(self, timeout: float = 10.0) -> int:
+    def stop(self, timeout: float = PATIENCE) -> int:
         """SIGTERM and wait; returns the exit code."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
@@ -108,12 +118,12 @@ class AgentProcess:
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         try:
-            self.proc.wait(10)
+            self.proc.wait(PATIENCE / 2)
         except subprocess.TimeoutExpired:
             # Stuck in uninterruptible sleep on a FUSE request (possibly on its own
             # mount): aborting the connection fails that request and lets it die.
             abort_connection(self.mount)
-            self.proc.wait(10)
+            self.proc.wait(PATIENCE / 2)
 
     def cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -153,7 +163,8 @@ def agent(agent_factory) -> AgentProcess:
     return agent_factory().start()
 
 
-def run_fsagent(*args: str, cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+def run_fsagent(*args: str, cwd: Path | None = None,
+                timeout: float = PATIENCE) -> subprocess.CompletedProcess:
     """Run the CLI to completion (for commands that exit)."""
     return subprocess.run(FSAGENT + list(args), capture_output=True, text=True, cwd=cwd,
                           timeout=timeout)
@@ -178,13 +189,14 @@ class OtherUser:
         pw = pwd.getpwnam(name)
         self.name, self.uid, self.gid = name, pw.pw_uid, pw.pw_gid
 
-    def run(self, *argv: str, timeout: float = 20, **kwargs) -> subprocess.CompletedProcess:
+    def run(self, *argv: str, timeout: float = PATIENCE,
+            **kwargs) -> subprocess.CompletedProcess:
         # setpriv changes uid/gid and drops root's supplementary groups: nothing inherited.
         return subprocess.run(
             ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
              "--", *argv], capture_output=True, text=True, timeout=timeout, **kwargs)
 
-    def run_in_groups(self, groups: list[int], *argv: str, timeout: float = 20,
+    def run_in_groups(self, groups: list[int], *argv: str, timeout: float = PATIENCE,
                       **kwargs) -> subprocess.CompletedProcess:
         """``run``, with ``groups`` as the only supplementary groups."""
         return subprocess.run(
@@ -252,9 +264,12 @@ def shared_dir():
         shutil.rmtree(path, ignore_errors=True)
 
 
-def wait_for(predicate, timeout: float = 15.0, what: str = "condition",
+def wait_for(predicate, timeout: float = PATIENCE, what: str = "condition",
              interval: float = 0.05):
-    """Poll ``predicate`` until it returns something true (returned), or fail."""
+    """Poll ``predicate`` until it returns something true (returned), or fail.
+
+    ``predicate`` must judge a complete value: reading a file another process writes, it
+    returns false for a missing, empty or half-written one rather than raising on it."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

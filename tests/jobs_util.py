@@ -5,15 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
+import re
 from pathlib import Path
 
-from conftest import wait_for
+from conftest import PATIENCE, wait_for
 
 # An import_command that blocks until `<file>.go` exists in uploads/ and fails if
 # `<file>.fail` exists: lets a test hold a job in `running` for as long as it likes. Only
 # the tests' own imports (task "t1") are gated; imports the uploads component submits for
-# files written through the mount succeed at once.
+# files written through the mount succeed at once. The shell creates `<file>.pid` before
+# it writes the line into it: read it with `started_pid`, which waits for the whole line.
 GATED_IMPORT = (
     'import_command = ["sh", "-c", '
     '"[ \\"$1\\" = t1 ] || exit 0; '
@@ -75,13 +76,38 @@ def info(job: Path) -> dict:
     return json.loads(read(job / "info.json"))
 
 
-def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):
+def wait_until(predicate, timeout: float = PATIENCE, what: str = "condition"):
     return wait_for(predicate, timeout, what, interval=0.02)
 
 
-def wait_status(job: Path, *states: str, timeout: float = 20.0) -> str:
-    return wait_until(lambda: status(job) if status(job) in states else None, timeout,
-                      what=f"{job.name} to be {'/'.join(states)}")
+def wait_status(job: Path, *states: str, timeout: float = PATIENCE) -> str:
+    """Wait until the job is in one of ``states``; returns the state it was seen in."""
+    def reached():
+        now = status(job)  # one read: the state checked is the state returned
+        return now if now in states else None
+    return wait_until(reached, timeout, what=f"{job.name} to be {'/'.join(states)}")
+
+
+_STARTED_LINE = re.compile(r"started (\d+)\n")
+
+
+def started_pid(agent, rel: str, *, other_than: int | None = None,
+                timeout: float = PATIENCE) -> int:
+    """The pid of the gated import_command running for ``rel``, from ``<rel>.pid``.
+
+    Waits for the whole ``started PID`` line: the command's shell creates the file and
+    writes the line in two steps, so the file can exist and be empty (or, in principle,
+    hold part of the line). ``other_than`` skips a line left by an earlier run."""
+    path = uploads_dir(agent) / f"{rel}.pid"
+
+    def whole_line():
+        try:
+            m = _STARTED_LINE.fullmatch(path.read_text())
+        except FileNotFoundError:
+            return None
+        return int(m.group(1)) if m and int(m.group(1)) != other_than else None
+
+    return wait_until(whole_line, timeout, what=f"a whole 'started PID' line in {path.name}")
 
 
 def open_gate(agent, rel: str) -> None:

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from conftest import PATIENCE
 from fsagent import __version__
 from fsagent.service.mountpoint import abort_connection, is_mount_point
 
@@ -92,7 +93,7 @@ def test_sigterm_with_a_shell_inside_the_mount(agent):
 
 def test_external_unmount_ends_the_agent_cleanly(agent):
     subprocess.run(["fusermount3", "-u", str(agent.mount)], check=True)
-    assert agent.proc.wait(10) == 0
+    assert agent.proc.wait(PATIENCE) == 0
     assert not is_mount_point(agent.mount)
 
 
@@ -117,7 +118,8 @@ def test_restart_after_kill9_on_the_same_mount_point(agent):
 
 def test_second_agent_on_the_same_state_dir_is_refused(agent, agent_factory, tmp_path):
     other = agent_factory(mount=tmp_path / "mnt2", state=agent.state)
-    result = subprocess.run(other.argv(), capture_output=True, text=True, timeout=20)
+    result = subprocess.run(other.argv(), capture_output=True, text=True,
+                            timeout=PATIENCE)
     assert result.returncode == 2
     assert "state_dir" in result.stderr and "in use by another fsagent" in result.stderr
     assert not is_mount_point(tmp_path / "mnt2")
@@ -126,7 +128,8 @@ def test_second_agent_on_the_same_state_dir_is_refused(agent, agent_factory, tmp
 
 def test_second_agent_on_a_live_mount_is_refused(agent, agent_factory, tmp_path):
     other = agent_factory(mount=agent.mount, state=tmp_path / "state2")
-    result = subprocess.run(other.argv(), capture_output=True, text=True, timeout=20)
+    result = subprocess.run(other.argv(), capture_output=True, text=True,
+                            timeout=PATIENCE)
     assert result.returncode == 2
     assert "mount: " in result.stderr and "already mounted" in result.stderr
     assert agent.status()["pid"] == agent.proc.pid
@@ -144,7 +147,7 @@ def test_aborting_a_hung_connection_releases_blocked_readers(agent):
         with pytest.raises(subprocess.TimeoutExpired):
             reader.wait(1.0)  # blocked on the stopped server
         assert abort_connection(agent.mount)
-        assert reader.wait(10) != 0
+        assert reader.wait(PATIENCE) != 0
         err = reader.stderr.read()
         assert "connection abort" in err or "not connected" in err, err
     finally:
@@ -153,5 +156,5 @@ def test_aborting_a_hung_connection_releases_blocked_readers(agent):
         os.listdir(agent.mount)
     assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     assert not abort_connection(agent.mount / "uploads")  # not a mount point: nothing done
-    agent.proc.wait(10)  # the agent sees its session end and shuts down by itself
+    agent.proc.wait(PATIENCE)  # the agent sees its session end and shuts down by itself
     assert "FUSE session ended" in agent.log()

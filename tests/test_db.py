@@ -94,11 +94,20 @@ async def test_database_work_runs_off_the_event_loop(tmp_path):
             await trio.sleep(0.01)
             ticks += 1
 
+    def slow_query(conn):
+        # Blocks its thread until the loop has ticked 20 times: it returns only if the
+        # loop kept running meanwhile, however slow the machine (the deadline only ends
+        # a run where it did not).
+        deadline = time.monotonic() + 60
+        while ticks < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return ticks
+
     async with trio.open_nursery() as n:
         n.start_soon(ticker)
-        await d.run(lambda c: time.sleep(0.5))  # a slow query
+        seen = await d.run(slow_query)
         n.cancel_scope.cancel()
-    assert ticks >= 20  # the loop kept running while the "query" blocked its thread
+    assert seen >= 20  # the loop kept running while the "query" blocked its thread
     d.close()
 
 
@@ -130,7 +139,9 @@ async def test_flush_waits_for_a_flush_in_progress_even_with_nothing_staged(tmp_
     d = Database.open(tmp_path / "a.db")
     d.stage("k", "INSERT INTO w(k) VALUES (?)", ("k",))
     # Another process's write lock makes the first flush slow after it took the batch
-    # (its BEGIN IMMEDIATE waits out SQLite's busy timeout).
+    # (its BEGIN IMMEDIATE waits out SQLite's busy timeout, here long enough that the
+    # lock is surely released first, however slow the machine).
+    d.run_sync(lambda c: c.execute("PRAGMA busy_timeout=60000"))
     other = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     second_done = []
@@ -143,8 +154,9 @@ async def test_flush_waits_for_a_flush_in_progress_even_with_nothing_staged(tmp_
 
     async with trio.open_nursery() as n:
         n.start_soon(d.flush)
-        await trio.sleep(0.3)
-        assert d.staged_count == 0  # the first flush holds the batch, waiting for the lock
+        with trio.fail_after(60):  # the first flush takes the batch, then waits for the lock
+            while d.staged_count:
+                await trio.sleep(0.01)
         n.start_soon(second)
         await trio.sleep(0.3)
         assert second_done == []  # nothing left to stage, yet it waits for that commit

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import platform
 import signal
 import subprocess
 import time
 
 import pytest
 
+from conftest import PATIENCE
 from jobs_util import (
-    GATED_IMPORT, control, import_spec, info, open_gate, put, read, status, submit,
-    uploads_dir, wait_status, wait_until, write,
+    GATED_IMPORT, control, import_spec, info, open_gate, put, read, started_pid, status,
+    submit, uploads_dir, wait_status, wait_until, write,
 )
 
 ONE_AT_A_TIME = "max_concurrent_jobs = 1\n" + GATED_IMPORT
@@ -34,6 +37,31 @@ def errno_of(fn, *args) -> int:
     with pytest.raises(OSError) as e:
         fn(*args)
     return e.value.errno
+
+
+def wait_blocked_reading(procs, path) -> None:
+    """Wait until every process in ``procs`` has ``path`` open and sits in read(2) on
+    it: only then does it stand for a blocked request (a fixed sleep only hopes so)."""
+    target = os.path.realpath(path)
+
+    def blocked(proc) -> bool:
+        assert proc.poll() is None, f"{proc.args} ended: {proc.returncode}"
+        try:
+            fds = {os.readlink(f"/proc/{proc.pid}/fd/{fd}"): int(fd)
+                   for fd in os.listdir(f"/proc/{proc.pid}/fd")}
+            if target not in fds:
+                return False
+            if platform.machine() != "x86_64":
+                return True  # opened; the read follows at once (numbering below is x86-64's)
+            # /proc/PID/syscall: the number of the call it is blocked in, then its
+            # arguments: read(2) is 0, and its first argument the descriptor.
+            call = open(f"/proc/{proc.pid}/syscall").read().split()
+        except FileNotFoundError:
+            return False
+        return call[:2] == ["0", hex(fds[target])]
+
+    wait_until(lambda: all(blocked(p) for p in procs),
+               what=f"{len(procs)} readers blocked in read(2) on {path}")
 
 
 def test_job_directory_files(agent_factory):
@@ -131,8 +159,7 @@ def test_cancel_pending_running_and_finished(agent_factory):
     agent = agent_factory(config=ONE_AT_A_TIME).start()
     running = gated(agent, "run")
     wait_status(running, "running")
-    pid = int(wait_until(lambda: (uploads_dir(agent) / "run.dat.pid").exists()
-                         and read(uploads_dir(agent) / "run.dat.pid").split()[1]))
+    pid = started_pid(agent, "run.dat")
     pending = gated(agent, "pend")
     assert status(pending) == "pending"
     assert bash(f"echo cancel > {pending}/control").returncode == 0
@@ -141,17 +168,17 @@ def test_cancel_pending_running_and_finished(agent_factory):
     assert status(running) == "cancelled"
     # The running import_command was terminated, not left behind.
     wait_until(lambda: not os.path.exists(f"/proc/{pid}"), what="the command to end")
-    # A cancelled pending job never runs, even once the slot is free.
+    # A cancelled pending job never runs, even once the slot is free: "done", submitted
+    # after it, gets the single slot and finishes, so the queue was served meanwhile.
     open_gate(agent, "pend.dat")
-    time.sleep(1.0)
+    open_gate(agent, "done.dat")
+    done = gated(agent, "done")
+    wait_status(done, "success")
     assert status(pending) == "cancelled"
     assert "started" not in read(pending / "log")
     assert not (uploads_dir(agent) / "pend.dat.pid").exists()
     assert info(pending)["EffectiveRuntime"] == 0
     # Finished: cancel is EBUSY on success, a no-op on cancelled.
-    open_gate(agent, "done.dat")
-    done = gated(agent, "done")
-    wait_status(done, "success")
     r = bash(f"echo cancel > {done}/control")
     assert r.returncode != 0 and "Device or resource busy" in r.stderr
     assert status(done) == "success"
@@ -184,12 +211,13 @@ def test_wait_blocks_until_the_job_ends(agent_factory):
     job = gated(agent, "w")
     waiter = subprocess.Popen(["cat", str(job / "wait")], stdout=subprocess.PIPE)
     try:
+        wait_blocked_reading([waiter], job / "wait")
         with pytest.raises(subprocess.TimeoutExpired):
             waiter.wait(0.7)
         # While it blocks, the mount answers everything else.
-        assert status(job) == "running"
+        wait_status(job, "running")
         open_gate(agent, "w.dat")
-        out, _ = waiter.communicate(timeout=10)
+        out, _ = waiter.communicate(timeout=PATIENCE)
         assert out == b"success\n"
     finally:
         waiter.kill()
@@ -200,34 +228,41 @@ def test_wait_blocks_until_the_job_ends(agent_factory):
 def test_many_blocked_waits_do_not_stall_the_mount(agent_factory):
     agent = agent_factory(config=GATED_IMPORT).start()
     job = gated(agent, "w")
+    wait_status(job, "running")
     waiters = [subprocess.Popen(["cat", str(job / "wait")], stdout=subprocess.PIPE)
                for _ in range(150)]  # more than pyfuse3's default of 99 request tasks
     try:
-        time.sleep(1.0)
-        assert all(w.poll() is None for w in waiters)
+        wait_blocked_reading(waiters, job / "wait")  # 150 requests held by the agent
+        # Another read is answered, in a separate process so that a stalled mount fails
+        # the test (TimeoutExpired) instead of hanging it. A stall would be for good; the
+        # bound only has to be generous for a busy machine.
         t0 = time.monotonic()
-        assert status(job) == "running"
-        assert time.monotonic() - t0 < 2
+        reader = subprocess.run(["cat", str(job / "status")], capture_output=True,
+                                timeout=PATIENCE)
+        assert reader.stdout == b"running\n"
+        assert time.monotonic() - t0 < 10
         open_gate(agent, "w.dat")
         for w in waiters:
-            assert w.communicate(timeout=20)[0] == b"success\n"
+            assert w.communicate(timeout=PATIENCE)[0] == b"success\n"
     finally:
         for w in waiters:
             w.kill()
 
 
 def test_a_blocked_wait_ends_when_the_agent_stops(agent_factory):
-    agent = agent_factory(config=GATED_IMPORT).start()
+    # A long shutdown_timeout: were the blocked request to hold the stop up, the stop
+    # would take all of it, far past the (busy-machine) bound below.
+    agent = agent_factory(config="shutdown_timeout = 120\n" + GATED_IMPORT).start()
     job = gated(agent, "w")
     waiter = subprocess.Popen(["cat", str(job / "wait")], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE)
     try:
-        time.sleep(0.5)
+        wait_blocked_reading([waiter], job / "wait")
         t0 = time.monotonic()
         agent.signal(signal.SIGTERM)
-        assert agent.proc.wait(10) == 0
-        assert time.monotonic() - t0 < 5
-        waiter.wait(5)
+        assert agent.proc.wait(PATIENCE) == 0
+        assert time.monotonic() - t0 < 30
+        waiter.wait(PATIENCE)
         assert waiter.returncode != 0  # not a final status: the job did not end
     finally:
         waiter.kill()
@@ -251,11 +286,18 @@ def test_restart_with_pending_and_running_jobs(agent_factory, how):
     wait_status(done, "success")
     running = gated(agent, "run")
     wait_status(running, "running")
+    # "running" is set as the command is spawned; wait until it really runs (it wrote
+    # its pid), or the stop may come before it did and leave nothing to restart from.
+    first_pid = started_pid(agent, "run.dat")
     pending = gated(agent, "pend", priority=2)
     paused = gated(agent, "paused")
     control(paused, "pause")
     if how == "kill9":
         agent.kill9()
+        # Its command outlives it (orphaned, waiting for a gate that opens only at the
+        # end): end it, so that it cannot be mistaken for the re-run below.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(first_pid, signal.SIGKILL)
     else:
         assert agent.stop() == 0
     (uploads_dir(agent) / "run.dat.pid").unlink()
@@ -272,7 +314,7 @@ def test_restart_with_pending_and_running_jobs(agent_factory, how):
     assert "interrupted" in read(running / "message")
     open_gate(agent, "pend.dat")
     wait_status(running, "running")
-    wait_until(lambda: (uploads_dir(agent) / "run.dat.pid").exists())  # it ran again
+    started_pid(agent, "run.dat", other_than=first_pid)  # it ran again: a new command
     open_gate(agent, "run.dat")
     wait_status(running, "success")
     assert status(pending) == "success"
@@ -285,7 +327,10 @@ def test_history_eviction_by_count(agent_factory):
         job = submit(agent, name, {"type": "archive", "paths": ["f.txt"]})
         wait_status(job, "success")
     wait_until(lambda: sorted(os.listdir(agent.jobs)) == ["h3", "h4"])
-    assert sorted(os.listdir(agent.state / "jobs")) == ["h3", "h4"]  # outputs went too
+    # Outputs go too: removed from the disk after the jobs leave the listing (and their
+    # removal is committed), so that is waited for in turn.
+    wait_until(lambda: sorted(os.listdir(agent.state / "jobs")) == ["h3", "h4"],
+               what="the evicted jobs' directories to be removed")
     assert [r["ID"] for r in json.loads(read(agent.mount / "jobs.json"))] == ["h3", "h4"]
     agent.stop()
     agent.start()
@@ -299,8 +344,8 @@ def test_history_eviction_by_age_spares_live_jobs(agent_factory):
     wait_status(old, "success")
     live = gated(agent, "live")
     wait_status(live, "running")
-    wait_until(lambda: "old" not in os.listdir(agent.jobs), timeout=10)
-    wait_until(lambda: not (agent.state / "jobs" / "old").exists(), timeout=5)
+    wait_until(lambda: "old" not in os.listdir(agent.jobs))
+    wait_until(lambda: not (agent.state / "jobs" / "old").exists())
     time.sleep(1.5)
     assert status(live) == "running"  # older than job_ttl, but not finished: kept
     open_gate(agent, "live.dat")
@@ -429,7 +474,12 @@ def test_the_engine_survives_a_database_it_cannot_write(agent_factory):
         assert errno_of(write, agent.jobs / "late" / "spec",
                         '{"type": "archive", "paths": ["g.dat"]}') == errno.EIO
         assert os.listdir(agent.jobs / "late") == ["spec"]  # still a draft: nothing queued
-        time.sleep(1.5)  # periodic flushes fail meanwhile
+        # The end's own flush and then the periodic ones fail while the WAL is immutable.
+        wait_until(lambda: "recording its end failed; kept staged for retry" in agent.log(),
+                   what="the job's end to fail to be recorded")
+        flush_failures = agent.log().count("database flush failed")
+        wait_until(lambda: agent.log().count("database flush failed") > flush_failures,
+                   what="a periodic flush to fail")
         assert agent.proc.poll() is None, agent.log()
     finally:
         subprocess.run(["chattr", "-i", wal], check=True)

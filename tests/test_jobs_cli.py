@@ -6,6 +6,7 @@ import json
 import subprocess
 import time
 
+from conftest import PATIENCE
 from fsagent.rpc import RpcError, call_sync
 from jobs_util import (
     GATED_IMPORT, import_spec, open_gate, put, read, status, submit, wait_status,
@@ -47,6 +48,7 @@ def test_control_verbs_and_refusals(agent_factory, cli):
     assert jobs_cli(cli, agent, "pause", "g").stdout == "paused\n"
     assert status(job) == "paused"
     assert jobs_cli(cli, agent, "resume", "g").stdout in ("pending\n", "running\n")
+    wait_status(job, "running")  # retry of a pending job is a no-op, of a running one refused
     r = jobs_cli(cli, agent, "retry", "g")
     assert r.returncode == 2
     assert r.stderr.startswith("fsagent: IllegalMove: job 'g': cannot retry a ")
@@ -109,7 +111,7 @@ def test_rpc_methods_share_the_engine_with_the_files(agent_factory):
         except RpcError as e:
             assert e.name == "IllegalMove" and job_id in e.message and "running" in e.message
         assert call_sync(sock, "Jobs.cancel", job_id) == "cancelled"
-        assert waiter.communicate(timeout=10)[0] == b"cancelled\n"
+        assert waiter.communicate(timeout=PATIENCE)[0] == b"cancelled\n"
     finally:
         waiter.kill()
     assert call_sync(sock, "Jobs.show", job_id)["State"] == "Cancelled"

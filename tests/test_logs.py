@@ -7,6 +7,7 @@ import os
 import re
 import signal
 
+from conftest import PATIENCE
 from fsagent.service.logs import JournalFormatter, stderr_is_journal
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
@@ -86,7 +87,7 @@ def test_no_per_request_noise_at_info(agent_factory):
     # 400 opens, reads, lookups and listings later, not one line more.
     assert agent.log() == before
     agent.signal(signal.SIGTERM)
-    assert agent.proc.wait(10) == 0
+    assert agent.proc.wait(PATIENCE) == 0
     assert len(agent.log().splitlines()) == len(before.splitlines()) + 2  # stop, stopped
 
 

@@ -16,6 +16,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import PATIENCE
 from fsagent.config import ConfigError, load_config
 from fsagent.service.metrics import Registry
 from fsagent.service.metrics_http import BadRequest, parse_request_head, route
@@ -200,20 +201,23 @@ def test_metrics_over_http(agent_factory):
     agent = agent_factory(config='metrics_listen = "127.0.0.1:0"\n').start()
     address = agent.status()["metrics_listen"]
     assert address.startswith("127.0.0.1:") and not address.endswith(":0")
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=PATIENCE) as r:
         assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
         families = parse(r.read().decode())
     assert sample(families, "fsagent_previous_run_clean") == 1
     with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(f"http://{address}/", timeout=10)
+        urllib.request.urlopen(f"http://{address}/", timeout=PATIENCE)
     assert e.value.code == 404
     # Garbage and a client that says nothing are answered or dropped; the agent lives on.
     host, port = address.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as s:
+    with socket.create_connection((host, int(port)), timeout=PATIENCE) as s:
         s.sendall(b"\x16\x03\x01garbage\r\n\r\n")
-        assert s.recv(100).startswith(b"HTTP/1.1 400 ")
-    idle = socket.create_connection((host, int(port)), timeout=10)
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        answer = b""
+        while len(answer) < 13 and (more := s.recv(100)):  # a stream: it may come in parts
+            answer += more
+        assert answer.startswith(b"HTTP/1.1 400 ")
+    idle = socket.create_connection((host, int(port)), timeout=PATIENCE)
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=PATIENCE) as r:
         assert r.status == 200  # an idle connection blocks nobody
     idle.close()
     assert agent.status()["pid"] == agent.proc.pid
@@ -225,7 +229,8 @@ def test_busy_metrics_port_is_a_one_line_config_error(agent_factory, tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         agent = agent_factory(config=f'metrics_listen = "127.0.0.1:{port}"\n')
-        result = subprocess.run(agent.argv(), capture_output=True, text=True, timeout=20)
+        result = subprocess.run(agent.argv(), capture_output=True, text=True,
+                                timeout=PATIENCE)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fsagent: error: metrics_listen: ")
@@ -289,7 +294,10 @@ def test_database_flushes_feed_the_latency_histogram(tmp_path):
     db.close()
 
 
-def test_upload_metrics_move_with_a_real_upload(agent, tmp_path):
+def test_upload_metrics_move_with_a_real_upload(agent_factory, tmp_path):
+    # No settling during the test: the upload's state must hold still between the
+    # metrics and the status read compared below.
+    agent = agent_factory(config="settle_seconds = 3600\n").start()
     before = read_metrics(agent)
     received = sample(before, "fsagent_upload_bytes_received",
                       "fsagent_upload_bytes_received_total")
@@ -314,7 +322,10 @@ def test_rpc_metrics_move_with_real_calls(agent, cli):
         sample(before, "fsagent_rpc_requests", "fsagent_rpc_requests_total") + 2
     assert sample(after, "fsagent_rpc_errors", "fsagent_rpc_errors_total",
                   error="NoSuchMethod") == 1
-    assert sample(after, "fsagent_rpc_clients") == 0
+    # The agent drops each connection when it reads its end, on its own time.
+    from conftest import wait_for
+    wait_for(lambda: sample(read_metrics(agent), "fsagent_rpc_clients") == 0,
+             what="no RPC clients left")
 
 
 # -- metrics (and their log lines) that move with real uploads, jobs and monitors --------------

@@ -11,6 +11,7 @@ import time
 import pytest
 import trio
 
+from conftest import PATIENCE
 from fsagent.rpc import OmeroFSError, open_client
 from rpcutil import batches, create, drain, export_agent, synced
 
@@ -23,6 +24,14 @@ def served(agent_factory, tmp_path):
 def write(path, data=b"x"):
     with open(path, "wb") as f:
         f.write(data)
+
+
+async def stopped_by_itself(client, monitor_id) -> None:
+    """Wait for the monitor to reach Stopped: it stops itself after queueing its last
+    batch, so a client can hold that batch a moment before the state changes."""
+    with trio.fail_after(PATIENCE):
+        while await client.call("MonitorServer.getMonitorState", monitor_id) != "Stopped":
+            await trio.sleep(0.02)
 
 
 async def test_flat_create_modify_delete_and_rename_pairing(served):
@@ -172,11 +181,10 @@ async def test_oneshot_delivers_one_batch_then_stops(served):
     async with open_client(agent.socket) as c:
         mid = await create(c, data, mtype="OneShot")
         write(data / "first")
-        with trio.fail_after(5):
+        with trio.fail_after(PATIENCE):
             note = await c.notifications.receive()
         assert note.params == [mid, [{"fileId": f"{data}/first", "type": "Create"}]]
-        await trio.sleep(0.2)
-        assert await c.call("MonitorServer.getMonitorState", mid) == "Stopped"
+        await stopped_by_itself(c, mid)
         write(data / "second")
         await trio.sleep(0.3)
         assert drain(c) == []
@@ -186,31 +194,37 @@ async def test_oneshot_with_timeout_reports_timed_out(served):
     agent, data = served
     async with open_client(agent.socket) as c:
         mid = await create(c, data, mtype="OneShot", timeout=0.4)
-        with trio.fail_after(5):
+        with trio.fail_after(PATIENCE):
             note = await c.notifications.receive()
         assert note.params == [mid, [{"fileId": "Timed out", "type": "System"}]]
-        await trio.sleep(0.1)
-        assert await c.call("MonitorServer.getMonitorState", mid) == "Stopped"
+        await stopped_by_itself(c, mid)
 
 
 async def test_inactivity_timer_restarts_at_every_event(served):
     agent, data = served
     async with open_client(agent.socket) as c:
-        mid = await create(c, data, mtype="Inactivity", timeout=0.6)
+        # Events every 0.3 s keep a 2 s timer alive past 2.4 s. (The gap between events
+        # is far below the timeout, so that a busy machine delaying one write by well
+        # over a second still cannot let the timer run out in between.)
+        timeout, gap, count = 2.0, 0.3, 8
+        assert gap * count > timeout
+        mid = await create(c, data, mtype="Inactivity", timeout=timeout)
         start = trio.current_time()
-        for i in range(4):  # events every 0.3 s keep it alive past 1.2 s
-            await trio.sleep(0.3)
+        for i in range(count):
+            await trio.sleep(gap)
             write(data / f"f{i}")
+        last_event = trio.current_time()
         events = []
-        with trio.fail_after(5):
+        with trio.fail_after(PATIENCE):
             while ("System", "Inactive") not in events:
                 note = await c.notifications.receive()
                 events += [(e["type"], e["fileId"]) for e in note.params[1]]
-        assert trio.current_time() - start >= 1.2 + 0.6 - 0.05
+        # Inactive comes a whole timeout after the last event, not after the first.
+        assert trio.current_time() - last_event >= timeout - 0.05
+        assert trio.current_time() - start >= gap * count + timeout - 0.05
         assert [e for e in events if e[0] == "Create"] == [
-            ("Create", f"{data}/f{i}") for i in range(4)]
-        await trio.sleep(0.1)
-        assert await c.call("MonitorServer.getMonitorState", mid) == "Stopped"
+            ("Create", f"{data}/f{i}") for i in range(count)]
+        await stopped_by_itself(c, mid)
 
 
 async def test_lifecycle_stop_start_destroy(served):
@@ -265,14 +279,24 @@ async def test_monitors_only_inside_exported_roots(served, tmp_path):
                          str(data), [], [], 0.0, 0, False, False, True, "proxy")
 
 
-async def test_disconnected_clients_monitors_are_destroyed_after_grace(served):
-    agent, data = served
+async def test_disconnected_clients_monitors_are_destroyed_after_grace(agent_factory,
+                                                                      tmp_path):
+    grace = 3.0
+    agent, data = export_agent(agent_factory, tmp_path,
+                               config=f"monitor_grace_seconds = {grace}\n")
     async with open_client(agent.socket) as c:
         mid = await create(c, data, mode="Recurse")
-    await trio.sleep(0.2)
+    left = trio.current_time()
+    # Once the agent has seen the client go, the monitor is kept for the grace...
+    with trio.fail_after(PATIENCE):
+        while agent.status()["rpc"]["connections"]:
+            await trio.sleep(0.02)
     assert mid in agent.status()["monitors"]["monitors"]
-    await trio.sleep(1.0)
-    assert agent.status()["monitors"]["monitors"] == {}
+    # ...and destroyed when it has passed, not before.
+    with trio.fail_after(PATIENCE):
+        while agent.status()["monitors"]["monitors"]:
+            await trio.sleep(0.02)
+    assert trio.current_time() - left >= grace - 0.05
     assert "its client left" in agent.log()
 
 

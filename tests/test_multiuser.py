@@ -15,7 +15,7 @@ import stat
 import subprocess
 import sys
 
-from conftest import wait_for
+from conftest import PATIENCE, wait_for
 from jobs_util import GATED_IMPORT, import_spec, open_gate
 
 
@@ -181,6 +181,8 @@ def test_rpc_group_decides_who_may_connect(shared_dir, agent_factory, other_user
     # owner and root may steer it: the group lets users in, not at each other's jobs.
     os.mkdir(agent.jobs / "roots")
     (agent.jobs / "roots" / "spec").write_text(json.dumps(import_spec(agent, "r.dat")))
+    wait_for(lambda: (agent.jobs / "roots" / "status").read_text() == "running\n",
+             what="roots running")
     jobs = [sys.executable, "-m", "fsagent", "jobs"]
     refused = other_user.run_in_groups([gid], *jobs, "cancel", "roots", "--socket", str(sock))
     assert refused.returncode == 2
@@ -200,7 +202,8 @@ def test_rpc_group_decides_who_may_connect(shared_dir, agent_factory, other_user
 def test_a_bad_rpc_group_is_a_one_line_config_error(shared_dir, agent_factory, test_group):
     agent = agent_factory(mount=shared_dir / "mnt", state=shared_dir / "state",
                           config='rpc_group = "no-such-group-here"\n')
-    result = subprocess.run(agent.argv(), capture_output=True, text=True, timeout=20)
+    result = subprocess.run(agent.argv(), capture_output=True, text=True,
+                            timeout=PATIENCE)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "fsagent: error: rpc_group: no such group 'no-such-group-here' on this machine"]

@@ -13,6 +13,7 @@ import msgpack
 import pytest
 import trio
 
+from conftest import PATIENCE
 from fsagent.rpc import RpcError, open_client
 from rpcutil import export_agent, rss_kib
 
@@ -26,7 +27,7 @@ def pack(obj) -> bytes:
 def raw_socket(agent) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(str(agent.socket))
-    s.settimeout(10)
+    s.settimeout(PATIENCE)
     return s
 
 
@@ -136,12 +137,12 @@ async def test_tcp_requires_the_token_first(agent_factory):
     agent = agent_factory(config=f'rpc_tcp_listen = "127.0.0.1:0"\nrpc_token = "{TOKEN}"\n'
                           ).start()
     host, port = _tcp_address(agent)
-    with socket.create_connection((host, port), timeout=10) as s:
+    with socket.create_connection((host, port), timeout=PATIENCE) as s:
         s.sendall(pack([0, 1, "MonitorServer.getMonitorState", ["x"]]))
         reply = read_messages(s, 1)[0]
         assert reply[2][0] == "AuthenticationRequired"
         assert s.recv(10) == b""
-    with socket.create_connection((host, port), timeout=10) as s:
+    with socket.create_connection((host, port), timeout=PATIENCE) as s:
         s.sendall(pack([0, 1, "auth", ["wrong-token-wrong-token"]]))
         assert read_messages(s, 1)[0][2] == ["AuthenticationFailed", "wrong token"]
         assert s.recv(10) == b""
@@ -165,7 +166,7 @@ async def test_tcp_over_tls(agent_factory, tmp_path):
         with pytest.raises(RpcError, match="no such monitor"):
             await c.call("MonitorServer.getMonitorState", "x")
     # plaintext on the TLS port gets nowhere
-    with socket.create_connection((host, port), timeout=10) as s:
+    with socket.create_connection((host, port), timeout=PATIENCE) as s:
         s.sendall(pack([0, 1, "auth", [TOKEN]]))
         s.settimeout(2)
         try:

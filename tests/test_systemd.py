@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import uuid
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import PATIENCE
 from fsagent.config import load_config
 from fsagent.service.mountpoint import is_mount_point
 from test_sdnotify import FakeServiceManager
@@ -42,14 +44,34 @@ def section(text: str, name: str) -> str:
     return m.group(1)
 
 
+# What a build or a run leaves in a checkout (see .gitignore): not part of the source.
+_NOT_SOURCE = {".git", ".venv", "build", ".pytest_cache", ".hypothesis", ".fsagent", "mnt"}
+
+
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
+def source_tree(tmp_path_factory) -> Path:
+    """A private copy of the source tree for ``make install`` to build in: pip builds in
+    the tree it installs from (build/, *.egg-info), so two runs of the suite sharing a
+    checkout, or a developer's own build, would collide in the real one."""
+    copy = tmp_path_factory.mktemp("source") / "fsagent"
+
+    def ignore(directory, names):
+        top = Path(directory) == ROOT
+        return {n for n in names if n == "__pycache__" or n.endswith(".egg-info")
+                or (top and n in _NOT_SOURCE)}
+
+    shutil.copytree(ROOT, copy, symlinks=True, ignore=ignore)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory, source_tree):
     """``make install`` into a scratch tree, with the paths the tests can own."""
     base = tmp_path_factory.mktemp("install")
     paths = {"PREFIX": base / "opt", "BINDIR": base / "bin", "SYSCONFDIR": base / "etc",
              "UNITDIR": base / "units", "DOCDIR": base / "doc"}
     result = subprocess.run(["make", "-s", "install"] + [f"{k}={v}" for k, v in paths.items()],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+                            cwd=source_tree, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return paths
 
@@ -177,13 +199,13 @@ def test_exec_start_runs_like_under_systemd(installed, tmp_path):
         _command(unit, "ExecStart", env), stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, NOTIFY_SOCKET=manager.address, WATCHDOG_USEC="2000000", **env))
     try:
-        manager.wait_for("READY", timeout=30)
-        manager.wait_for("WATCHDOG", timeout=10)
+        manager.wait_for("READY")
+        manager.wait_for("WATCHDOG")
         status = (mount / "status").read_text()
         assert f'"pid": {proc.pid}' in status and str(runtime / "rpc.sock") in status
         assert (state / "fsagent.db").exists()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        assert proc.wait(PATIENCE) == 0
         manager.wait_for("STOPPING")
         assert not is_mount_point(mount)
     finally:
@@ -195,13 +217,13 @@ def test_exec_start_runs_like_under_systemd(installed, tmp_path):
         manager.close()
 
 
-def test_upgrade_keeps_the_config_and_replaces_the_units(installed):
+def test_upgrade_keeps_the_config_and_replaces_the_units(installed, source_tree):
     conf = installed["SYSCONFDIR"] / "fsagent" / "fsagent.toml"
     conf.write_text('mount = "/srv/mine"\n')
     unit = installed["UNITDIR"] / "fsagent.service"
     unit.write_text("stale\n")
     result = subprocess.run(["make", "-s", "install"] + [f"{k}={v}" for k, v in installed.items()],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+                            cwd=source_tree, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert conf.read_text() == 'mount = "/srv/mine"\n'
     assert "Type=notify" in unit.read_text()

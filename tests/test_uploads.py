@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
+from conftest import PATIENCE, wait_for
 
 FAST = """
 settle_seconds = 0.6
@@ -33,7 +33,7 @@ def state(path: Path) -> str:
     return xattr(path, "state")
 
 
-def wait_state(path: Path, wanted: str, timeout: float = 15.0) -> None:
+def wait_state(path: Path, wanted: str, timeout: float = PATIENCE) -> None:
     wait_for(lambda: state(path) == wanted, timeout, f"{path.name} to be {wanted}")
 
 
@@ -243,7 +243,7 @@ def test_rsync_temp_names_and_partial_renames(fast):
     # A temp file renamed into place with a real mtime is complete.
     (up / ".other.bin.Zz99Yy").write_bytes(b"o" * 10)
     os.rename(up / ".other.bin.Zz99Yy", up / "other.bin")
-    wait_state(up / "other.bin", "complete", timeout=0.5 + 5)
+    wait_state(up / "other.bin", "complete")
     # Resuming the held one (--append-verify writes, then sets the real mtime).
     with open(up / "data.bin", "ab") as f:
         f.write(b"z" * 5000)
@@ -256,25 +256,26 @@ def test_rsync_temp_names_and_partial_renames(fast):
 
 
 def test_client_hash_xattr_match_and_mismatch(agent_factory):
-    agent = agent_factory(config=FAST.replace("0.6", "60")).start()  # no settling here
+    # No settling here, not even within the longest wait below: only a hash completes.
+    agent = agent_factory(config=FAST.replace("0.6", "3600")).start()
     up = agent.uploads
     good, bad = os.urandom(300_000), os.urandom(300_000)
     (up / "ok.bin").touch()
     os.setxattr(up / "ok.bin", "user.fsagent.sha256", hashlib.sha256(good).hexdigest().encode())
     os.setxattr(up / "ok.bin", "user.fsagent.md5", hashlib.md5(good).hexdigest().encode())
     (up / "ok.bin").write_bytes(good)
-    wait_state(up / "ok.bin", "complete", timeout=10)
+    wait_state(up / "ok.bin", "complete")
     (up / "bad.bin").touch()
     expected = hashlib.sha256(good).hexdigest()
     os.setxattr(up / "bad.bin", "user.fsagent.sha256", expected.encode())
     (up / "bad.bin").write_bytes(bad)
-    wait_state(up / "bad.bin", "failed", timeout=10)
+    wait_state(up / "bad.bin", "failed")
     error = xattr(up / "bad.bin", "error")
     assert "bad.bin" in error and "sha256" in error and expected in error
     assert hashlib.sha256(bad).hexdigest() in error
     assert (up / "bad.bin").read_bytes() == bad  # the data stays
     (up / "bad.bin").write_bytes(good)  # a re-send repairs it
-    wait_state(up / "bad.bin", "complete", timeout=10)
+    wait_state(up / "bad.bin", "complete")
     assert xattr(up / "bad.bin", "error") == ""
     with pytest.raises(OSError) as e:
         os.setxattr(up / "ok.bin", "user.fsagent.sha256", b"not-hex")
@@ -285,14 +286,14 @@ def test_client_hash_xattr_match_and_mismatch(agent_factory):
 
 
 def test_manifests_before_and_after(agent_factory, tmp_path):
-    agent = agent_factory(config=FAST.replace("0.6", "60")).start()
+    agent = agent_factory(config=FAST.replace("0.6", "3600")).start()  # no settling
     up = agent.uploads
     a, b, c = os.urandom(70_000), os.urandom(80_000), os.urandom(90_000)
     (up / "m").mkdir()
     # Before the data: SHA256SUMS names a.bin.
     (up / "m/SHA256SUMS").write_text(f"{hashlib.sha256(a).hexdigest()}  a.bin\n")
     (up / "m/a.bin").write_bytes(a)
-    wait_state(up / "m/a.bin", "complete", timeout=10)
+    wait_state(up / "m/a.bin", "complete")
     # After the data: b.bin waits (no settling in this config) until b.bin.sha1 arrives.
     (up / "m/b.bin").write_bytes(b)
     time.sleep(1.0)
@@ -300,13 +301,13 @@ def test_manifests_before_and_after(agent_factory, tmp_path):
     src = tmp_path / "b.bin.sha1"
     src.write_text(f"{hashlib.sha1(b).hexdigest()}  b.bin\n")
     subprocess.run(["cp", src, up / "m/b.bin.sha1"], check=True)
-    wait_state(up / "m/b.bin", "complete", timeout=10)
+    wait_state(up / "m/b.bin", "complete")
     # A manifest arriving after completion with a different hash fails the upload.
     (up / "m/c.bin").write_bytes(c)
     (up / "m/c.bin.md5").write_text(f"{hashlib.md5(c).hexdigest()}\n")
-    wait_state(up / "m/c.bin", "complete", timeout=10)
+    wait_state(up / "m/c.bin", "complete")
     (up / "m/MD5SUMS").write_text(f"{hashlib.md5(b'other').hexdigest()}  a.bin\n")
-    wait_state(up / "m/a.bin", "failed", timeout=10)
+    wait_state(up / "m/a.bin", "failed")
     error = xattr(up / "m/a.bin", "error")
     assert "m/a.bin" in error and "md5" in error and "MD5SUMS" in error
     assert hashlib.md5(a).hexdigest() in error
@@ -333,7 +334,7 @@ def test_declared_size_progress_and_up_front_space_check(fast):
     assert state(f) == "partial"
     with open(f, "ab") as out:
         out.write(b"a" * 300_000)
-    wait_state(f, "complete", timeout=5)
+    wait_state(f, "complete")
     free = os.statvfs(fast.state).f_bavail * os.statvfs(fast.state).f_frsize
     (up / "huge.bin").touch()
     with pytest.raises(OSError) as e:
@@ -479,10 +480,15 @@ def test_kill9_mid_rsync_then_append_verify_is_byte_identical(agent_factory, tmp
     dst = agent.uploads / "big.bin"
     rsync = subprocess.Popen(["rsync", "--inplace", "--bwlimit=6000", src, dst],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(lambda: dst.exists() and os.stat(dst).st_size > 6 * 2**20, 30, "rsync progress")
-    time.sleep(0.5)
+    wait_for(lambda: dst.exists() and os.stat(dst).st_size > 6 * 2**20, what="rsync progress")
+    # Kill only once a checkpoint taken after that has committed: there must be something
+    # to resume from. A checkpoint is counted once its data is synced, before its record
+    # commits, and they run one at a time: so two more counted means one more committed.
+    counted = agent.status()["uploads"]["checkpoints"]
+    wait_for(lambda: agent.status()["uploads"]["checkpoints"] >= counted + 2,
+             what="a checkpoint of the first 6 MiB")
     agent.kill9()
-    rsync.wait(30)
+    rsync.wait(PATIENCE)
     backing = agent.state / "data/uploads/big.bin"
     before_restart = os.stat(backing).st_size
     agent.start()
@@ -502,17 +508,17 @@ def test_kill9_mid_rsync_then_append_verify_is_byte_identical(agent_factory, tmp
 
 def test_interrupted_rsync_partial_then_kill9_then_resume(agent_factory, tmp_path):
     agent = agent_factory(config=CRASHY.replace("settle_seconds = 0.6",
-                                                "settle_seconds = 60")).start()
+                                                "settle_seconds = 3600")).start()
     src = tmp_path / "p.bin"
     src.write_bytes(os.urandom(16 * 2**20))
     dst = agent.uploads / "p.bin"
     rsync = subprocess.Popen(["rsync", "--partial", "--bwlimit=4000", src, dst],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     temps = lambda: [p for p in agent.uploads.iterdir() if p.name.startswith(".p.bin.")]  # noqa: E731
-    wait_for(lambda: temps() and os.stat(temps()[0]).st_size > 4 * 2**20, 30, "transfer")
+    wait_for(lambda: temps() and os.stat(temps()[0]).st_size > 4 * 2**20, what="transfer")
     rsync.send_signal(signal.SIGINT)  # --partial: the temp file is renamed into place
-    rsync.wait(30)
-    wait_for(lambda: dst.exists(), 10, "partial file in place")
+    rsync.wait(PATIENCE)
+    wait_for(lambda: dst.exists(), what="partial file in place")
     time.sleep(1.0)
     assert state(dst) == "partial"  # no real mtime was set on it: not a finished transfer
     agent.kill9()
@@ -572,11 +578,7 @@ def test_completed_upload_starts_an_import_job_end_to_end(fast):
     data = b"import me\n" * 1000
     (fast.uploads / "i.bin").write_bytes(data)
     wait_state(fast.uploads / "i.bin", "complete")
-    deadline = time.monotonic() + 15
-    while not xattr(fast.uploads / "i.bin", "job") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    job_id = xattr(fast.uploads / "i.bin", "job")
-    assert job_id, fast.log()
+    job_id = wait_for(lambda: xattr(fast.uploads / "i.bin", "job"), what="an import job")
     job = fast.jobs / job_id
     assert (job / "wait").read_text().strip() == "success"
     info = json.loads((job / "info.json").read_text())
@@ -662,10 +664,19 @@ def test_an_import_that_cannot_start_is_visible_and_retried_until_it_can(fast):
                          what="the hand-off error")
         assert error.startswith("held.bin: import not started (") and "next try in" in error
         assert xattr(fast.uploads / "held.bin", "job") == ""
-        assert [u["error"] for u in listing(fast) if u["path"] == "held.bin"] == [error]
+
+        def listed_error():
+            # Each failed retry rewrites the error ("next try in N s"): judge only a
+            # listing read while the error held still.
+            before = xattr(fast.uploads / "held.bin", "error")
+            listed = [u["error"] for u in listing(fast) if u["path"] == "held.bin"]
+            return before == xattr(fast.uploads / "held.bin", "error") and (before, listed)
+
+        error, listed = wait_for(listed_error, what="the error to hold still for one read")
+        assert listed == [error]
     finally:
         subprocess.run(["chattr", "-i", wal], check=True)
-    job = wait_for(lambda: xattr(fast.uploads / "held.bin", "job"), 30, "the retried import")
+    job = wait_for(lambda: xattr(fast.uploads / "held.bin", "job"), what="the retried import")
     assert (fast.jobs / job / "wait").read_text() == "success\n"
     assert xattr(fast.uploads / "held.bin", "error") == ""
     assert (fast.uploads / "held.bin").read_bytes() == data
