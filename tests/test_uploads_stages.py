@@ -578,6 +578,20 @@ async def test_recovery_a_path_whose_inode_changed_is_a_new_file(db, store, path
     assert (adopted.rel, adopted.ino, adopted.present) == (b"a", st_new.st_ino, 9)
 
 
+async def test_recovery_never_moves_a_row_onto_a_temporary_name(db, store, paths):
+    """The row's file was removed and its inode reused by an rsync temp file before
+    the removal reached the database (found by the crash soak: the temp file was then
+    imported under the old task). A task never moves to a temporary name, so the row
+    is forgotten and the temp file stays what it is: not an upload."""
+    st = write(store / "d" / ".s1.myK84B", b"t" * 10)
+    [row] = await stored_rows(db, [Task(rel=b"d/s1", state=State.COMPLETE, present=10,
+                                        durable=10, ino=st.st_ino,
+                                        computed={"sha256": "0" * 64})])
+    plan = plan_recovery([row], paths.walk_files(), clean=False, trackable=trackable)
+    assert plan.forgotten == [row] and plan.moved == [] and plan.tasks == []
+    assert plan.ignored == [b"d/.s1.myK84B"]
+
+
 async def test_recovery_rows_without_an_inode_match_by_path(db, store, paths):
     st = write(store / "a", b"p" * 10)
     [row] = await stored_rows(db, [Task(rel=b"a", present=10, durable=10)])

@@ -11,7 +11,9 @@ Design notes
 * **Matching rows to files.** A row belongs to the file at its path when the inode
   agrees (or the row predates inode records); else to the file that now has its inode
   (a rename, or a directory's, whose record never reached the database: without this
-  the file would be a new task and be imported twice); else its file is gone.
+  the file would be a new task and be imported twice), unless that file has a
+  temporary name (then the inode was reused after the row's file was removed); else
+  its file is gone.
 * **Unfinished uploads are cut back** to their durable offset after an unclean stop
   (data first, record second: everything below it was synced), so the size is the
   resume point. Their hashes are dropped: they describe no version now.
@@ -55,7 +57,7 @@ def plan_recovery(rows: list[Task], files: dict[bytes, os.stat_result], *, clean
     """Decide every task's fate at start-up (see the design notes). ``files`` is
     consumed; ``trackable(rel)`` says whether a name can be an upload task."""
     plan = Recovery()
-    for t, st, moved in _match_rows(rows, files):
+    for t, st, moved in _match_rows(rows, files, trackable):
         if st is None:
             plan.forgotten.append(t)
             continue
@@ -88,9 +90,13 @@ def plan_recovery(rows: list[Task], files: dict[bytes, os.stat_result], *, clean
     return plan
 
 
-def _match_rows(rows: list[Task], files: dict[bytes, os.stat_result]):
-    """Yield ``(task, stat, moved)``: ``stat`` None for a row whose file is gone."""
-    by_ino = {st.st_ino: rel for rel, st in files.items()}
+def _match_rows(rows: list[Task], files: dict[bytes, os.stat_result], trackable):
+    """Yield ``(task, stat, moved)``: ``stat`` None for a row whose file is gone.
+
+    A file at a temporary name is never where a task moved to (a rename to such a name
+    ends the task's row): when its inode matches a row, the inode was reused by a new
+    file (an rsync temp file, say) after the row's own file was removed."""
+    by_ino = {st.st_ino: rel for rel, st in files.items() if trackable(rel)}
     unplaced = []
     for t in rows:
         st = files.get(t.rel)
