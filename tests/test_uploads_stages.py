@@ -34,10 +34,11 @@ from fsagent.uploads._recovery import cut_back, fingerprint, plan_recovery
 from fsagent.uploads._space import SpaceAccounting
 from fsagent.uploads._store import TaskTable, load_tasks
 from fsagent.uploads._task import (
-    TRANSITIONS, Event, State, Task, completion_event, next_state,
+    TRANSITIONS, Event, State, Task, next_state,
 )
 from fsagent.uploads._writer import BackingWriter
 from fsagent.uploads._writes import WritePath
+from test_uploads_units import rule  # completion_event with every fact at its default
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -602,13 +603,6 @@ async def test_recovery_rows_without_an_inode_match_by_path(db, store, paths):
 
 
 # -- the task and its table -----------------------------------------------------------------
-
-def rule(**kw):
-    base = dict(writers=0, size=10, declared_size=None, has_client_hash=False,
-                renamed_by_rsync=False, held=False, idle_seconds=0.0, settle_seconds=10.0)
-    base.update(kw)
-    return completion_event(**base)
-
 
 def test_completion_rules_in_order():
     every = dict(has_client_hash=True, renamed_by_rsync=True, idle_seconds=99.0)
