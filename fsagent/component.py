@@ -51,6 +51,10 @@ class JobHandOff(Protocol):
         """Cancel the job if it is still pending and not running; True if it was."""
         ...
 
+    async def wait_job(self, job_id: str) -> str | None:
+        """Wait until the job has ended; its final state word (None: no such job)."""
+        ...
+
     def job_state(self, job_id: str) -> str | None:
         """The job's state word (``pending`` ... ``cancelled``), None for no such job."""
         ...

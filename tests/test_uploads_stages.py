@@ -94,9 +94,16 @@ class FakeHandOff:
 
     def __init__(self):
         self.jobs: dict[str, str] = {}      # job ID -> state word
+        self.ends: dict[str, str] = {}      # job ID -> how a running job ends
         self.calls: list[tuple[str, str]] = []
 
     def job_state(self, job: str) -> str | None:
+        return self.jobs.get(job)
+
+    async def settled_state(self, job: str) -> str | None:
+        """A running job ends as ``ends[job]`` says (default: it stays running)."""
+        if self.jobs.get(job) == "running" and job in self.ends:
+            self.jobs[job] = self.ends[job]
         return self.jobs.get(job)
 
     async def submit(self, t: Task) -> None:
@@ -822,6 +829,20 @@ async def test_verify_same_bytes_with_a_live_import_keep_it(db, store, paths, nu
     assert s.handoff.calls == []  # no second import of the same version
     assert (t.job, t.job_sha256, t.completed) == ("j1", sha256(data), 1.0)
     assert s.completed() == 0  # each version is counted once
+
+
+async def test_verify_waits_for_a_running_import_before_keeping_it(db, store, paths, nursery):
+    """The import may be checking this very task right now (found not complete, after a
+    crash's recheck) and fail: the verdict decides, so the version is not left with a
+    failed import (found by the crash soak, seed 9002)."""
+    s = Stage(db, paths, nursery)
+    data = b"same bytes"
+    t = s.tasks.add(verifying(store, "a.bin", data, job="j1", job_sha256=sha256(data)))
+    s.handoff.jobs["j1"], s.handoff.ends["j1"] = "running", "failure"
+    await s.completion.verify(t, t.generation)
+    assert t.state is State.COMPLETE
+    assert [c for c in s.handoff.calls if c[0] == "submit"] == [("submit", t.job)]
+    assert t.job != "j1"
 
 
 @pytest.mark.parametrize("job_state", ["failure", "cancelled"])

@@ -65,6 +65,14 @@ class JobsComponent(Component):
         follows (staged with the upload's own record)."""
         stage_manifest_move(self.agent.db, task, job_id, path)
 
+    async def wait_job(self, job_id: str) -> str | None:
+        """Wait until the job has ended; its final state word, None if there is no such
+        job. A shutdown ends the wait with ``ShuttingDown``."""
+        try:
+            return (await self.engine.wait(job_id)).value
+        except NoSuchJob:
+            return None
+
     def job_state(self, job_id: str) -> str | None:
         """The job's state word (``pending`` ... ``cancelled``), None if there is no such
         job (never submitted, or evicted from the history)."""

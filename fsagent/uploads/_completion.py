@@ -17,7 +17,8 @@ Design notes
   with the SHA-256 their import was for (a recheck, a hash declared late, a file
   opened for writing and closed unchanged) keep that import, unless it failed or was
   cancelled; other bytes cancel it if it has not started and get their own
-  (``_handoff.py``).
+  (``_handoff.py``). An import that is running while its upload is re-verified may be
+  looking at the upload (not complete yet) and fail: its verdict is awaited first.
 * **Shown once durable.** ``complete`` is shown (xattrs, ``uploads.json``) only once
   the task's record says so on disk (``Task.shown``): the hand-off's commit of the
   import job carries it, so no fsync is added; until then the task shows
@@ -188,8 +189,14 @@ class Completion:
                              f"({source}), got {actual}")
                 return
         old_job = t.job
-        same_version = (old_job is not None and t.job_sha256 == digests["sha256"]
-                        and self._handoff.job_state(old_job) not in _DEAD_IMPORT)
+        same_version = old_job is not None and t.job_sha256 == digests["sha256"]
+        if same_version:
+            # A running import may be looking at this task (not complete yet) and about
+            # to fail: wait for its verdict, then decide (no await after this).
+            await self._handoff.settled_state(old_job)
+            if not self._current(t, generation):
+                return
+            same_version = self._handoff.job_state(old_job) not in _DEAD_IMPORT
         t.error = None
         t.fingerprint = proof
         t.apply(Event.VERIFIED)

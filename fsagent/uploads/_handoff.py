@@ -65,6 +65,18 @@ class ImportHandOff:
         jobs = self._jobs()
         return None if jobs is None else jobs.job_state(job)
 
+    async def settled_state(self, job: str) -> str | None:
+        """The job's state once it is not running: a running import may be checking
+        its upload right now, and only its verdict says whether it imported it."""
+        state = self.job_state(job)
+        if state != "running":
+            return state
+        jobs = self._jobs()
+        try:
+            return await jobs.wait_job(job)
+        except Exception:  # the agent is stopping: undecided, as if still running
+            return state
+
     def moved(self, t: Task) -> None:
         """``t`` has a new path: its import's manifest row follows (staged)."""
         jobs = self._jobs()
