@@ -525,12 +525,9 @@ class Worker:
         def ack(_):
             lin.truncate(size)
             model.became(lin.content)
-
-        def maybe():
-            lin.truncate(size)
-            lin.uncertain = True
         self.step(f"truncate({lin.path}, {size})",
-                  lambda: os.truncate(self.up / lin.path, size), ack, maybe)
+                  lambda: os.truncate(self.up / lin.path, size), ack,
+                  lambda: _truncated_maybe(lin, size))
 
     def _new_size(self, lin: Lineage) -> int:
         size = len(lin.content)
@@ -547,11 +544,8 @@ class Worker:
                           lambda _: lin.touch(), lambda: _mark(lin))
         size = self._new_size(lin)
 
-        def maybe():
-            lin.truncate(size)
-            lin.uncertain = True
         self.step(f"ftruncate({lin.path}, {size})", lambda: os.ftruncate(fd, size),
-                  lambda _: lin.truncate(size), maybe)
+                  lambda _: lin.truncate(size), lambda: _truncated_maybe(lin, size))
         if self.rng.random() < 0.4:
             self._write_chunks(fd, lin, len(lin.content), os.urandom(self.rng.randint(1, 9000)))
         self.close_fd(fd, f"close({lin.path})")
@@ -844,13 +838,19 @@ class Worker:
                     if self.rs.ops_done == self.rs.trigger_after:
                         self.rs.triggered.set()
         except Stopped:
-            pass
+            return  # the round is over (the agent was stopped): this worker is done
         except Exception:
             with self.model.lock:
                 self.rs.violations.append(f"worker {self.name} crashed:\n"
                                           f"{traceback.format_exc()}")
         finally:
             self.close_all()
+
+
+def _truncated_maybe(lin: Lineage, size: int) -> None:
+    """A truncate whose outcome the stop left unknown: either size is allowed."""
+    lin.truncate(size)
+    lin.uncertain = True
 
 
 def _mark(lin: Lineage) -> None:

@@ -280,8 +280,7 @@ def _append(agent, tmp_path, old):
 
 def _rewrite_as_empty(agent, tmp_path, old):
     def op():
-        with open(agent.uploads / "f", "wb"):
-            pass
+        os.close(os.open(agent.uploads / "f", os.O_WRONLY | os.O_TRUNC))  # rewrite as empty
     return op, [b""], 0
 
 

@@ -115,7 +115,6 @@ class Import(Kind):
                             f"{spec['size']} when its upload was verified")
         mtime_ns = st.st_mtime_ns if path != spec["path"] else spec["mtime_ns"]
         command = ctx.config.import_command
-        spec = ctx.spec = {**spec, "path": path}
         row = (path, spec["size"], spec["sha256"], mtime_ns, spec["task"], ctx.job_id)
         # Staged right after the last ``_current_path`` (no await between): a rename of
         # the upload from now on is staged after this row and moves it (uploads keeps

@@ -26,6 +26,7 @@ Design notes
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -233,7 +234,7 @@ class UploadsComponent(Component):
         try:
             await self.agent.to_thread(os.fdatasync, handle.fd)
         except OSError as e:
-            raise FUSEError(e.errno or 5) from None
+            raise FUSEError(e.errno or errno.EIO) from None
         if t is not None and t.tracked and not t.ended:
             self.checkpoints.synced(t, size, shrinks)
             await self._flush()
