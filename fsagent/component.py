@@ -42,9 +42,12 @@ class JobHandOff(Protocol):
     """The job engine's verbs other capabilities may call (``host.jobs``)."""
 
     async def submit(self, kind: str, spec: dict[str, Any], *, priority: int = 0,
-                     owner_uid: int | None = None, job_id: str | None = None) -> str:
+                     owner_uid: int | None = None, job_id: str | None = None,
+                     stage_with: Callable[[], None] | None = None) -> str:
         """Queue a job; returns its ID once the job is durable (``job_id`` picks the ID;
-        default: a new UUID). Raises on a refused spec or an existing ID."""
+        default: a new UUID). Raises on a refused spec or an existing ID. ``stage_with``
+        runs once the spec is valid, just before the job's row is staged with no await
+        between: what it stages is durable with the job or not at all."""
         ...
 
     async def cancel_if_not_started(self, job_id: str) -> bool:
@@ -57,6 +60,17 @@ class JobHandOff(Protocol):
 
     def job_state(self, job_id: str) -> str | None:
         """The job's state word (``pending`` ... ``cancelled``), None for no such job."""
+        ...
+
+    def import_state(self, job_id: str, task: str) -> str | None:
+        """Like ``job_state``, but ``skipped`` when the import ``job_id`` ended without
+        importing upload ``task`` (it was changed or gone when the job ran)."""
+        ...
+
+    async def release_import(self, job_id: str, task: str) -> None:
+        """Upload ``task`` leaves import ``job_id`` (removed, or other bytes now): the
+        job is cancelled if it has not started and has no other file; otherwise its run
+        skips the upload."""
         ...
 
     def import_moved(self, task: str, job_id: str, path: str) -> None:

@@ -224,10 +224,25 @@ SETTINGS: tuple[Setting, ...] = (
             "integer"),
     Setting("job_ttl", _number_at_least(1), 7 * 24 * 3600.0, "Seconds a finished job and its "
             "outputs are kept after it finished.", "seconds"),
-    Setting("import_command", _argv, [], "Run for each import job after the file is recorded "
-            "in the manifest: an argv list (no shell) where `{path}`, `{sha256}` and `{task}` "
-            "are replaced; its output goes to the job's log and exit status 0 means success. "
-            "Empty: record only.", "argv"),
+    Setting("import_command", _argv, [], "Run by each import job after its files are "
+            "recorded in the manifest: an argv list (no shell). With `{fileset}` (the path of "
+            "the job's `fileset.json`) or `{root}` in it, it runs once per fileset; otherwise "
+            "once per file, with `{path}`, `{sha256}` and `{task}` replaced. Its output goes "
+            "to the job's log and exit status 0 means success. Empty: record only.", "argv"),
+    Setting("import_grouping", _choice("directory", "manifest", "file"), "directory",
+            "How verified uploads are grouped into filesets, one import job each: "
+            "`directory` (uploads completed in one directory within "
+            "`fileset_quiet_seconds` of each other), `manifest` (the files a checksum "
+            "manifest lists, once all are verified) or `file` (one job per file).", "string"),
+    Setting("fileset_quiet_seconds", _number_at_least(0), 1.0, "`directory` grouping: a "
+            "directory's fileset is imported once no upload in it has completed for this "
+            "long.", "seconds"),
+    Setting("fileset_max_files", _int_at_least(1), 1000, "A fileset being collected is "
+            "imported at once when it has this many files (the next ones start another).",
+            "integer"),
+    Setting("fileset_max_bytes", _int_at_least(1), 100 * 2**30, "A fileset being collected is "
+            "imported at once when its files total this many bytes.",
+            "bytes"),
     Setting("metrics_listen", _optional_listen, None, "Also serve `MOUNT/metrics` over "
             "HTTP at `http://HOST:PORT/metrics` (e.g. `127.0.0.1:9464`; port 0 picks a free "
             "one, shown in `status`). Unset: no listener.", "HOST:PORT"),
@@ -306,6 +321,10 @@ class Config:
     job_history: int = 1000
     job_ttl: float = 7 * 24 * 3600.0
     import_command: tuple[str, ...] = ()
+    import_grouping: str = "directory"
+    fileset_quiet_seconds: float = 1.0
+    fileset_max_files: int = 1000
+    fileset_max_bytes: int = 100 * 2**30
     config_file: Path | None = None
 
     @property

@@ -74,7 +74,8 @@ from pathlib import Path
 from conftest import AgentProcess
 from fsagent.service.mountpoint import abort_connection
 from integrity_util import (import_jobs, import_problems, job_state, look, manifest,
-                            manifest_problems, sha256_bytes, spec_of, task_attrs)
+                            manifest_problems, members_of, sha256_bytes, skipped_by,
+                            task_attrs)
 
 # -- candidates: what a file may hold after a crash -----------------------------------------
 
@@ -946,7 +947,10 @@ class Run:
                 f"db_flush_seconds = {r.choice([0.1, 0.5, 2.0])}\n"
                 f"max_concurrent_jobs = {r.choice([1, 2])}\n"
                 f"store_reserve_bytes = 0\nrecent_uploads = 1000000\n"
-                f"job_history = 1000000\nshutdown_timeout = 3\n")
+                f"job_history = 1000000\nshutdown_timeout = 3\n"
+                f"import_grouping = \"{r.choice(['directory', 'directory', 'file'])}\"\n"
+                f"fileset_quiet_seconds = {r.choice([0.1, 0.5])}\n"
+                f"fileset_max_files = {r.choice([2, 1000])}\n")
 
     def source_tree(self, worker: Worker, index: int) -> SourceTree:
         key = (worker.name, index)
@@ -1090,6 +1094,8 @@ class Checker:
             waiting = {rel: a.get("state") for rel, a in states.items() if not _settled(a)}
             jobs = import_jobs(self.agent.mount)
             busy = [j["ID"] for j in jobs if job_state(j) in ("pending", "running")]
+            busy += [f"fileset {f['root']}/ being collected" for f in
+                     json.loads((self.agent.mount / "filesets.json").read_text())]
             # Settled = nothing waiting and no import to come, twice 0.5 s apart (an
             # import is submitted a moment after the one before it ended).
             now = (sorted(states.items()), len(jobs))
@@ -1203,12 +1209,13 @@ class Checker:
                 break
             time.sleep(0.2)  # the last job's manifest row commits a moment after its end
         self.problems += problems
-        done = Counter(spec_of(j).get("sha256") for j in jobs if job_state(j) == "success")
+        done = Counter(m["sha256"] for j in jobs if job_state(j) == "success"
+                       for m in members_of(j) if not skipped_by(j, m["task"]))
         for digest, n in done.items():
             if n > self.model.allowance[digest]:
-                which = [(j["ID"][:8], spec_of(j).get("path"), spec_of(j).get("task", "")[:8])
-                         for j in jobs if spec_of(j).get("sha256") == digest
-                         and job_state(j) == "success"]
+                which = [(j["ID"][:8], m.get("path"), m.get("task", "")[:8])
+                         for j in jobs if job_state(j) == "success" for m in members_of(j)
+                         if m.get("sha256") == digest and not skipped_by(j, m["task"])]
                 self.fail(f"sha256 {digest[:16]}: {n} successful imports, but the model saw "
                           f"{self.model.allowance[digest]} version(s) become it: {which}")
         for j in jobs:

@@ -10,8 +10,9 @@ Design notes
   changes state while it is read is looked at again instead of judged half-way.
 * **The import rule** (``import_problems``): a file that is ``complete`` has a
   successful ``import`` job (its ``user.fsagent.job``) whose spec carries this file's
-  task, size and SHA-256, and the manifest holds a row of that job recording that size
-  and hash (its path may be an older name of the file). This is the one definition both
+  task, size and SHA-256 (alone, or as one of a fileset's ``files``) and that did not
+  skip it, and the manifest holds a row of that job and task recording that size and
+  hash (its path may be an older name of the file). This is the one definition both
   the hand-written case tests and the model-based test use.
 """
 
@@ -77,6 +78,37 @@ def spec_of(job: dict) -> dict:
     return spec if isinstance(spec, dict) else {}
 
 
+def spec_member(job: dict, task: str | None) -> dict:
+    """What import ``job`` was asked to import of upload ``task``: ``{"task", "path",
+    "size", "sha256"}`` from a one-file spec or from a fileset's ``files`` ({} if the
+    job does not list the task)."""
+    spec = spec_of(job)
+    if "files" not in spec:
+        return spec if spec.get("task") == task else {}
+    for entry in spec["files"]:
+        if entry[0] == task:
+            return dict(zip(("task", "path", "size", "sha256", "mtime_ns"), entry))
+    return {}
+
+
+def members_of(job: dict) -> list[dict]:
+    """Every file import ``job`` lists, as ``{"task", "path", "size", "sha256"}``."""
+    spec = spec_of(job)
+    if "files" not in spec:
+        return [spec] if spec else []
+    return [dict(zip(("task", "path", "size", "sha256", "mtime_ns"), e)) for e in spec["files"]]
+
+
+def jobs_listing(found: list[dict], digest: str) -> list[dict]:
+    """The import jobs among ``found`` that list a file of SHA-256 ``digest``."""
+    return [j for j in found if any(m.get("sha256") == digest for m in members_of(j))]
+
+
+def skipped_by(job: dict, task: str | None) -> bool:
+    """A fileset's import that ran without importing ``task`` (changed or gone)."""
+    return task in ((job.get("Content") or {}).get("Skipped") or ())
+
+
 def manifest(state_dir: Path) -> dict[str, tuple]:
     """``path -> (size, sha256, task, job_id)`` from the manifest table."""
     db = state_dir / "fsagent.db"
@@ -89,7 +121,10 @@ def manifest(state_dir: Path) -> dict[str, tuple]:
 
 
 def imports_finished(mount: Path) -> list[dict] | None:
-    """The import jobs, once none is pending or running (else None)."""
+    """The import jobs, once no fileset is being collected and no import is pending or
+    running (else None)."""
+    if json.loads((mount / "filesets.json").read_text()):
+        return None
     found = import_jobs(mount)
     if any(job_state(j) in ("pending", "running") for j in found):
         return None
@@ -107,19 +142,25 @@ def import_problems(rel: str, attrs: dict[str, str], data: bytes,
     if job is None:
         return [f"{rel}: complete with import job {job_id}, which does not exist"]
     problems = []
-    spec = spec_of(job)
+    task = attrs.get("task")
+    spec = spec_member(job, task)
     if job_state(job) != "success":
         problems.append(f"{rel}: its import job {job_id} is {job_state(job)} "
                         f"({job.get('ErrorCode')} {job.get('ErrorDescription')!r})")
+    if not spec:
+        problems.append(f"{rel}: task {task}, but its import job {job_id} does not list "
+                        "that task")
+        return problems
     if (spec.get("size"), spec.get("sha256")) != (size, digest):
         problems.append(f"{rel}: complete as {size} bytes sha256 {digest}, but its import "
                         f"job {job_id} imported {spec.get('size')} bytes sha256 "
                         f"{spec.get('sha256')}")
-    if spec.get("task") != attrs.get("task"):
-        problems.append(f"{rel}: task {attrs.get('task')}, but its import job {job_id} is "
-                        f"for task {spec.get('task')}")
-    if job_state(job) == "success":
-        mine = [(path, row) for path, row in rows.items() if row[3] == job_id]
+    if job_state(job) == "success" and skipped_by(job, task):
+        problems.append(f"{rel}: complete, but its import job {job_id} skipped it (changed "
+                        "or gone when it ran) and it has no newer import")
+    elif job_state(job) == "success":
+        mine = [(path, row) for path, row in rows.items()
+                if row[3] == job_id and row[2] == task]
         if not mine:
             content = job.get("Content") or {}
             where = content.get("Path", spec.get("path"))
@@ -143,7 +184,7 @@ def manifest_problems(by_id: dict[str, dict], rows: dict[str, tuple]) -> list[st
         job = by_id.get(job_id)
         if job is None:
             continue  # evicted history, or an import from before this state dir's jobs
-        spec = spec_of(job)
+        spec = spec_member(job, task)
         if (spec.get("size"), spec.get("sha256"), spec.get("task")) != (size, digest, task):
             problems.append(f"manifest row {path!r} (job {job_id}) records {size} bytes "
                             f"sha256 {digest} task {task}; the job imported "

@@ -19,8 +19,9 @@ from fsagent.service.mountpoint import abort_connection, is_mount_point
 
 def test_mounts_the_tree(agent):
     assert is_mount_point(agent.mount)
-    assert sorted(os.listdir(agent.mount)) == ["jobs", "jobs.json", "metrics", "status",
-                                               "uploads", "uploads.json"]
+    assert sorted(os.listdir(agent.mount)) == ["filesets.json", "jobs", "jobs.json",
+                                               "metrics", "status", "uploads",
+                                               "uploads.json"]
     assert stat.S_ISDIR(os.stat(agent.mount / "uploads").st_mode)
     assert stat.S_ISDIR(os.stat(agent.mount / "jobs").st_mode)
     st = os.stat(agent.mount / "status")
@@ -109,8 +110,9 @@ def test_restart_after_kill9_on_the_same_mount_point(agent):
     assert status["pid"] == agent.proc.pid
     assert status["previous_run_clean"] is False
     assert "stale mount" in agent.log()
-    assert sorted(os.listdir(agent.mount)) == ["jobs", "jobs.json", "metrics", "status",
-                                               "uploads", "uploads.json"]
+    assert sorted(os.listdir(agent.mount)) == ["filesets.json", "jobs", "jobs.json",
+                                               "metrics", "status", "uploads",
+                                               "uploads.json"]
     assert agent.stop() == 0
     agent.start()
     assert agent.status()["previous_run_clean"] is True

@@ -270,7 +270,8 @@ def test_a_blocked_wait_ends_when_the_agent_stops(agent_factory):
 
 @pytest.mark.parametrize("how", ["sigterm", "kill9"])
 def test_restart_with_pending_and_running_jobs(agent_factory, how):
-    agent = agent_factory(config="settle_seconds = 0.3\n" + ONE_AT_A_TIME).start()
+    agent = agent_factory(config="settle_seconds = 0.3\nimport_grouping = \"file\"\n"
+                          + ONE_AT_A_TIME).start()
     # Written through the mount, so the uploads component has them durable: after a
     # kill -9 it cuts back files it never acknowledged (those written behind its back).
     for name in ("done", "run", "pend", "paused"):

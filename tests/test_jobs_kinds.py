@@ -275,9 +275,11 @@ def test_outputs_appear_only_on_success(agent, kind):
 # -- end to end with uploads ------------------------------------------------------------------
 
 
-def test_a_file_copied_into_uploads_is_imported(agent_factory, tmp_path):
+@pytest.mark.parametrize("grouping", ["file", "directory"])
+def test_a_file_copied_into_uploads_is_imported(agent_factory, tmp_path, grouping):
     argv = ["sh", "-c", 'echo "imported $0 $1"', "{path}", "{task}"]
     agent = agent_factory(config=f"settle_seconds = 0.3\n"
+                                 f"import_grouping = \"{grouping}\"\n"
                                  f"import_command = {json.dumps(argv)}\n").start()
     src = tmp_path / "scan-001.tif"
     data = os.urandom(3 << 20)
@@ -297,8 +299,17 @@ def test_a_file_copied_into_uploads_is_imported(agent_factory, tmp_path):
                                                    *manifest(agent)["exp9/scan-001.tif"])
     assert (size, got_sha, job_id) == (len(data), sha, record["ID"])
     assert mtime_ns == (uploads_dir(agent) / path).stat().st_mtime_ns
-    assert info(job)["Content"] == {"Path": path, "Size": len(data), "SHA256": sha,
-                                    "Task": task}
+    if grouping == "file":
+        assert info(job)["Content"] == {"Path": path, "Size": len(data), "SHA256": sha,
+                                        "Task": task}
+        assert info(job)["Outputs"] == []
+    else:  # a fileset of one: its root, counts and fileset.json
+        assert info(job)["Content"] == {"Root": "exp9", "Files": 1, "Bytes": len(data),
+                                        "Imported": 1, "Skipped": []}
+        listing = json.loads(read(job / "outputs" / "fileset.json"))
+        assert listing == {"job": record["ID"], "root": "exp9", "files": [
+            {"path": path, "size": len(data), "sha256": sha, "task": task,
+             "imported": True}]}
     assert f"imported {uploads_dir(agent) / path} {task}" in read(job / "log")
     # and a verify job over the mount agrees with the manifest
     ver = submit(agent, "ver", {"type": "verify", "paths": ["exp9"]})

@@ -30,8 +30,8 @@ def test_with_allow_other_another_user_reads_status(shared_dir, agent_factory, o
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["pid"] == agent.proc.pid
     listing = other_user.run("ls", str(agent.mount))
-    assert listing.stdout.split() == ["jobs", "jobs.json", "metrics", "status", "uploads",
-                                      "uploads.json"]
+    assert listing.stdout.split() == ["filesets.json", "jobs", "jobs.json", "metrics",
+                                      "status", "uploads", "uploads.json"]
     assert other_user.run("head", "-c1", str(agent.mount / "metrics")).stdout == "#"
     # default_permissions: the kernel enforces modes, so status (0444) is not writable.
     write = other_user.run("sh", "-c", f"echo x > {agent.mount / 'status'}")

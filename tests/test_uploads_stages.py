@@ -90,12 +90,14 @@ class Disk:
 
 class FakeHandOff:
     """In place of ``ImportHandOff`` and the engine behind it: records the submits and
-    cancels completion makes, and answers ``job_state`` from ``jobs``."""
+    releases completion makes, and answers ``job_state``/``import_state`` from ``jobs``
+    (``skipped``: a fileset's import that ran without importing the task)."""
 
     def __init__(self):
         self.jobs: dict[str, str] = {}      # job ID -> state word
         self.ends: dict[str, str] = {}      # job ID -> how a running job ends
         self.calls: list[tuple[str, str]] = []
+        self.skipped: set[tuple[str, str]] = set()   # (job, task): ran without importing it
 
     def job_state(self, job: str) -> str | None:
         return self.jobs.get(job)
@@ -112,8 +114,13 @@ class FakeHandOff:
         self.jobs[job] = "queued"
         self.calls.append(("submit", job))
 
-    async def cancel(self, job: str) -> None:
-        self.calls.append(("cancel", job))
+    def import_state(self, job: str, t: Task) -> str | None:
+        if (job, t.task_id) in self.skipped:
+            return "skipped"
+        return self.jobs.get(job)
+
+    async def release(self, job: str, t: Task) -> None:
+        self.calls.append(("release", job))
 
     def moved(self, t: Task) -> None:
         self.calls.append(("moved", t.task_id))
@@ -859,7 +866,23 @@ async def test_verify_same_bytes_whose_import_died_get_a_new_one(db, store, path
     assert t.job_sha256 == sha256(data) and s.completed() == 1
 
 
-async def test_verify_other_bytes_cancel_the_old_import_then_submit(db, store, paths, nursery):
+async def test_verify_same_bytes_a_fileset_import_skipped_get_a_new_one(db, store, paths,
+                                                                        nursery):
+    """The fileset's import succeeded but ran while this upload was being rewritten (with
+    the same bytes) and skipped it: that version was not imported, so it gets an import."""
+    s = Stage(db, paths, nursery)
+    data = b"same bytes"
+    t = s.tasks.add(verifying(store, "a.bin", data, job="j1", job_sha256=sha256(data)))
+    s.handoff.jobs["j1"] = "success"
+    s.handoff.skipped.add(("j1", t.task_id))
+    await s.completion.verify(t, t.generation)
+    assert t.state is State.COMPLETE
+    assert [c for c in s.handoff.calls if c[0] == "submit"] == [("submit", t.job)]
+    assert t.job != "j1" and t.job_sha256 == sha256(data)
+
+
+async def test_verify_other_bytes_release_the_old_import_then_submit(db, store, paths,
+                                                                     nursery):
     s = Stage(db, paths, nursery)
     data = b"new version"
     t = s.tasks.add(verifying(store, "a.bin", data, job="j1",
@@ -867,7 +890,7 @@ async def test_verify_other_bytes_cancel_the_old_import_then_submit(db, store, p
     s.handoff.jobs["j1"] = "queued"
     await s.completion.verify(t, t.generation)
     assert t.state is State.COMPLETE
-    assert s.handoff.calls == [("cancel", "j1"), ("submit", "job-1")]
+    assert s.handoff.calls == [("release", "j1"), ("submit", "job-1")]
     assert t.job == "job-1" and t.job_sha256 == sha256(data)
 
 
@@ -1016,7 +1039,7 @@ async def test_names_a_temp_file_renamed_into_place_is_named_and_unlink_ends_it(
     await names.unlinked(b"f.bin")
     assert finished.ended and s.tasks.get(b"f.bin") is None
     assert names.was_removed(finished.task_id)
-    assert s.handoff.calls == [("cancel", "j1")]
+    assert s.handoff.calls == [("release", "j1")]
     assert not cp.pending_consideration(finished)
     await db.flush()
     assert await committed_row(db, finished) is None

@@ -5,7 +5,8 @@ Public surface:
 * ``JobsComponent`` — the agent component named ``"jobs"``: ``MOUNT/jobs/`` and
   ``MOUNT/jobs.json``, the scheduler task, the ``jobs`` section of ``status``, the
   ``Jobs.*`` RPC methods, and the hand-off verbs the uploads component calls
-  (``submit``, ``cancel_if_not_started``, ``job_state``, ``import_moved``).
+  (``submit``, ``cancel_if_not_started``, ``job_state``, ``import_state``,
+  ``release_import``, ``import_moved``, ``wait_job``).
 * ``State``, ``IllegalMove``, ``UnknownVerb``, ``TRANSITIONS`` — the state machine.
 * ``KINDS`` — the registry of job kinds (``import``, ``archive``, ``verify``).
 * ``add_jobs_commands`` — ``fsagent jobs ...`` (over RPC).
@@ -31,7 +32,7 @@ from ._engine import (
     BadSpec, Engine, JobExists, JobNotFinished, NoSuchJob, ShuttingDown, valid_job_name,
 )
 from ._cli import add_jobs_commands
-from ._import import stage_manifest_move
+from ._import import import_tasks, stage_manifest_move
 from ._kinds import KINDS
 from ._nodes import JobsDirectory, render_jobs_json
 from ._states import TRANSITIONS, IllegalMove, State, UnknownVerb
@@ -53,9 +54,10 @@ class JobsComponent(Component):
     # -- the hand-off contract with uploads ----------------------------------------------
 
     async def submit(self, kind: str, spec: dict[str, Any], *, priority: int = 0,
-                     owner_uid: int | None = None, job_id: str | None = None) -> str:
+                     owner_uid: int | None = None, job_id: str | None = None,
+                     stage_with=None) -> str:
         return await self.engine.submit(kind, spec, priority=priority, owner_uid=owner_uid,
-                                        job_id=job_id)
+                                        job_id=job_id, stage_with=stage_with)
 
     async def cancel_if_not_started(self, job_id: str) -> bool:
         return await self.engine.cancel_if_not_started(job_id)
@@ -78,6 +80,25 @@ class JobsComponent(Component):
         job (never submitted, or evicted from the history)."""
         job = self.engine.jobs.get(job_id)
         return None if job is None else job.state.value
+
+    def import_state(self, job_id: str, task: str) -> str | None:
+        """The job's state word, or ``skipped`` if it succeeded without importing upload
+        ``task`` (see ``_import.py``); None if there is no such job."""
+        job = self.engine.jobs.get(job_id)
+        if job is None:
+            return None
+        if job.state is State.SUCCESS and task in job.content.get("Skipped", ()):
+            return "skipped"
+        return job.state.value
+
+    async def release_import(self, job_id: str, task: str) -> None:
+        """Upload ``task`` leaves import ``job_id``: a job that has not started and
+        imports nothing else is cancelled; any other skips the upload when it runs."""
+        job = self.engine.jobs.get(job_id)
+        if job is None or job.kind != "import":
+            return
+        if import_tasks(job.spec) <= {task}:
+            await self.engine.cancel_if_not_started(job_id)
 
     # -- component hooks -------------------------------------------------------------------
 

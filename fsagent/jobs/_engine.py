@@ -50,6 +50,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -311,8 +312,13 @@ class Engine:
     # -- verbs (the one code path for each) --------------------------------------------
 
     async def submit(self, kind: str, spec: dict[str, Any], *, priority: int = 0,
-                     owner_uid: int | None = None, job_id: str | None = None) -> str:
-        """Validate and queue a job; returns its ID once the job is durable."""
+                     owner_uid: int | None = None, job_id: str | None = None,
+                     stage_with: Callable[[], None] | None = None) -> str:
+        """Validate and queue a job; returns its ID once the job is durable.
+
+        ``stage_with`` is called once the spec is valid, right before the job's row is
+        staged, with no await between: what it stages commits in the job's transaction
+        (the uploads hand-off records the job on its uploads that way)."""
         if kind not in KINDS:
             raise BadSpec(f"unknown job type {kind!r}; known: {', '.join(sorted(KINDS))}")
         if not isinstance(spec, dict):
@@ -338,6 +344,8 @@ class Engine:
                   message="queued")
         self.jobs[job_id] = job
         try:
+            if stage_with is not None:
+                stage_with()
             # Shielded: a cancel (the agent stopping) must not leave us unsure whether the
             # job is durable. Another flush may commit its row before ours runs, so once
             # it is staged only a failed commit means "not submitted" (the uploads

@@ -16,7 +16,8 @@ Design notes
 * **One version, one import.** A version is its bytes. Bytes that come back complete
   with the SHA-256 their import was for (a recheck, a hash declared late, a file
   opened for writing and closed unchanged) keep that import, unless it failed or was
-  cancelled; other bytes cancel it if it has not started and get their own
+  cancelled, or skipped this upload (a fileset's import); other bytes release it (it is
+  cancelled if it has not started and had no other file) and get their own
   (``_handoff.py``). An import that is running while its upload is re-verified may be
   looking at the upload (not complete yet) and fail: its verdict is awaited first.
 * **Shown once durable.** ``complete`` is shown (xattrs, ``uploads.json``) only once
@@ -42,7 +43,7 @@ import trio
 
 from ..longpaths import BackingTree
 from ._checkpoints import drain
-from ._handoff import ImportHandOff
+from ._handoff import ImportHandOff, read_small
 from ._hashing import hash_file
 from ._manifests import manifest_kind, manifest_names_for, parse_manifest
 from ._recovery import fingerprint
@@ -55,11 +56,11 @@ __all__ = ["Completion"]
 # operators grep and alert on these lines ("upload complete: ...").
 log = logging.getLogger("fsagent.uploads._component")
 
-MANIFEST_LIMIT = 16 * 2**20    # bigger "manifests" are not manifests
 # An import that ended in these did not import its version: the same bytes coming back
-# complete get a new one. Any other state, or none (evicted from the job history: it
-# ran long ago), means the version has its import.
-_DEAD_IMPORT = {"failure", "cancelled"}
+# complete get a new one ("skipped": a fileset's import that found this upload changed
+# or gone). Any other state, or none (evicted from the job history: it ran long ago),
+# means the version has its import.
+_DEAD_IMPORT = {"failure", "cancelled", "skipped"}
 
 
 class Completion:
@@ -196,7 +197,7 @@ class Completion:
             await self._handoff.settled_state(old_job)
             if not self._current(t, generation):
                 return
-            same_version = self._handoff.job_state(old_job) not in _DEAD_IMPORT
+            same_version = self._handoff.import_state(old_job, t) not in _DEAD_IMPORT
         t.error = None
         t.fingerprint = proof
         t.apply(Event.VERIFIED)
@@ -213,7 +214,7 @@ class Completion:
                  t.computed["sha256"])
         if not same_version:
             if old_job is not None:
-                await self._handoff.cancel(old_job)  # it would import bytes that are gone
+                await self._handoff.release(old_job, t)  # its bytes are gone
             await self._handoff.submit(t)
         await self._commit_complete(t, generation, mark)
 
@@ -270,7 +271,7 @@ class Completion:
         algorithm, subject = kind
         rel = directory + b"/" + name if directory else name
         try:
-            content = await self._to_thread(_read_small, self._paths, rel)
+            content = await self._to_thread(read_small, self._paths, rel)
         except OSError:
             return
         for target in parse_manifest(content, algorithm, subject):
@@ -285,17 +286,12 @@ def _hash_file(paths: BackingTree, rel: bytes, algorithms: list[str]) -> dict[st
     return hash_file(paths.open(rel, os.O_RDONLY), algorithms)  # open() takes the fd
 
 
-def _read_small(paths: BackingTree, rel: bytes) -> bytes:
-    with open(paths.open(rel, os.O_RDONLY), "rb") as f:
-        return f.read(MANIFEST_LIMIT)
-
-
 def _read_manifests(paths: BackingTree, directory: bytes,
                     name: bytes) -> list[tuple[str, str, str]]:
     out = []
     for manifest, algorithm in manifest_names_for(name):
         try:
-            content = _read_small(paths, directory + b"/" + manifest if directory else manifest)
+            content = read_small(paths, directory + b"/" + manifest if directory else manifest)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             continue
         kind = manifest_kind(manifest)

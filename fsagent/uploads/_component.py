@@ -95,13 +95,17 @@ class UploadsComponent(Component):
     # -- component hooks ----------------------------------------------------------------
 
     def root_entries(self) -> dict[bytes, Node]:
-        return {b"uploads": self.root, b"uploads.json": DynamicFile(self.render_list)}
+        return {b"uploads": self.root, b"uploads.json": DynamicFile(self.render_list),
+                b"filesets.json": DynamicFile(self.render_filesets)}
 
     def status(self) -> dict[str, Any]:
         states: dict[str, int] = {s.value: 0 for s in State}
         for t in self.tasks.tracked():
             states[t.shown.value] += 1
-        return {"tasks": states, **self.counters, "checkpoints": self.checkpoints.count}
+        collector = self.handoff.collector
+        return {"tasks": states, **self.counters, "checkpoints": self.checkpoints.count,
+                "import_grouping": self.handoff.grouping,
+                "collecting": 0 if collector is None else collector.waiting_count}
 
     def counts(self) -> dict[str, int]:
         receiving = sum(1 for t in self.tasks.tracked() if t.state is State.RECEIVING)
@@ -114,6 +118,7 @@ class UploadsComponent(Component):
             nursery.start_soon(self.checkpoints.run, nursery)
             nursery.start_soon(self.completion.settler)
             nursery.start_soon(self.handoff.retrier)
+            nursery.start_soon(self.handoff.collect)
             for t in self.tasks.tracked():
                 if t.state is State.PARTIAL:
                     nursery.start_soon(self._consider, t)
@@ -317,6 +322,15 @@ class UploadsComponent(Component):
         shown = sorted(unfinished, key=lambda t: t.updated)
         shown += done[: self.config.recent_uploads]
         return (json.dumps([t.summary() for t in shown], indent=1) + "\n").encode()
+
+    def render_filesets(self) -> bytes:
+        return (json.dumps(self.handoff.filesets(), indent=1) + "\n").encode()
+
+    def rpc_methods(self) -> dict[str, Any]:
+        """``Uploads.filesets``: the filesets being collected, as ``filesets.json``."""
+        async def filesets() -> list[dict]:
+            return self.handoff.filesets()
+        return {"Uploads.filesets": filesets}
 
     # -- start-up -------------------------------------------------------------------------
 

@@ -2,37 +2,51 @@
 
 Design notes
 ------------
-* **One route.** Submitting an import, cancelling one, asking a job's state and
+* **One route.** Submitting an import, releasing one, asking a job's state and
   moving a manifest row after a rename all go through ``ImportHandOff``, which reaches
   the engine through the host's one route (``host.jobs``, ``fsagent/component.py``).
   Nothing else in ``uploads/`` talks to jobs.
-* **Submit**: ``host.jobs.submit("import", {"task", "path", "size", "sha256",
-  "mtime_ns"}, job_id=...)`` with an ID picked and staged on the task first, with no
-  await until the engine stages the job's own row: the database takes writes staged
-  together into one transaction (``fsagent/db.py``), so the job and the task's record
-  of it are durable together or not at all. A crash can never leave a job the upload
-  forgot (imported twice after the restart) nor a job ID that does not exist (never
-  imported). A submit that fails, or is cancelled by a shutdown, takes the ID back.
+* **Filesets.** A complete upload is handed to the fileset collector
+  (``_filesets.py``, by ``import_grouping``), and each fileset it makes ready is
+  submitted as one import job; with ``file`` grouping each upload is submitted at
+  once, alone. Collecting keeps nothing durable: a complete upload without a job is
+  collected again after a restart.
+* **Submit**: ``host.jobs.submit("import", spec, job_id=..., stage_with=...)`` with an
+  ID picked first; the engine validates the spec (its stats in a worker thread), then
+  calls ``stage_with``, which stages the ID on every member, and stages the job's own
+  row with no await between: the database takes writes staged together into one transaction
+  (``fsagent/db.py``), so the job and the members' record of it are durable together or
+  not at all. A crash can never leave a job the uploads forgot (imported twice after
+  the restart) nor a job ID that does not exist (never imported). A submit that
+  fails, or is cancelled by a shutdown, takes the ID back from every member. The spec
+  is ``{"task", "path", "size", "sha256", "mtime_ns"}`` for one file (``file``
+  grouping), else ``{"root", "files": [[task, path, size, sha256, mtime_ns], ...]}``.
 * **Retry**: without a job engine, or when it refuses (its database cannot be written,
-  say), the task stays complete with no job and its ``error`` says why and when the
+  say), the members stay complete with no job and their ``error`` says why and when the
   next try is; tries back off from ``IMPORT_RETRY_FIRST_SECONDS`` doubling up to
   ``IMPORT_RETRY_MAX_SECONDS`` (a refusal that will not go away must not fill the log
   every few seconds forever), and every complete task without a job is handed off at
   start-up. A successful hand-off clears the error.
-* **One version, one import**: ``job_state`` lets completion tell whether a version
+* **One version, one import**: ``import_state`` lets completion tell whether a version
   that comes back complete with the same bytes still has its import (see
-  ``_completion.py``); an import whose version is gone is cancelled if not started.
+  ``_completion.py``): a fileset's import that skipped this upload (it was being
+  rewritten when the import ran) did not import it. An upload that leaves its import
+  (removed, rewritten with other bytes) ``release``-s it: the engine cancels a job that
+  has not started and had no other file; any other import skips it when it runs.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 
 import trio
 
 from ..component import Host
 from ..longpaths import BackingTree
+from ._filesets import Fileset, FilesetCollector
+from ._manifests import manifest_kind, parse_manifest
 from ._store import TaskTable
 from ._task import State, Task
 
@@ -44,6 +58,9 @@ log = logging.getLogger("fsagent.uploads._component")
 
 IMPORT_RETRY_FIRST_SECONDS = 2.0
 IMPORT_RETRY_MAX_SECONDS = 600.0
+MANIFEST_LIMIT = 16 * 2**20    # bigger "manifests" are not manifests
+# Manifest sets are woken by every completion; this is only a safety net.
+MANIFEST_POLL_SECONDS = 5.0
 
 
 class ImportHandOff:
@@ -51,6 +68,13 @@ class ImportHandOff:
         self._agent = agent
         self._tasks = tasks
         self._paths = paths
+        config = agent.config
+        self.grouping = config.import_grouping
+        self.collector = None if self.grouping == "file" else FilesetCollector(
+            self.grouping, quiet_seconds=config.fileset_quiet_seconds,
+            max_files=config.fileset_max_files, max_bytes=config.fileset_max_bytes)
+        self._collected = trio.Event()
+        self._submitting: list[Fileset] = []  # taken from the collector, not yet a job
         self._importing: set[str] = set()
         # task_id -> (trio time of the next attempt, the delay that led to it, the task)
         self._retry: dict[str, tuple[float, float, Task]] = {}
@@ -64,6 +88,12 @@ class ImportHandOff:
         have (never submitted, or evicted from its history long after it ended)."""
         jobs = self._jobs()
         return None if jobs is None else jobs.job_state(job)
+
+    def import_state(self, job: str, t: Task) -> str | None:
+        """Like ``job_state``, but ``skipped`` when ``job`` ended without importing
+        ``t`` (a fileset's import that found it changed or gone)."""
+        jobs = self._jobs()
+        return None if jobs is None else jobs.import_state(job, t.task_id)
 
     async def settled_state(self, job: str) -> str | None:
         """The job's state once it is not running: a running import may be checking
@@ -83,53 +113,138 @@ class ImportHandOff:
         if t.job is not None and jobs is not None:
             jobs.import_moved(t.task_id, t.job, t.path)
 
-    async def cancel(self, job: str) -> None:
-        """Cancel an import that has not started (its upload was removed or rewritten)."""
+    async def release(self, job: str, t: Task) -> None:
+        """``t`` (removed, or rewritten with other bytes) leaves import ``job``."""
         jobs = self._jobs()
         if jobs is None:
             return
         try:
-            await jobs.cancel_if_not_started(job)
+            await jobs.release_import(job, t.task_id)
         except Exception:
-            log.exception("cancelling import job %s failed", job)
+            log.exception("releasing %s from import job %s failed", t.path, job)
+
+    # -- collecting --------------------------------------------------------------------
 
     async def submit(self, t: Task) -> None:
-        """Hand complete upload ``t`` to the job engine (see the design notes)."""
+        """Complete upload ``t`` goes to its fileset (or, ``file`` grouping, straight to
+        the job engine). Returns before the fileset is imported."""
         if t.job or t.task_id in self._importing or t.state is not State.COMPLETE:
             return
-        if self._jobs() is None:
-            self._failed(t, "there is no job engine")
+        if self.collector is None:
+            await self._submit_set([t], None)
             return
-        self._importing.add(t.task_id)
-        job = str(uuid.uuid4())
-        error_before = t.error
-        t.job, t.job_sha256, t.error = job, t.computed["sha256"], None
-        # No await from here to the engine staging the job's row (see the design notes).
-        self._tasks.save(t)
+        self.collector.add(t, trio.current_time())
+        if self.collector.is_manifest(t):
+            await self._read_listing(t)
+        self._collected.set()
+
+    async def _read_listing(self, t: Task) -> None:
+        generation = t.generation
+        directory, _, name = t.rel.rpartition(b"/")
+        algorithm, subject = manifest_kind(name)
         try:
-            st = self._paths.lstat(t.rel)
-            spec = {"task": t.task_id, "path": t.path, "size": t.present,
-                    "sha256": t.computed["sha256"], "mtime_ns": st.st_mtime_ns}
-            # The import belongs to whoever owns the file: they may cancel or re-prioritise it.
-            await self._jobs().submit("import", spec, owner_uid=st.st_uid, job_id=job)
+            content = await self._agent.to_thread(read_small, self._paths, t.rel)
+        except OSError as e:
+            log.warning("reading manifest %s: %s", t.path, e.strerror)
+            content = b""
+        if t.generation != generation or t.state is not State.COMPLETE or t.job or t.ended:
+            return  # changed meanwhile: its next completion reads it again
+        names = parse_manifest(content, algorithm, subject)
+        listed = [directory + b"/" + n if directory else n for n in names]
+        self.collector.listing(t, listed, trio.current_time())
+
+    def filesets(self) -> list[dict]:
+        """The filesets being collected (``filesets.json``)."""
+        if self.collector is None:
+            return []
+        return self.collector.view(trio.current_time(), self._tasks.get, self._submitting)
+
+    async def collect(self) -> None:
+        """Submit each fileset as the collector makes it ready."""
+        if self.collector is None:
+            return
+        while True:
+            self._collected = trio.Event()
+            ready = self.collector.take_ready(trio.current_time(), self._tasks.get)
+            self._submitting.extend(ready)
+            for fileset in ready:
+                try:
+                    await self._submit_set(fileset.usable_members(), fileset)
+                finally:
+                    self._submitting.remove(fileset)
+            due = self.collector.next_due()
+            if due is None:
+                due = trio.current_time() + MANIFEST_POLL_SECONDS
+            with trio.move_on_at(due):
+                await self._collected.wait()
+
+    # -- submitting ----------------------------------------------------------------------
+
+    async def _submit_set(self, members: list[Task], fileset: Fileset | None) -> None:
+        """Hand ``members`` (one import job) to the job engine (see the design notes)."""
+        members = [t for t in members if not t.job and t.task_id not in self._importing
+                   and t.state is State.COMPLETE and t.tracked and not t.ended]
+        if not members:
+            return
+        if self._jobs() is None:
+            for t in members:
+                self._failed(t, "there is no job engine")
+            return
+        job = str(uuid.uuid4())
+        before = [(t, t.job, t.job_sha256, t.error) for t in members]
+        for t in members:
+            self._importing.add(t.task_id)
+
+        versions = {t.task_id: t.computed["sha256"] for t in members}
+
+        def record_job() -> None:
+            # Called by the engine once the spec is valid, right before it stages the
+            # job's row (no await between): members and job commit together. A member
+            # changed during the validation keeps no job: the run skips it, and its new
+            # version gets its own import.
+            for t in members:
+                if (t.state is State.COMPLETE and not t.ended and not t.job
+                        and t.computed.get("sha256") == versions[t.task_id]):
+                    t.job, t.job_sha256, t.error = job, versions[t.task_id], None
+                    self._tasks.save(t)
+
+        try:
+            st = self._paths.lstat(members[0].rel)
+            if fileset is None:
+                spec = _file_spec(members[0], st)
+            else:
+                spec = {"root": os.fsdecode(fileset.root),
+                        "files": [_file_entry(t, self._paths) for t in members]}
+            # The import belongs to whoever owns the files: they may cancel or re-prioritise it.
+            await self._jobs().submit("import", spec, owner_uid=st.st_uid, job_id=job,
+                                      stage_with=record_job)
         except BaseException as e:
-            # Not submitted (refused, failed, or cancelled by a shutdown): the task must
-            # not name a job that does not exist, or the version would never be imported.
-            t.job, t.job_sha256, t.error = None, None, error_before
-            self._tasks.save(t)
+            # Not submitted (refused, failed, or cancelled by a shutdown): no member may
+            # name a job that does not exist, or its version would never be imported.
+            for t, job_before, sha_before, error_before in before:
+                if t.job == job:
+                    t.job, t.job_sha256, t.error = job_before, sha_before, error_before
+                    self._tasks.save(t)
             if not isinstance(e, Exception):
                 raise
-            if t.task_id not in self._retry:
-                log.exception("handing %s to the job engine failed", t.path)
-            self._failed(t, f"{type(e).__name__}: {e}")
+            if not any(t.task_id in self._retry for t in members):
+                log.exception("handing %d upload(s) to the job engine failed (%s ...)",
+                              len(members), members[0].path)
+            for t in members:
+                self._failed(t, f"{type(e).__name__}: {e}")
             return
         finally:
-            self._importing.discard(t.task_id)
-        if t.ended:
-            await self.cancel(job)
-            return
-        if self._retry.pop(t.task_id, None) is not None:
-            log.info("upload %s handed to the job engine after earlier failures", t.path)
+            for t in members:
+                self._importing.discard(t.task_id)
+        for t in members:
+            if t.ended and t.job == job:
+                await self.release(job, t)
+            if self._retry.pop(t.task_id, None) is not None:
+                log.info("upload %s handed to the job engine after earlier failures", t.path)
+        if fileset is not None:
+            # DEBUG: the engine logs the job's submission (one line per event, not two).
+            log.debug("fileset %s/ (%d files) handed to import job %s",
+                     os.fsdecode(fileset.root), len(members), job)
 
     def _failed(self, t: Task, reason: str) -> None:
         """Record why the import did not start and when it is tried again."""
@@ -152,10 +267,34 @@ class ImportHandOff:
             with trio.move_on_at(due if due is not None else float("inf")):
                 await self._retry_changed.wait()
             now = trio.current_time()
-            for task_id, (at, _, t) in list(self._retry.items()):
-                if at > now:
-                    continue
+            for task_id, (at, delay, t) in list(self._retry.items()):
                 if t.ended or t.job or t.state is not State.COMPLETE:
                     del self._retry[task_id]  # gone, re-written, or handed off
                     continue
+                if at > now:
+                    continue
+                if self.collector is not None:
+                    # Collected again: its fileset's submit pops this entry, or doubles
+                    # the delay if it fails again; until then it is not due.
+                    self._retry[task_id] = (float("inf"), delay, t)
                 await self.submit(t)
+
+
+def _file_spec(t: Task, st: os.stat_result) -> dict:
+    return {"task": t.task_id, "path": t.path, "size": t.present,
+            "sha256": t.computed["sha256"], "mtime_ns": st.st_mtime_ns}
+
+
+def _file_entry(t: Task, paths: BackingTree) -> list:
+    """One file of a fileset spec; the mtime its verification recorded (no syscall)."""
+    if t.fingerprint is not None:
+        mtime_ns = t.fingerprint[1]
+    else:
+        mtime_ns = paths.lstat(t.rel).st_mtime_ns
+    return [t.task_id, t.path, t.present, t.computed["sha256"], mtime_ns]
+
+
+def read_small(paths: BackingTree, rel: bytes) -> bytes:
+    """A manifest's content (worker thread); bigger "manifests" are not manifests."""
+    with open(paths.open(rel, os.O_RDONLY), "rb") as f:
+        return f.read(MANIFEST_LIMIT)

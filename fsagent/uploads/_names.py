@@ -98,7 +98,7 @@ class Names:
         self._checkpoints.forget(t)
         self._space.writing.discard(t)
         if tracked and job:
-            await self._handoff.cancel(job)
+            await self._handoff.release(job, t)
 
     async def renamed(self, old_rel: bytes, new_rel: bytes, is_dir: bool) -> None:
         if not is_dir:
@@ -122,7 +122,7 @@ class Names:
             t.tracked = False
             self._tasks.forget_row(t)
             if job:
-                await self._handoff.cancel(job)
+                await self._handoff.release(job, t)
         elif not was_tracked and now_tracked:
             await self._named(t, from_rsync=is_temporary_path(old_rel))
         elif was_tracked:
