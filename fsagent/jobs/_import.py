@@ -145,8 +145,8 @@ class Import(Kind):
             argv.append(arg)
         ctx.log(f"running import_command: {argv}")
         ctx.message = f"running {os.path.basename(argv[0])}"
-        log_fd = os.open(ctx.log.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                         0o644)
+        # The lines logged so far are written first, so the output follows them.
+        log_fd = await ctx.to_thread(ctx.log.open_for_append)
         try:
             result = await trio.run_process(argv, stdin=subprocess.DEVNULL, stdout=log_fd,
                                             stderr=subprocess.STDOUT, check=False)
