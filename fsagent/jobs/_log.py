@@ -60,7 +60,6 @@ class JobLogs:
         self.mem = threading.Lock()
         self.io = threading.Lock()
         self._dirty: dict[str, JobLog] = {}   # kept logs with lines not yet written
-        self.written_batches = 0
 
     def new(self, job_id: str, *, on_disk: bool) -> JobLog:
         return JobLog(self, job_id, on_disk=on_disk)
@@ -79,8 +78,6 @@ class JobLogs:
                 batch = [(entry, entry._take()) for entry in dirty.values()]
             for entry, lines in batch:
                 entry._write(lines)
-        if batch:
-            self.written_batches += 1
         return len(batch)
 
     def forget(self, logs: list[JobLog]) -> None:
