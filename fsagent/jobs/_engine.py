@@ -292,9 +292,6 @@ class Engine:
     def outputs_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "outputs"
 
-    def log_path(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / "log"
-
     def log_of(self, job: Job) -> JobLog:
         """The job's log (made on first use: most jobs never have a directory)."""
         if job.log is None:
