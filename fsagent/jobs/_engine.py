@@ -20,15 +20,34 @@ Design notes
   ``db_flush_seconds``), state changes are staged and flushed before the verb
   returns (one transaction, durable). On start, jobs found ``running`` were
   interrupted (stop or crash): they are requeued with a message saying so.
+* **Group commits.** Nothing here costs a transaction of its own: ``Database.flush``
+  lets every flush that arrives while one is being written share the next one. A
+  submit returns once its row is durable (the uploads hand-off relies on it); a
+  run's start is only staged (a crash requeues it either way); a run's end is staged,
+  its slot freed so the next job starts at once, and then made durable, so the ends
+  of many short jobs share transactions. ``wait`` flushes before it answers: nobody
+  is told a job ended before its end is on disk.
+* **A job is cheap** (thousands of small imports): a job has a directory
+  ``STATE/jobs/<id>/`` only when it needs one, i.e. when its kind asks for its
+  outputs directory (``RunContext.outputs_dir``, made on first use) or its log is
+  kept on disk (``_log.py``: lines live in memory and are written in batches, and
+  only some logs are written at all). ``JobLog.on_disk`` is the engine's knowledge of
+  whether a job may have a directory, learnt at start-up from one listing of
+  ``STATE/jobs``; a job without one costs no system call to run, end or evict.
 * **Outputs** live under ``STATE/jobs/<id>/``: ``log``, ``outputs/`` (published by
-  renaming ``outputs.tmp/`` after fsync, only on success). A run starts by clearing
-  both, which is how a retried or requeued kind resets its work.
+  renaming ``outputs.tmp/`` after fsync, only on success, and only if the run made
+  ``outputs.tmp/``). A run of a job that has a directory starts by clearing both
+  output directories (not the log), which is how a retried or requeued kind resets
+  its work.
 * **Observability.** ``_apply`` is where every state change happens, so it is where
   each change is logged (one INFO line: job, kind, from -> to, the error if it failed)
   and where a run's duration is observed (``fsagent_job_duration_seconds{kind,state}``,
   the state the run ended in). ``fsagent_jobs{state,kind}`` is counted at scrape time.
 * **History.** Finished jobs beyond ``job_history`` (newest kept) or older than
   ``job_ttl`` are removed with their directory; only finished jobs are ever evicted.
+  Eviction sorts the finished jobs on the event loop (no system call) and removes the
+  directories of those that have one in a worker thread; directories left by a crash
+  between the two (no job row) are removed in a worker thread at start-up.
 * **Why one module** (it is over 500 lines): the jobs table, the pending heap, the
   active runs and the staged rows are one state with invariants across them (a job is
   in the heap only while pending, has a run only while running, has a row for as long
@@ -46,7 +65,6 @@ import logging
 import os
 import re
 import shutil
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -57,6 +75,7 @@ import trio
 
 from ..component import Host
 from ._kinds import KINDS, JobFailed, KindEnv, RunContext, SpecError, Stopped
+from ._log import JobLog, JobLogs
 from ._states import ErrorCode, IllegalMove, State, next_state
 
 __all__ = ["Engine", "Job", "NoSuchJob", "BadSpec", "JobExists", "JobNotFinished",
@@ -131,6 +150,7 @@ class Job:
     run_started: float | None = None   # monotonic start of the current run
     ctx: RunContext | None = None
     scope: trio.CancelScope | None = None
+    log: JobLog | None = None          # made on first use (``Engine.log_of``)
 
     def effective_runtime(self) -> float:
         extra = time.monotonic() - self.run_started if self.run_started is not None else 0.0
@@ -204,34 +224,14 @@ class Draft:
     message: str = ""
 
 
-class JobLog:
-    """Appends timestamped lines to a job's log file; safe from any thread."""
-
-    _lock = threading.Lock()
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __call__(self, line: str) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
-        with self._lock:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "a", encoding="utf-8", errors="replace") as f:
-                    f.write(f"{stamp} {line.rstrip()}\n")
-            except OSError as e:
-                # A job's log is a convenience: a full or failing disk must not turn
-                # into a failed job or a dead engine. The agent's own log keeps it.
-                log.warning("cannot append to %s (%s): %s", self.path, e.strerror,
-                            line.rstrip())
-
-
 class Engine:
     def __init__(self, agent: Host):
         self.agent = agent
         self.config = agent.config
         self.db = agent.db
         self.jobs_dir: Path = self.config.state_dir / "jobs"
+        self.logs = JobLogs(self.jobs_dir)
+        self._orphan_dirs: list[Path] = []  # found at start-up; removed by ``serve``
         self.jobs: dict[str, Job] = {}
         self.drafts: dict[str, Draft] = {}
         self._seq = 0
@@ -257,10 +257,17 @@ class Engine:
     def load(self) -> None:
         rows = self.db.run_sync(
             lambda conn: conn.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY seq").fetchall())
+        try:
+            with os.scandir(self.jobs_dir) as entries:
+                dirs = {e.name for e in entries}
+        except FileNotFoundError:
+            dirs = set()
         for row in rows:
             job = _job_from_row(row)
             self.jobs[job.id] = job
             self._seq = max(self._seq, job.seq)
+            if job.id in dirs:
+                job.log = self.logs.new(job.id, on_disk=True)
             if job.state is State.RUNNING:
                 job.state = next_state(job.id, "requeue", job.state)
                 job.runtime = round(job.runtime, 3)
@@ -269,10 +276,14 @@ class Engine:
                 log.info("job %s (%s): running -> pending: %s", job.id, job.kind, job.message)
                 job.updated = time.time()
                 self.db.stage(("job", job.id), _UPSERT, job.row())
-                JobLog(self.job_dir(job.id) / "log")(job.message)
+                self._log(job, job.message)
             self._track(job, None)
+        # Left by a crash after an eviction was committed and before its directories
+        # were removed (or by jobs removed from the database by hand).
+        self._orphan_dirs = [self.jobs_dir / name for name in sorted(dirs - set(self.jobs))]
         self.db.flush_sync()
-        log.info("jobs: loaded %d jobs", len(self.jobs))
+        log.info("jobs: loaded %d jobs (%d with a directory)", len(self.jobs),
+                 len(dirs) - len(self._orphan_dirs))
 
     # -- paths -------------------------------------------------------------------------
 
@@ -282,8 +293,16 @@ class Engine:
     def outputs_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "outputs"
 
-    def log_path(self, job_id: str) -> Path:
-        return self.job_dir(job_id) / "log"
+    def log_of(self, job: Job) -> JobLog:
+        """The job's log (made on first use: most jobs never have a directory)."""
+        if job.log is None:
+            job.log = self.logs.new(job.id, on_disk=False)
+        return job.log
+
+    @staticmethod
+    def has_dir(job: Job) -> bool:
+        """Whether the job may have a directory on disk (else it surely has none)."""
+        return job.log is not None and job.log.on_disk
 
     # -- lookups -----------------------------------------------------------------------
 
@@ -403,7 +422,8 @@ class Engine:
             if verb == "retry":
                 job.error_code, job.error_description, job.content = 0, "", {}
                 job.completed = None
-                await self.agent.to_thread(shutil.rmtree, self.outputs_dir(job.id), True)
+                if self.has_dir(job):
+                    await self.agent.to_thread(shutil.rmtree, self.outputs_dir(job.id), True)
                 job.outputs = []
         self._log(job, f"{verb}: {before.value} -> {after.value}")
         await self._persist(job, durable=True)
@@ -509,7 +529,10 @@ class Engine:
             await self.db.flush()
 
     def _log(self, job: Job, line: str) -> None:
-        JobLog(self.log_path(job.id))(line)
+        """A line worth keeping on disk (a control verb, a requeue, a failure)."""
+        entry = self.log_of(job)
+        entry.keep()
+        entry(line)
 
     def _wake(self) -> None:
         self._wakeup.set()
@@ -521,6 +544,9 @@ class Engine:
             nursery.start_soon(self._tick)
             nursery.start_soon(self._stop_runs_on_shutdown)
             nursery.start_soon(self._evict_periodically)
+            if self._orphan_dirs:
+                orphans, self._orphan_dirs = self._orphan_dirs, []
+                nursery.start_soon(self._remove_orphans, orphans)
             task_status.started()
             while True:
                 self._start_ready(nursery)
@@ -553,40 +579,70 @@ class Engine:
             nursery.start_soon(self._run, job)
 
     async def _tick(self) -> None:
-        """Stage the progress of running jobs (coalesced by the database flush)."""
+        """Stage the progress of running jobs (coalesced by the database flush) and
+        write the job log lines waiting to be written (one worker-thread call)."""
         while True:
-            await trio.sleep(max(self.config.db_flush_seconds, 0.2))
+            interval = max(self.config.db_flush_seconds, 0.2)
+            await trio.sleep(interval)
+            started_before = time.monotonic() - interval
             for job in list(self.jobs.values()):
                 if job.state is State.RUNNING:
                     await self._persist(job, durable=False)
+                    if job.run_started is not None and job.run_started < started_before:
+                        # Running for a while: its log is worth having after a crash.
+                        self.log_of(job).keep()
+            await self._write_logs()
+
+    async def _write_logs(self) -> None:
+        if self.logs.pending:
+            await self.agent.to_thread(self.logs.write_pending)
+
+    async def _remove_orphans(self, dirs: list[Path]) -> None:
+        log.info("jobs: removing %d directories of jobs that no longer exist", len(dirs))
+        await self.agent.to_thread(self.logs.remove_dirs, dirs)
 
     async def _run(self, job: Job) -> None:
         try:
-            await self._run_once(job)
+            ended = await self._run_once(job)
         finally:
             self._active.discard(job.id)
             job.ctx = None
             self._wake()
+        if ended:
+            # After the slot is free: the next job starts while this end is written,
+            # and the ends of jobs that finish meanwhile share its transaction.
+            await self._record_end(job)
 
-    async def _run_once(self, job: Job) -> None:
+    async def _run_once(self, job: Job) -> bool:
+        """One run; True if it ended (success or failure) and its end is staged."""
         kind = KINDS[job.kind]
         tmp = self.job_dir(job.id) / "outputs.tmp"
-        try:
-            await self.agent.to_thread(_reset_work_dir, self.job_dir(job.id))
-        except OSError as e:
-            if job.state is State.PENDING:  # else paused or cancelled meanwhile
-                log.error("job %s (%s): cannot prepare %s: %s", job.id, job.kind,
-                          self.job_dir(job.id), e)
-                self._apply(job, "start")
-                await self._finish_failed(job, JobFailed(
-                    ErrorCode.INTERNAL, f"cannot prepare the job's directory: {e}"))
-            return
+        entry = self.log_of(job)
+        if entry.on_disk:
+            # Only a job that may have a directory can have outputs of an earlier run.
+            try:
+                await self.agent.to_thread(_reset_work_dir, self.job_dir(job.id))
+            except OSError as e:
+                if job.state is State.PENDING:  # else paused or cancelled meanwhile
+                    log.error("job %s (%s): cannot prepare %s: %s", job.id, job.kind,
+                              self.job_dir(job.id), e)
+                    self._apply(job, "start")
+                    self._finish_failed(job, JobFailed(
+                        ErrorCode.INTERNAL, f"cannot prepare the job's directory: {e}"))
+                    return True
+                return False
+        if job.state is not State.PENDING:
+            return False  # paused or cancelled before the run began
+
+        def make_outputs_dir() -> Path:
+            entry.keep(made_dir=True)  # the job has a directory now: its log too
+            tmp.mkdir(parents=True, exist_ok=True)
+            return tmp
+
         ctx = RunContext(job_id=job.id, spec=job.spec, config=self.config, db=self.db,
                          owner_uid=job.owner_uid, upload_task=self.agent.upload_task,
-                         outputs_dir=tmp, log=JobLog(self.log_path(job.id)),
+                         make_outputs_dir=make_outputs_dir, log=entry,
                          to_thread=self.agent.to_thread)
-        if job.state is not State.PENDING:
-            return  # paused or cancelled while the work dir was prepared
         self._apply(job, "start")
         job.ctx, job.progress, job.content, job.outputs = ctx, 0, {}, []
         job.error_code, job.error_description, job.message = 0, "", "running"
@@ -616,55 +672,63 @@ class Engine:
 
         if job.state is not State.RUNNING:  # paused or cancelled meanwhile: drop the work
             ctx.log(f"stopped: the job is {job.state.value}")
-            await self.agent.to_thread(shutil.rmtree, tmp, True)
-            return
-        if failure is not None:
-            await self.agent.to_thread(shutil.rmtree, tmp, True)
-            job.content = ctx.content
-            await self._finish_failed(job, failure)
-            return
-        elif finished:
-            try:
-                outputs = await self.agent.to_thread(_publish, tmp, self.outputs_dir(job.id))
-            except OSError as e:
-                log.error("job %s (%s): publishing its outputs failed: %s", job.id, job.kind, e)
+            if ctx.has_outputs_dir:
                 await self.agent.to_thread(shutil.rmtree, tmp, True)
-                await self._finish_failed(job, JobFailed(
-                    ErrorCode.INTERNAL, f"cannot publish the outputs: {e}"))
-                return
-            if job.state is not State.RUNNING:  # cancelled during the publish
-                await self.agent.to_thread(shutil.rmtree, self.outputs_dir(job.id), True)
-                return
+            return False
+        if failure is not None:
+            if ctx.has_outputs_dir:
+                await self.agent.to_thread(shutil.rmtree, tmp, True)
+            job.content = ctx.content
+            self._finish_failed(job, failure)
+            return True
+        elif finished:
+            outputs: list[str] = []
+            if ctx.has_outputs_dir:
+                try:
+                    outputs = await self.agent.to_thread(_publish, tmp,
+                                                         self.outputs_dir(job.id))
+                except OSError as e:
+                    log.error("job %s (%s): publishing its outputs failed: %s", job.id,
+                              job.kind, e)
+                    await self.agent.to_thread(shutil.rmtree, tmp, True)
+                    self._finish_failed(job, JobFailed(
+                        ErrorCode.INTERNAL, f"cannot publish the outputs: {e}"))
+                    return True
+                if job.state is not State.RUNNING:  # cancelled during the publish
+                    await self.agent.to_thread(shutil.rmtree, self.outputs_dir(job.id), True)
+                    return False
             job.content, job.outputs = ctx.content, outputs
             job.error_code, job.error_description = 0, "Success"
             self._apply(job, "succeed")
             job.progress = 100
             job.message = _clean(ctx.message or "done")
             ctx.log(f"success: {job.message}")
+            self.db.stage(("job", job.id), _UPSERT, job.row())
+            return True
         else:
             # Stopped while still running: only the agent's shutdown does that. Leave the
             # row "running"; the next start requeues it.
-            return
-        await self._record_end(job)
+            return False
 
-    async def _finish_failed(self, job: Job, failure: JobFailed) -> None:
-        """running -> failure with ``failure`` as ErrorCode/ErrorDescription, recorded."""
+    def _finish_failed(self, job: Job, failure: JobFailed) -> None:
+        """running -> failure with ``failure`` as ErrorCode/ErrorDescription, staged
+        (``_record_end`` makes it durable)."""
         description = _clean(failure.description)
         job.error_code, job.error_description = int(failure.code), description
         self._apply(job, "fail")
         job.message = description.splitlines()[0] if description else ""
-        JobLog(self.log_path(job.id))(f"failure: {description}")
-        await self._record_end(job)
+        self._log(job, f"failure: {description}")
+        self.db.stage(("job", job.id), _UPSERT, job.row())
 
     async def _record_end(self, job: Job) -> None:
-        """Make a run's end durable, then keep the history in bounds.
+        """Make a run's end (staged by the run) durable, then keep the history in bounds.
 
         The database failing here (the disk full or broken) must not take the agent
         down: the record stays staged, the periodic flush retries it, and the failure
         is logged. Waiters are not told the job ended before it is durable (``wait``).
         """
         try:
-            await self._persist(job, durable=True)
+            await self.db.flush()
         except Exception:
             log.exception("job %s (%s): recording its end failed; kept staged for retry",
                           job.id, job.kind)
@@ -709,21 +773,31 @@ class Engine:
         log.info("job %s (%s) removed", job.id, job.kind)
 
     async def _remove(self, jobs: list[Job]) -> None:
+        # On the event loop: dictionaries and staged rows only, no system call.
+        logs = []
         for job in jobs:
             del self.jobs[job.id]
             self._finished -= job.state.final
             self.db.stage(("job", job.id), _DELETE, (job.id,))
+            if job.log is not None:
+                logs.append(job.log)
+        self.logs.forget(logs)
         try:
             await self.db.flush()
         except Exception:  # the deletes stay staged and are retried with the next flush
             log.exception("jobs: recording the removal of %d jobs failed; will retry",
                           len(jobs))
-        await self.agent.to_thread(_remove_dirs, [self.job_dir(j.id) for j in jobs])
+        # Only jobs that may have a directory cost a system call (in a worker thread).
+        dirs = [entry.dir for entry in logs if entry.on_disk]
+        if dirs:
+            await self.agent.to_thread(self.logs.remove_dirs, dirs)
 
     async def checkpoint(self) -> None:
         for job in list(self.jobs.values()):
             if job.state is State.RUNNING:
                 await self._persist(job, durable=False)
+                self.log_of(job).keep()  # a stop requeues it: keep what it logged
+        await self._write_logs()
         await self.db.flush()
 
 
@@ -735,10 +809,13 @@ def _unwrap(e: BaseException) -> BaseException:
 
 
 def _reset_work_dir(job_dir: Path) -> None:
-    """Before a run: no outputs from an earlier run, an empty ``outputs.tmp``."""
-    shutil.rmtree(job_dir / "outputs", ignore_errors=True)
-    shutil.rmtree(job_dir / "outputs.tmp", ignore_errors=True)
-    (job_dir / "outputs.tmp").mkdir(parents=True)
+    """Before a run of a job that has a directory: no outputs from an earlier run.
+    A directory that cannot be listed (EACCES, EIO) fails the run: its stale outputs
+    would otherwise be published again."""
+    for name in ("outputs", "outputs.tmp"):
+        path = job_dir / name
+        if path.exists():
+            shutil.rmtree(path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -768,7 +845,3 @@ def _publish(tmp: Path, final: Path) -> list[str]:
     _fsync_dir(final.parent)
     return names
 
-
-def _remove_dirs(dirs: list[Path]) -> None:
-    for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)

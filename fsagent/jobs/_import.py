@@ -266,7 +266,7 @@ class Import(Kind):
                           "imported": True} for m, path, _ in recorded]
                + [{"path": m[1], "size": m[2], "sha256": m[3], "task": m[0],
                    "imported": False, "reason": reason} for m, _, reason in skipped]}
-        listing = ctx.outputs_dir / "fileset.json"
+        listing = (await ctx.make_outputs_dir()) / "fileset.json"
         await ctx.to_thread(_write_json, listing, doc)
         if command:
             if any("{fileset}" in arg or "{root}" in arg for arg in command):
@@ -290,8 +290,8 @@ class Import(Kind):
             argv.append(arg)
         ctx.log(f"running import_command: {argv}")
         ctx.message = f"running {os.path.basename(argv[0])}"
-        log_fd = os.open(ctx.log.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                         0o644)
+        # The lines logged so far are written first, so the output follows them.
+        log_fd = await ctx.to_thread(ctx.log.open_for_append)
         try:
             result = await trio.run_process(argv, stdin=subprocess.DEVNULL, stdout=log_fd,
                                             stderr=subprocess.STDOUT, check=False)

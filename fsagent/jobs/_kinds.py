@@ -13,7 +13,14 @@ Design notes
   thread unwinds. Async parts (a subprocess) are cancelled by trio directly.
 * **Outputs** are written into ``ctx.outputs_dir``, a temporary directory; the engine
   publishes it with one rename only when the job succeeds, so ``outputs/`` never shows
-  a partial file.
+  a partial file. The directory is made when a kind first asks for it (reading
+  ``ctx.outputs_dir`` creates it: do that in a worker thread, or ``await
+  ctx.make_outputs_dir()`` on the event loop), so a job that writes no output has no
+  directory on disk at all.
+* **The log** is ``ctx.log(line)`` (thread-safe, kept in memory and written in
+  batches, see ``_log.py``). A subprocess that should write into the log gets a
+  descriptor from ``ctx.log.open_for_append()`` (blocking: a worker thread), which
+  writes the lines logged so far first.
 * **Paths are confined to uploads/.** ``confine`` refuses absolute paths, ``..``
   components and anything (symlinks included) that resolves outside the uploads
   backing tree; ``collect_files`` applies the same rule to every entry of a directory.
@@ -37,6 +44,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .. import longpaths
+from ._log import JobLog
 from ._states import ErrorCode
 
 __all__ = [
@@ -76,9 +84,9 @@ class RunContext:
     """A running job as its kind sees it. Methods marked thread-safe may be called from
     worker threads; the rest only on the event loop."""
 
-    def __init__(self, *, job_id: str, spec: dict, config, db, outputs_dir: Path,
-                 log: Callable[[str], None], to_thread: Callable[..., Awaitable[Any]],
-                 owner_uid: int | None = None,
+    def __init__(self, *, job_id: str, spec: dict, config, db,
+                 make_outputs_dir: Callable[[], Path], log: JobLog,
+                 to_thread: Callable[..., Awaitable[Any]], owner_uid: int | None = None,
                  upload_task: Callable[[str], dict[str, Any] | None] | None = None):
         self.job_id = job_id
         self.owner_uid = owner_uid
@@ -86,9 +94,13 @@ class RunContext:
         self.config = config
         self.db = db
         self.uploads_dir: Path = config.uploads_dir
-        self.outputs_dir = outputs_dir
-        self.log = log  # thread-safe: appends one line to the job's log (at ``log.path``)
+        # Thread-safe: ``log(line)`` appends one line to the job's log (no I/O);
+        # ``log.open_for_append()`` (blocking) is a descriptor for a command's output.
+        self.log = log
         self.to_thread = to_thread
+        self._make_outputs_dir = make_outputs_dir
+        self._outputs_dir: Path | None = None
+        self._outputs_lock = threading.Lock()
         # Event loop only. What the uploads component knows of an upload task right now
         # (``{"path", "state", "size", "sha256"}``, ``{"state": "removed"}`` for one that
         # ended, None for an ID it never had); see ``Agent.upload_task``.
@@ -97,6 +109,25 @@ class RunContext:
         self.message = ""
         self.content: dict[str, Any] = {}
         self._stop = threading.Event()
+
+    @property
+    def outputs_dir(self) -> Path:
+        """Thread-safe, and blocking the first time: the run's (temporary) outputs
+        directory, created by this first access. Read it in a worker thread, or call
+        ``make_outputs_dir`` on the event loop."""
+        with self._outputs_lock:
+            if self._outputs_dir is None:
+                self._outputs_dir = self._make_outputs_dir()
+            return self._outputs_dir
+
+    async def make_outputs_dir(self) -> Path:
+        """``outputs_dir`` from the event loop (the mkdir runs in a worker thread)."""
+        return await self.to_thread(lambda: self.outputs_dir)
+
+    @property
+    def has_outputs_dir(self) -> bool:
+        """Whether the run asked for its outputs directory (so it has one)."""
+        return self._outputs_dir is not None
 
     def set_progress(self, done: int, total: int) -> None:
         """Thread-safe. Progress as a share of ``total`` units (bytes, files)."""

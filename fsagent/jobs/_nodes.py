@@ -17,9 +17,12 @@ Design notes
   not parse is final and refused at once.
 * **Reading.** Value files render on open (``DynamicFile``: direct_io, one snapshot per
   handle). ``wait`` blocks its read until the job is finished and ends with ESHUTDOWN
-  if the agent stops first. ``log`` and ``outputs/*`` are real files under the state
-  dir, read with ``pread`` in worker threads; outputs are immutable, so the kernel may
-  cache them.
+  if the agent stops first. ``outputs/*`` are real files under the state dir, read
+  with ``pread`` in worker threads; outputs are immutable, so the kernel may cache
+  them. ``log`` is the job's log file (if it has one: most jobs have no directory)
+  followed by the lines not yet written to it (``_log.py``), read live (direct_io):
+  a log without a file is served from memory on the event loop, one with a file in a
+  worker thread.
 * **Who may steer a job.** ``control``, ``priority`` (writing) and ``rmdir`` belong to
   the job's owner and root; anyone else gets EPERM from the handler, which checks the
   request's uid (``may_manage``). The modes say "writable by all" (0222, 0666) so the
@@ -43,7 +46,7 @@ from collections.abc import Iterable
 
 from pyfuse3 import FUSEError
 
-from ..fs import DynamicFile, Handle, Node, SnapshotHandle, make_attributes
+from ..fs import DynamicFile, Handle, Node, make_attributes
 from ._engine import (
     BadSpec, Engine, JobExists, JobNotFinished, NoSuchJob, ShuttingDown, valid_job_name,
 )
@@ -281,8 +284,7 @@ def _make_file(engine: Engine, job_id: str, name: str) -> Node:
     if name == "wait":
         return WaitFile(engine, job_id)
     if name == "log":
-        return StoredFile(engine.log_path(job_id), mutable=True,
-                          to_thread=engine.agent.to_thread)
+        return LogFile(engine, job_id)
     if name == "outputs":
         return OutputsDirectory(engine, job_id)
     raise KeyError(name)
@@ -460,11 +462,11 @@ class WaitFile(_JobFile):
 
 
 class _StoredHandle(Handle):
-    def __init__(self, node: Node, fd: int, *, mutable: bool):
+    keep_cache = True  # published outputs never change
+
+    def __init__(self, node: StoredFile, fd: int):
         super().__init__(node)
         self.fd = fd
-        self.direct_io = mutable       # a growing log: never trust a cached size
-        self.keep_cache = not mutable  # published outputs never change
 
     async def read(self, offset: int, size: int) -> bytes:
         return await self.node.to_thread(os.pread, self.fd, size, offset)
@@ -474,29 +476,24 @@ class _StoredHandle(Handle):
 
 
 class StoredFile(Node):
-    """A real file under the state dir (a job's log, an output), read-only."""
+    """A published output: a real, immutable file under the state dir, read-only."""
 
-    def __init__(self, path, *, mutable: bool, to_thread):
+    attr_timeout = 1.0
+    entry_timeout = 1.0
+
+    def __init__(self, path, *, to_thread):
         self.path = path
-        self.mutable = mutable
         self.to_thread = to_thread  # the agent's capacity-limited worker threads
-        self.attr_timeout = 0.0 if mutable else 1.0
-
-    def _stat(self):
-        try:
-            return os.stat(self.path)
-        except FileNotFoundError:
-            return None
 
     async def getattr(self, ctx):
-        st = self._stat()
-        if st is None and not self.mutable:
-            raise FUSEError(errno.ENOENT)
-        size = st.st_size if st else 0
-        mtime = st.st_mtime_ns if st else None
-        return make_attributes(inode=self.inode, mode=stat.S_IFREG | 0o444, size=size,
-                               mtime_ns=mtime, ctime_ns=mtime,
-                               entry_timeout=self.attr_timeout, attr_timeout=self.attr_timeout)
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise FUSEError(errno.ENOENT) from None
+        return make_attributes(inode=self.inode, mode=stat.S_IFREG | 0o444,
+                               size=st.st_size, mtime_ns=st.st_mtime_ns,
+                               ctime_ns=st.st_mtime_ns, entry_timeout=self.attr_timeout,
+                               attr_timeout=self.attr_timeout)
 
     async def open(self, flags, ctx):
         if flags & os.O_ACCMODE != os.O_RDONLY:
@@ -504,10 +501,57 @@ class StoredFile(Node):
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
-            if not self.mutable:
-                raise FUSEError(errno.ENOENT) from None
-            return SnapshotHandle(self, b"")  # no log line yet
-        return _StoredHandle(self, fd, mutable=self.mutable)
+            raise FUSEError(errno.ENOENT) from None
+        return _StoredHandle(self, fd)
+
+
+class _LogHandle(Handle):
+    direct_io = True  # a growing log: never trust a cached size
+
+    def __init__(self, node: LogFile):
+        super().__init__(node)
+        self.fd: int | None = None  # opened on the first read that needs the file
+
+    async def read(self, offset: int, size: int) -> bytes:
+        entry = self.node.entry()
+        data = entry.memory_only()
+        if data is not None:
+            return data[offset : offset + size]
+        self.fd, data = await self.node.engine.agent.to_thread(entry.read, self.fd, offset,
+                                                              size)
+        return data
+
+    async def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+class LogFile(Node):
+    """``jobs/<id>/log``: every line logged so far, written to disk or not yet."""
+
+    attr_timeout = 0.0
+    entry_timeout = 0.0
+
+    def __init__(self, engine: Engine, job_id: str):
+        self.engine = engine
+        self.job_id = job_id
+
+    def entry(self):
+        try:
+            return self.engine.log_of(self.engine.get(self.job_id))
+        except NoSuchJob:
+            raise FUSEError(errno.ENOENT) from None
+
+    async def getattr(self, ctx):
+        return make_attributes(inode=self.inode, mode=stat.S_IFREG | 0o444,
+                               size=self.entry().size(), entry_timeout=0.0,
+                               attr_timeout=0.0)
+
+    async def open(self, flags, ctx):
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise FUSEError(errno.EACCES)
+        self.entry()  # ENOENT for a job that is gone
+        return _LogHandle(self)
 
 
 class OutputsDirectory(Node):
@@ -533,8 +577,7 @@ class OutputsDirectory(Node):
         node = self._files.get(key)
         if node is None:
             path = self.engine.outputs_dir(self.job_id) / name
-            node = self._files[key] = StoredFile(path, mutable=False,
-                                                 to_thread=self.engine.agent.to_thread)
+            node = self._files[key] = StoredFile(path, to_thread=self.engine.agent.to_thread)
         return node
 
     async def getattr(self, ctx):
