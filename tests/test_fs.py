@@ -24,6 +24,22 @@ class BrokenFile(Node):
         raise RuntimeError("bug in a handler")
 
 
+class CountingDirectory(Directory):
+    """A directory that counts the lookups that reach it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.asked: list[bytes] = []
+
+    async def lookup(self, name, ctx):
+        self.asked.append(name)
+        return await super().lookup(name, ctx)
+
+
+class RemembersMissing(CountingDirectory):
+    negative_timeout = 60.0
+
+
 @pytest.fixture
 async def mounted(tmp_path, nursery):
     mount = tmp_path / "mnt"
@@ -32,6 +48,8 @@ async def mounted(tmp_path, nursery):
         b"ok": DynamicFile(lambda: b"fine\n"),
         b"broken": BrokenFile(),
         b"many": Directory({f"f{i:04d}".encode(): DynamicFile(lambda: b"") for i in range(700)}),
+        b"asks": CountingDirectory({b"here": DynamicFile(lambda: b"")}),
+        b"remembers": RemembersMissing({b"here": DynamicFile(lambda: b"")}),
     })
     fs = Filesystem(root, statfs_path=tmp_path)
     pyfuse3.init(fs, str(mount), set(pyfuse3.default_options) | {"fsname=fsagent-test"})
@@ -112,3 +130,22 @@ async def test_lookup_counts_return_to_zero_after_forget(mounted):
     assert len(fs._lookups) < 10
     # Forgotten non-permanent nodes keep working when looked up again.
     assert await trio.to_thread.run_sync((mount / "many" / "f0001").read_bytes) == b""
+
+
+async def test_missing_names_are_remembered_only_where_the_directory_says_so(mounted):
+    mount, fs = mounted
+
+    def stat_missing_twice(directory):
+        for _ in range(2):
+            with pytest.raises(FileNotFoundError):
+                os.stat(mount / directory / "missing")
+        return os.stat(mount / directory / "here").st_size  # present names still work
+
+    assert await trio.to_thread.run_sync(stat_missing_twice, "asks") == 0
+    assert await trio.to_thread.run_sync(stat_missing_twice, "remembers") == 0
+    asks, remembers = fs.root._children[b"asks"], fs.root._children[b"remembers"]
+    assert asks.asked.count(b"missing") == 2  # ENOENT: the kernel asks every time
+    assert remembers.asked.count(b"missing") == 1  # inode 0 + timeout: asked once
+    assert fs.negative_entries == 1 and fs.handler_errors == 0
+    # A negative entry holds no inode: nothing to forget, no lookup count for inode 0.
+    assert 0 not in fs._lookups and 0 not in fs._nodes

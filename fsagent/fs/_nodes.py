@@ -101,6 +101,13 @@ class Node(abc.ABC):
     inode: int | None = None
     entry_timeout = 1.0
     attr_timeout = 1.0
+    # For a directory: how long the kernel may remember that a name is *missing* (a
+    # negative entry), so a client asking again (rsync stats a name, then its receiver
+    # stats it again before creating it) costs no request. Sound only where every name
+    # is created through the mount: the kernel drops its negative entry when a create,
+    # mkdir, symlink or rename through the mount makes the name, but never hears of a
+    # name the agent would make behind its back. 0 (the default): ask every time.
+    negative_timeout = 0.0
 
     # -- attributes ---------------------------------------------------------------------
 

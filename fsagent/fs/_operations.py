@@ -11,6 +11,10 @@ Design notes
   node (``Node.forgotten``) so providers can drop their caches. The kernel's lookup
   count goes up on every successful lookup/create/mkdir/symlink and on every entry
   ``readdir_reply`` accepts (pyfuse3 uses readdirplus).
+* **Negative entries.** A lookup of a missing name in a directory whose node has a
+  ``negative_timeout`` is answered with inode 0 and that entry timeout instead of
+  ENOENT: the kernel then remembers the name is missing (``Node.negative_timeout``
+  says when that is sound). No inode, no lookup count: the kernel sends no forget.
 * **Robust handlers.** Every handler runs inside ``_guard``: a ``FUSEError`` is the
   answer; any other exception is a bug, logged with its traceback and answered with
   EIO. Under trio an escaping exception would tear down pyfuse3's nursery and with
@@ -61,6 +65,14 @@ def _short(args: tuple) -> tuple:
                  for a in args if not isinstance(a, pyfuse3.RequestContext))
 
 
+def _negative_entry(timeout: float) -> pyfuse3.EntryAttributes:
+    """"No such name, and remember that for ``timeout`` seconds" (inode 0)."""
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = 0
+    entry.entry_timeout = timeout
+    return entry
+
+
 class _DirHandle:
     __slots__ = ("node", "entries")
 
@@ -86,6 +98,7 @@ class Filesystem(pyfuse3.Operations):
         self._handles: dict[int, Handle | _DirHandle] = {}
         self._next_fh = 1
         self.handler_errors = 0
+        self.negative_entries = 0  # lookups answered "missing, remember it" (no ENOENT)
         # Per-operation counts for the metrics: every request, and the unexpected failures.
         self.requests: collections.Counter[str] = collections.Counter()
         self.errors: collections.Counter[str] = collections.Counter()
@@ -144,7 +157,14 @@ class Filesystem(pyfuse3.Operations):
 
     @_guard
     async def lookup(self, parent_inode, name, ctx):
-        node = await self.node(parent_inode).lookup(name, ctx)
+        parent = self.node(parent_inode)
+        try:
+            node = await parent.lookup(name, ctx)
+        except FUSEError as e:
+            if e.errno != errno.ENOENT or not parent.negative_timeout:
+                raise
+            self.negative_entries += 1
+            return _negative_entry(parent.negative_timeout)
         return await self._entry(node, ctx)
 
     async def forget(self, inode_list):

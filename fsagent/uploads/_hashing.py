@@ -14,7 +14,9 @@ Design notes
   than a thread hop); larger ones go through a bounded channel to one consumer task
   per upload that hashes whole batches in a worker thread (hashlib releases the GIL for
   large updates, so hashing runs on the second core while the next write is served).
-  The channel's bound is the back-pressure that keeps memory flat in file size.
+  The channel's bound is the back-pressure that keeps memory flat in file size. The
+  channel and its consumer task are made for the first queued item: a small file,
+  hashed inline from its first write to its last, costs neither (nor a thread hop).
 * **Resume.** A writer that appends to a file with bytes already present (rsync
   ``--append``, a resumed ``--inplace``) first queues the existing prefix as a *range*
   item, read back from disk by the consumer, so the stream stays whole.
@@ -73,13 +75,13 @@ class StreamHasher:
         self.algorithms = tuple(sorted(set(algorithms)))
         self._hashes = {a: hashlib.new(a) for a in self.algorithms}
         self._to_thread = to_thread
+        self._nursery = nursery
         self.position = 0  # bytes claimed so far: where the next in-order write starts
         self.broken = False
-        self._send, self._recv = trio.open_memory_channel(QUEUE_ITEMS)
-        self._pending = 0
-        self._idle = trio.Event()
-        self._idle.set()
-        nursery.start_soon(self._consume)
+        self._closed = False
+        self._send: trio.MemorySendChannel | None = None  # made with the consumer
+        self._pending = 0                                 # items queued, not yet hashed
+        self._idle: trio.Event | None = None              # set when _pending drops to 0
 
     # -- producers (event loop) ---------------------------------------------------------
 
@@ -135,10 +137,12 @@ class StreamHasher:
 
     def break_stream(self) -> None:
         self.broken = True
-        self._send.close()
+        self.close()
 
     def close(self) -> None:
-        self._send.close()
+        self._closed = True
+        if self._send is not None:
+            self._send.close()
 
     async def digests(self, size: int) -> dict[str, str] | None:
         """The digests of bytes [0, size), or None if the stream does not cover exactly that."""
@@ -149,22 +153,39 @@ class StreamHasher:
         return {a: h.copy().hexdigest() for a, h in self._hashes.items()}
 
     async def _queue(self, item) -> None:
+        if self._send is None:
+            if self._closed:
+                self.broken = True  # fed after close: the stream cannot be whole
+                return
+            send, recv = trio.open_memory_channel(QUEUE_ITEMS)
+            try:
+                self._nursery.start_soon(self._consume, recv)
+            except RuntimeError:  # the agent is stopping: no stream, verify re-hashes
+                recv.close()
+                self.break_stream()
+                return
+            self._send = send
         self._pending += 1
-        if self._idle.is_set():
+        if self._idle is None or self._idle.is_set():
             self._idle = trio.Event()
         try:
-            self._send.send_nowait(item)
-        except trio.WouldBlock:
-            await self._send.send(item)  # back-pressure; blocked senders keep FIFO order
+            try:
+                self._send.send_nowait(item)
+            except trio.WouldBlock:
+                await self._send.send(item)  # back-pressure; blocked senders keep FIFO order
         except trio.ClosedResourceError:
-            self._pending -= 1
+            # Broken (or closed) meanwhile, also while this send waited: not hashed. The
+            # consumer may have ended (and zeroed the count) first.
             self.broken = True
+            self._pending = max(0, self._pending - 1)
+            if not self._pending:
+                self._idle.set()
 
     # -- the consumer -------------------------------------------------------------------------
 
-    async def _consume(self) -> None:
-        async with self._recv:
-            async for batch in batches(self._recv, QUEUE_ITEMS):
+    async def _consume(self, recv: trio.MemoryReceiveChannel) -> None:
+        async with recv:
+            async for batch in batches(recv, QUEUE_ITEMS):
                 if not self.broken:
                     try:
                         await self._to_thread(self._update, batch)
@@ -174,7 +195,7 @@ class StreamHasher:
                 if not self._pending:
                     self._idle.set()
         self._pending = 0
-        self._idle.set()
+        self._idle.set()  # made by the first _queue, before this task started
 
     def _update(self, batch: list) -> None:
         hashes = list(self._hashes.values())

@@ -23,6 +23,19 @@ Design notes
   local disk (``mknod``; ``bind`` and ``cp -a`` come here too) and are nothing more:
   ``UploadSpecial`` reports no events, so they never become upload tasks. The kernel
   serves their opens itself; the agent only keeps their inode, mode, owner and times.
+* **What the kernel may cache.** While the agent runs it is the only writer of the
+  backing tree (its directory's own mode keeps others out; recovery changes files only
+  before the mount), and every change a client makes arrives through the kernel, which
+  updates or drops what it cached: a create, mkdir, rename or unlink fixes the
+  directory entries and the directories' attributes, a write drops the file's size and
+  times (the next stat asks), a setattr's answer is the new attributes, xattrs are
+  never cached. So entries, attributes and *missing* names (negative entries) are
+  cached for ``CACHE_SECONDS``, which saves rsync's second stat of every name it is
+  about to create (and, on a re-run within that time, most of its quick check). The
+  one change the agent makes on its own is cutting a file back after a queued write
+  failed (``_writes.py``): the handle that saw it drops the kernel's attributes of
+  that file (``FileHandle``). A lookup's ``lstat`` is also its answer's attributes
+  (``looked_up``): one stat per lookup, not two.
 * **Errors** from the backing filesystem are passed to the client with their errno
   (ENOSPC, EEXIST, ENOTEMPTY, ...): ``backing_errors`` turns ``OSError`` into
   ``FUSEError``. Only ``user.*`` xattrs are stored (ENOTSUP otherwise); the
@@ -31,7 +44,6 @@ Design notes
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import os
@@ -53,14 +65,33 @@ IO_BLOCK = 1 << 20
 _OPEN_FLAGS_KEPT = os.O_ACCMODE | os.O_TRUNC | os.O_EXCL | os.O_NOFOLLOW
 _libc = ctypes.CDLL(None, use_errno=True)
 _AT_FDCWD = -100
+# How long the kernel may keep entries, attributes and negative entries of uploads/
+# (see "What the kernel may cache"). A bound, not a promise: nothing here relies on
+# the kernel keeping them.
+CACHE_SECONDS = 60.0
 
 
-@contextlib.contextmanager
-def backing_errors():
-    try:
-        yield
-    except OSError as e:
-        raise FUSEError(e.errno or errno.EIO) from None
+class _BackingErrors:
+    """``with backing_errors():`` an ``OSError`` from the backing tree becomes the
+    client's ``FUSEError`` with the same errno. A plain class: it is entered on every
+    request, and a generator-based context manager costs several times more."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if kind is not None and issubclass(kind, OSError):
+            raise FUSEError(error.errno or errno.EIO) from None
+        return False
+
+
+_BACKING_ERRORS = _BackingErrors()
+
+
+def backing_errors() -> _BackingErrors:
+    return _BACKING_ERRORS
 
 
 def renameat2(old: bytes, new: bytes, flags: int) -> None:
@@ -93,6 +124,11 @@ def attributes_from_stat(inode: int, st: os.stat_result, timeout: float) -> Entr
 class _Entry(Node):
     """Common to every node under uploads/: where it lives, attributes, user xattrs."""
 
+    entry_timeout = attr_timeout = CACHE_SECONDS
+    # The lstat a lookup just made, taken by the getattr that answers the same lookup
+    # (``Filesystem.lookup`` calls it next, with no await in between).
+    looked_up: os.stat_result | None = None
+
     def __init__(self, uploads, parent: UploadDir | None, name: bytes):
         self.uploads = uploads  # the UploadsComponent
         self.parent = parent
@@ -117,13 +153,19 @@ class _Entry(Node):
             return os.lstat(path)
 
     async def getattr(self, ctx) -> EntryAttributes:
-        return attributes_from_stat(self.inode, self.stat(), self.attr_timeout)
+        st = self.looked_up
+        if st is None:
+            st = self.stat()
+        else:
+            self.looked_up = None
+        return attributes_from_stat(self.inode, st, self.attr_timeout)
 
     async def setattr(self, attr, fields, fh, ctx) -> EntryAttributes:
         with backing_errors(), self.place() as path:
             if fields.update_size:
                 await self.truncate(attr.st_size, fh)
-            if fields.update_mode and not stat.S_ISLNK(self.stat().st_mode):
+            # A symlink's mode cannot change (the node's class is what lstat said).
+            if fields.update_mode and not isinstance(self, UploadSymlink):
                 os.chmod(path, stat.S_IMODE(attr.st_mode))
             if fields.update_uid or fields.update_gid:
                 os.chown(path, attr.st_uid if fields.update_uid else -1,
@@ -188,6 +230,7 @@ class _Entry(Node):
 
 class UploadDir(_Entry):
     is_directory = True
+    negative_timeout = CACHE_SECONDS  # names appear only through the mount
 
     def __init__(self, uploads, parent: UploadDir | None, name: bytes):
         super().__init__(uploads, parent, name)
@@ -238,7 +281,9 @@ class UploadDir(_Entry):
     async def lookup(self, name: bytes, ctx) -> Node:
         with backing_errors(), self._place(name) as path:
             st = os.lstat(path)
-        return self.child(name, st.st_mode)
+        node = self.child(name, st.st_mode)
+        node.looked_up = st  # the answer's attributes (see "What the kernel may cache")
+        return node
 
     async def children(self, ctx):
         out = []
@@ -379,8 +424,23 @@ class UploadFile(_Entry):
         return None
 
     async def getattr(self, ctx) -> EntryAttributes:
-        await self.uploads.drain(self.writing_task())  # the size includes acknowledged writes
+        writing = self.writing_task()
+        if writing is not None:
+            self.looked_up = None  # queued writes may land first: stat after them
+            await self.uploads.drain(writing)  # the size includes acknowledged writes
         return await super().getattr(ctx)
+
+    def invalidate_attributes(self) -> None:
+        """The agent changed the backing file on its own (cut it back after a failed
+        queued write): the kernel must ask for its attributes again."""
+        if self.inode is None:
+            return
+        try:
+            # Attributes only: no page-cache work, so it cannot wait on a request in
+            # flight (the kernel takes no lock that a request holds).
+            pyfuse3.invalidate_inode(self.inode, attr_only=True)
+        except OSError:
+            pass  # the kernel no longer has the inode: nothing cached to drop
 
     async def setattr(self, attr, fields, fh, ctx) -> EntryAttributes:
         # Queued writes land first: a later pwrite would move the mtime rsync just set.
@@ -435,19 +495,43 @@ class FileHandle(Handle):
         with backing_errors():
             return await self.node.uploads.agent.to_thread(os.pread, self.fd, size, offset)
 
+    # A failed queued write cuts the file back (``_writes.py``), on whichever of these
+    # calls reports it: then the kernel's cached size is wrong (``_cut_back_check``).
+
     async def write(self, offset: int, data: bytes) -> int:
-        return await self.node.uploads.write(self, offset, data)
+        shrinks = self._shrinks()
+        try:
+            return await self.node.uploads.write(self, offset, data)
+        finally:
+            self._cut_back_check(shrinks)
 
     async def flush(self) -> None:
         # close() returns flush's answer: a queued write that failed is reported here.
-        await self.node.uploads.settle_writes(self.task, self.fd)
+        shrinks = self._shrinks()
+        try:
+            await self.node.uploads.settle_writes(self.task, self.fd)
+        finally:
+            self._cut_back_check(shrinks)
 
     async def fsync(self, datasync: bool) -> None:
-        await self.node.uploads.fsync(self)
+        shrinks = self._shrinks()
+        try:
+            await self.node.uploads.fsync(self)
+        finally:
+            self._cut_back_check(shrinks)
+
+    def _shrinks(self) -> int | None:
+        return None if self.task is None else self.task.shrinks
+
+    def _cut_back_check(self, shrinks: int | None) -> None:
+        if shrinks is not None and self.task.shrinks != shrinks:
+            self.node.invalidate_attributes()
 
     async def release(self) -> None:
         if self.task is not None:
+            shrinks = self.task.shrinks
             await self.node.uploads.released(self.task, self.fd)
+            self._cut_back_check(shrinks)
         self.node.handles.discard(self)
         with backing_errors():
             os.close(self.fd)
