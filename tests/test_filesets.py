@@ -18,10 +18,23 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+from pynvim.msgpack_rpc import socket_session
+
 from conftest import wait_for
 from integrity_util import import_jobs, job_state, members_of, skipped_by, task_attrs
 
 QUICK = "settle_seconds = 0.3\nstore_reserve_bytes = 0\n"
+
+
+def decoded(value):
+    """msgpack bin/str as Python str, recursively (pynvim's session keeps bin as bytes)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, list):
+        return [decoded(v) for v in value]
+    if isinstance(value, dict):
+        return {decoded(k): decoded(v) for k, v in value.items()}
+    return value
 
 
 def sha(data: bytes) -> str:
@@ -244,6 +257,14 @@ def test_manifest_set_held_back_by_a_failing_file_then_repaired(agent_factory, t
     waiting = wait_for(held, what="the set to be held back by f001.tif")
     assert [f["path"] for f in waiting["failed"]] == ["d0/f001.tif"]
     assert "sha256 mismatch" in waiting["failed"][0]["error"]
+    # The same over msgpack-RPC, from a third-party client (pynvim's session).
+    session = socket_session(str(agent.socket))
+    try:
+        over_rpc = decoded(session.request("Uploads.filesets"))
+    finally:
+        session.close()
+    held_rpc = [f for f in over_rpc if f.get("manifests") == ["d0/SHA256SUMS"]]
+    assert [f["path"] for f in held_rpc[0]["failed"]] == ["d0/f001.tif"]
     assert task_attrs(agent.uploads / "d0" / "f001.tif")["state"] == "failed"
     assert import_jobs(agent.mount) == []
 
@@ -285,6 +306,41 @@ def test_import_command_runs_once_per_fileset_with_its_list(agent_factory, tmp_p
     runs = [json.loads(p.read_text()) for p in record.iterdir()]
     assert sorted(r["root"] for r in runs) == ["d0", "d1"]
     assert sorted(f["path"] for r in runs for f in r["files"]) == sorted(files)
+
+
+def test_members_changed_before_the_import_runs_are_skipped_and_imported_again(
+        agent_factory, tmp_path):
+    """Fileset d1 waits behind d0's import (one job at a time, d0's gated): one of its
+    files is removed and another rewritten with other bytes. d1's import records the
+    rest and lists those two as skipped (with reasons); the rewritten file's new version
+    gets its own import; nothing is imported twice."""
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    # Only d0's import waits for the gate ({root} is the fileset's absolute directory).
+    argv = ["sh", "-c", 'touch "$1"; [ "${2##*/}" != d0 ] || while [ ! -e "$0" ]; do '
+            'sleep 0.05; done', str(gate), str(started), "{root}"]
+    config = QUICK + "max_concurrent_jobs = 1\n" + f"import_command = {json.dumps(argv)}\n"
+    agent = agent_factory(config=config).start()
+    files = make_tree(tmp_path / "src", 2, 5)
+    subprocess.run(["rsync", "-a", f"{tmp_path / 'src'}/d0", f"{agent.uploads}/"], check=True)
+    wait_for(started.exists, what="d0's import to start")
+    subprocess.run(["rsync", "-a", f"{tmp_path / 'src'}/d1", f"{agent.uploads}/"], check=True)
+    d1_job = wait_for(lambda: task_attrs(agent.uploads / "d1/f000.tif").get("job"),
+                      what="d1's fileset to be submitted")
+    os.unlink(agent.uploads / "d1/f001.tif")
+    new = os.urandom(999)
+    (agent.uploads / "d1/f002.tif").write_bytes(new)
+    gate.touch()
+    del files["d1/f001.tif"]
+    files["d1/f002.tif"] = new
+    found = check_imported_once(agent, files)
+    job = next(j for j in found if j["ID"] == d1_job)
+    assert job["Content"]["Files"] == 5 and job["Content"]["Imported"] == 3
+    assert len(job["Content"]["Skipped"]) == 2
+    listing = json.loads((agent.jobs / d1_job / "outputs" / "fileset.json").read_text())
+    skipped = {f["path"]: f["reason"] for f in listing["files"] if not f["imported"]}
+    assert set(skipped) == {"d1/f001.tif", "d1/f002.tif"}
+    assert "removed" in skipped["d1/f001.tif"] and "changed" in skipped["d1/f002.tif"]
+    assert task_attrs(agent.uploads / "d1/f002.tif")["job"] != d1_job
 
 
 # -- crashes -----------------------------------------------------------------------------------
