@@ -20,6 +20,10 @@ def task(rel: str, size: int = 10, state: State = State.COMPLETE, job: str | Non
     return t
 
 
+def listed(*rels: bytes, digest: str = "0" * 64) -> dict[bytes, tuple[str, str]]:
+    return {rel: ("sha256", digest) for rel in rels}
+
+
 def directory(quiet=1.0, max_files=1000, max_bytes=1 << 40) -> FilesetCollector:
     return FilesetCollector("directory", quiet_seconds=quiet, max_files=max_files,
                             max_bytes=max_bytes)
@@ -88,7 +92,7 @@ def test_manifest_set_waits_for_every_listed_file():
     assert c.view(0.0, table.get)[0]["unlisted"] == ["r/a"]
     c.add(sums, 0.1)
     assert c.is_manifest(sums)
-    c.listing(sums, [b"r/a", b"r/b"], 0.1)
+    c.listing(sums, listed(b"r/a", b"r/b"), 0.1)
     (view,) = c.view(0.2, table.get)
     assert view["waitingFor"] == ["r/b"] and view["files"] == 2
     assert c.take_ready(9.0, table.get) == []
@@ -106,7 +110,7 @@ def test_a_failed_listed_file_holds_the_set_back_with_its_error():
     table = {t.rel: t for t in (a, sums, bad)}
     c.add(a, 0.0)
     c.add(sums, 0.0)
-    c.listing(sums, [b"a", b"b"], 0.0)
+    c.listing(sums, listed(b"a", b"b"), 0.0)
     (view,) = c.view(0.0, table.get)
     assert view["failed"] == [{"path": "b", "error": "b: md5 mismatch"}]
     assert c.take_ready(5.0, table.get) == []
@@ -121,7 +125,7 @@ def test_a_listed_file_imported_before_does_not_hold_the_set():
     sums = task("SHA256SUMS")
     table = {t.rel: t for t in (old, sums)}
     c.add(sums, 0.0)
-    c.listing(sums, [b"a"], 0.0)
+    c.listing(sums, listed(b"a"), 0.0)
     assert names(c.take_ready(0.0, table.get)) == [["SHA256SUMS"]]
 
 
@@ -132,11 +136,29 @@ def test_two_manifests_listing_the_same_files_are_one_set():
     for t in (a, b):
         c.add(t, 0.0)
     c.add(s1, 0.0)
-    c.listing(s1, [b"a", b"b"], 0.0)
+    c.listing(s1, listed(b"a", b"b"), 0.0)
     c.add(s2, 0.0)
-    c.listing(s2, [b"a", b"b"], 0.0)
+    c.listing(s2, listed(b"a", b"b"), 0.0)
     (s,) = c.take_ready(0.0, table.get)
     assert names([s]) == [["MD5SUMS", "SHA256SUMS", "a", "b"]]
+
+
+def test_a_listed_file_whose_hash_differs_from_the_manifest_holds_the_set():
+    """A file the manifest's own directory rules did not check (in a subdirectory) is
+    checked against the manifest when the set is: a different hash holds it back."""
+    c = manifest_collector()
+    a, sums = task("run/sub/a"), task("run/SHA256SUMS")
+    table = {t.rel: t for t in (a, sums)}
+    c.add(a, 0.0)
+    c.add(sums, 0.0)
+    c.listing(sums, listed(b"run/sub/a", digest="1" * 64), 0.0)
+    (view,) = c.view(0.0, table.get)
+    assert view["failed"] == [{"path": "run/sub/a", "error": "run/sub/a: sha256 " + "0" * 64
+                               + " differs from run/SHA256SUMS: " + "1" * 64}]
+    assert c.take_ready(1.0, table.get) == []
+    a.computed["sha256"] = "1" * 64  # re-sent with the right bytes
+    c.add(a, 2.0)
+    assert names(c.take_ready(2.0, table.get)) == [["run/SHA256SUMS", "run/sub/a"]]
 
 
 def test_a_removed_manifest_dissolves_its_set():
@@ -145,7 +167,7 @@ def test_a_removed_manifest_dissolves_its_set():
     table = {t.rel: t for t in (a, sums)}
     c.add(a, 0.0)
     c.add(sums, 0.0)
-    c.listing(sums, [b"a", b"missing"], 0.0)
+    c.listing(sums, listed(b"a", b"missing"), 0.0)
     sums.ended = True
     del table[sums.rel]
     assert c.take_ready(1.0, table.get) == []

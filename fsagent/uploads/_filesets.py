@@ -71,6 +71,8 @@ class Fileset:
     members: dict[str, Task] = dataclasses.field(default_factory=dict)
     size: int = 0                   # bytes of the members (as they joined)
     manifests: dict[bytes, frozenset[bytes]] = dataclasses.field(default_factory=dict)
+    # manifest grouping: listed path -> (algorithm, digest, the manifest that lists it)
+    digests: dict[bytes, tuple[str, str, bytes]] = dataclasses.field(default_factory=dict)
     closed: bool = False            # ready (quiet or full): takes no new members
 
     def add(self, t: Task, now: float) -> None:
@@ -104,6 +106,17 @@ class Fileset:
                 continue  # imported by an earlier fileset: does not hold this one back
             elif t.task_id not in self.members or not _usable(t):
                 waiting.append(t.path)
+            elif rel in self.digests:
+                # The set's verifyUpload: a file the manifest's own directory rules did
+                # not check (one in a subdirectory, say) is checked here.
+                algorithm, expected, manifest = self.digests[rel]
+                actual = t.computed.get(algorithm)
+                if actual != expected:
+                    failed.append({"path": t.path, "error": (
+                        f"{t.path}: {algorithm} {actual} differs from "
+                        f"{os.fsdecode(manifest)}: {expected}" if actual else
+                        f"{t.path}: cannot be checked against {os.fsdecode(manifest)}: its "
+                        f"{algorithm} was not computed (declare it before the data)")})
         return waiting, failed
 
 
@@ -157,8 +170,11 @@ class FilesetCollector:
         s.add(t, now)
         self._of[t.task_id] = s
 
-    def listing(self, manifest: Task, listed: Iterable[bytes], now: float) -> None:
-        """Manifest grouping: ``manifest`` (complete) lists these paths (under uploads/)."""
+    def listing(self, manifest: Task, listed: dict[bytes, tuple[str, str]],
+                now: float) -> None:
+        """Manifest grouping: ``manifest`` (complete) lists these paths (under uploads/),
+        each with ``(algorithm, digest)``."""
+        digests = {rel: (*ad, manifest.rel) for rel, ad in listed.items()}
         listed = frozenset(listed) - {manifest.rel}
         self.discard(manifest)
         sets = {self._listed[rel] for rel in listed if rel in self._listed}
@@ -171,6 +187,8 @@ class FilesetCollector:
             for other in others:  # manifests listing the same files: one fileset
                 self._merge(other, into=s)
         s.manifests[manifest.rel] = listed
+        for rel in listed:
+            s.digests[rel] = digests[rel]
         s.add(manifest, now)
         self._of[manifest.task_id] = s
         self._unlisted.pop(manifest.task_id, None)
@@ -285,6 +303,7 @@ class FilesetCollector:
         for t in other.members.values():
             into.add(t, max(into.last_added, other.last_added))
             self._of[t.task_id] = into
+        into.digests.update(other.digests)
         for manifest, listed in other.manifests.items():
             into.manifests[manifest] = listed
             for rel in listed:
@@ -297,6 +316,7 @@ class FilesetCollector:
         listed = s.manifests.pop(manifest, frozenset())
         still = set().union(*s.manifests.values()) if s.manifests else set()
         for rel in listed - still:
+            s.digests.pop(rel, None)
             if self._listed.get(rel) is s:
                 del self._listed[rel]
         for task_id, t in list(s.members.items()):

@@ -150,7 +150,8 @@ class ImportHandOff:
         if t.generation != generation or t.state is not State.COMPLETE or t.job or t.ended:
             return  # changed meanwhile: its next completion reads it again
         names = parse_manifest(content, algorithm, subject)
-        listed = [directory + b"/" + n if directory else n for n in names]
+        listed = {(directory + b"/" + n if directory else n): (algorithm, digest)
+                  for n, digest in names.items()}
         self.collector.listing(t, listed, trio.current_time())
 
     def filesets(self) -> list[dict]:
