@@ -287,7 +287,8 @@ def test_two_manifests_listing_the_same_files_make_one_set(agent_factory, tmp_pa
     found = check_imported_once(agent, {
         **files, "d0/SHA256SUMS": (src / "d0" / "SHA256SUMS").read_bytes(),
         "d0/MD5SUMS": md5})
-    assert len(found) == 1 and found[0]["Content"]["Files"] == 5
+    assert len(found) == 1 and found[0]["Content"]["Files"] == 5, [
+        (j["Content"], [m["path"] for m in members_of(j)]) for j in found]
 
 
 # -- import_command with the fileset -----------------------------------------------------------

@@ -224,3 +224,29 @@ def test_randomized_directory_collection_takes_each_upload_once(seed):
     assert all(n == 1 for n in seen.values())
     assert all(t.job for t in tasks), [t.path for t in tasks if not t.job]
     assert c.waiting_count == 0
+
+
+def test_a_big_manifest_set_is_not_checked_in_full_on_every_completion():
+    """10,000 listed files arriving one by one, the collector asked after each (as the
+    hand-off does): full checks happen when the set is whole and at most every
+    MANIFEST_RECHECK_SECONDS meanwhile, not 10,000 times (quadratic)."""
+    c = manifest_collector()
+    files = [task(f"run/f{i}") for i in range(10_000)]
+    sums = task("run/SHA256SUMS")
+    table = {sums.rel: sums}
+    lookups = 0
+
+    def lookup(rel):
+        nonlocal lookups
+        lookups += 1
+        return table.get(rel)
+    c.add(sums, 0.0)
+    c.listing(sums, listed(*(t.rel for t in files)), 0.0)
+    ready = []
+    for i, t in enumerate(files):
+        now = i * 0.001  # 10 s for the whole set
+        table[t.rel] = t
+        c.add(t, now)
+        ready += c.take_ready(now, lookup)
+    assert names(ready) == [sorted([t.path for t in files] + ["run/SHA256SUMS"])]
+    assert lookups < 30 * 10_001, f"{lookups} look-ups for 10,000 completions"

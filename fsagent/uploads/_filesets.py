@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Any
 
 from ._manifests import manifest_kind
@@ -49,6 +49,10 @@ __all__ = ["Fileset", "FilesetCollector", "GROUPINGS"]
 
 GROUPINGS = ("directory", "manifest", "file")
 VIEW_LIMIT = 100  # paths listed per fileset in filesets.json (the counts are whole)
+# A manifest set is checked in full (every listed path looked up) when it has as many
+# members as it lists, else at most this often while completions arrive: a manifest of
+# 10,000 files must not cost 10,000 look-ups per completion.
+MANIFEST_RECHECK_SECONDS = 0.5
 
 Lookup = Callable[[bytes], "Task | None"]
 
@@ -74,6 +78,9 @@ class Fileset:
     # manifest grouping: listed path -> (algorithm, digest, the manifest that lists it)
     digests: dict[bytes, tuple[str, str, bytes]] = dataclasses.field(default_factory=dict)
     closed: bool = False            # ready (quiet or full): takes no new members
+    expected: int = 0               # manifest grouping: listed paths + manifests
+    dirty: bool = False             # manifest grouping: changed since last checked
+    checked_at: float = float("-inf")
 
     def add(self, t: Task, now: float) -> None:
         old = self.members.get(t.task_id)
@@ -168,6 +175,7 @@ class FilesetCollector:
             return
         self._unlisted.pop(t.task_id, None)
         s.add(t, now)
+        s.dirty = True
         self._of[t.task_id] = s
 
     def listing(self, manifest: Task, listed: dict[bytes, tuple[str, str]],
@@ -199,6 +207,7 @@ class FilesetCollector:
                 del self._unlisted[task_id]
                 s.add(t, now)
                 self._of[task_id] = s
+        self._recount(s)
 
     def discard(self, t: Task) -> None:
         """``t`` no longer waits (it got a job, or the hand-off found it unusable)."""
@@ -214,13 +223,23 @@ class FilesetCollector:
 
     # -- what is ready -------------------------------------------------------------------
 
-    def take_ready(self, now: float, lookup: Lookup) -> list[Fileset]:
-        """The filesets to import now, taken out of the collector."""
+    def take_ready(self, now: float, lookup: Lookup, *, poll: bool = False,
+                   held: Container[bytes] = ()) -> list[Fileset]:
+        """The filesets to import now, taken out of the collector. ``poll``: check every
+        manifest set in full (a listed file may have been imported elsewhere, or a
+        manifest removed, without a completion here). Manifest sets whose directory is
+        in ``held`` wait (a manifest there is still being read: it may join them)."""
         ready, self._full = self._full, []
         for key, s in list(self._sets.items()):
             if self.grouping == "directory":
                 due = now - s.last_added >= self.quiet_seconds
             else:
+                if not (s.dirty or poll) or s.root in held:
+                    continue
+                if (len(s.members) < s.expected and not poll
+                        and now - s.checked_at < MANIFEST_RECHECK_SECONDS):
+                    continue  # stays dirty: checked when its time comes (``next_due``)
+                s.dirty, s.checked_at = False, now
                 self._forget_gone_manifests(s, lookup)
                 if key not in self._sets:
                     continue
@@ -239,12 +258,13 @@ class FilesetCollector:
         return ready
 
     def next_due(self) -> float | None:
-        """When a directory set next falls quiet (manifest sets are polled, and woken
-        by every completion); None if nothing waits on a clock."""
+        """When a directory set next falls quiet, or a changed manifest set is next
+        checked; None if nothing waits on a clock (the hand-off still polls)."""
         if self._full:
             return float("-inf")
         if self.grouping != "directory":
-            return None
+            return min((s.checked_at + MANIFEST_RECHECK_SECONDS
+                        for s in self._sets.values() if s.dirty), default=None)
         return min((s.last_added + self.quiet_seconds for s in self._sets.values()),
                    default=None)
 
@@ -299,6 +319,11 @@ class FilesetCollector:
             s.closed = True
             self._full.append(s)
 
+    def _recount(self, s: Fileset) -> None:
+        listed = set().union(*s.manifests.values()) if s.manifests else set()
+        s.expected = len(listed | set(s.manifests))
+        s.dirty = True
+
     def _merge(self, other: Fileset, *, into: Fileset) -> None:
         for t in other.members.values():
             into.add(t, max(into.last_added, other.last_added))
@@ -310,6 +335,7 @@ class FilesetCollector:
                 self._listed[rel] = into
         if self._sets.get(other.key) is other:
             del self._sets[other.key]
+        self._recount(into)
 
     def _dissolve(self, s: Fileset, manifest: bytes) -> None:
         """A manifest left its set (removed, rewritten): what only it listed waits again."""
@@ -324,6 +350,7 @@ class FilesetCollector:
                 s.drop(t)
                 del self._of[task_id]
                 self._unlisted[task_id] = t
+        self._recount(s)
         if not s.manifests:
             for task_id, t in list(s.members.items()):
                 s.drop(t)

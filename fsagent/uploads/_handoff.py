@@ -37,6 +37,7 @@ Design notes
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import uuid
@@ -59,7 +60,9 @@ log = logging.getLogger("fsagent.uploads._component")
 IMPORT_RETRY_FIRST_SECONDS = 2.0
 IMPORT_RETRY_MAX_SECONDS = 600.0
 MANIFEST_LIMIT = 16 * 2**20    # bigger "manifests" are not manifests
-# Manifest sets are woken by every completion; this is only a safety net.
+# Manifest sets are checked on their completions; this full check every few seconds
+# catches what changed without one (a listed file imported by another set, a manifest
+# removed).
 MANIFEST_POLL_SECONDS = 5.0
 
 
@@ -75,6 +78,7 @@ class ImportHandOff:
             max_files=config.fileset_max_files, max_bytes=config.fileset_max_bytes)
         self._collected = trio.Event()
         self._submitting: list[Fileset] = []  # taken from the collector, not yet a job
+        self._reading: collections.Counter[bytes] = collections.Counter()  # manifests
         self._importing: set[str] = set()
         # task_id -> (trio time of the next attempt, the delay that led to it, the task)
         self._retry: dict[str, tuple[float, float, Task]] = {}
@@ -142,11 +146,19 @@ class ImportHandOff:
         generation = t.generation
         directory, _, name = t.rel.rpartition(b"/")
         algorithm, subject = manifest_kind(name)
+        # Until it is read, sets in its directory wait: this manifest may join them
+        # (``MD5SUMS`` next to ``SHA256SUMS``: one fileset, not two).
+        self._reading[directory] += 1
         try:
             content = await self._agent.to_thread(read_small, self._paths, t.rel)
         except OSError as e:
             log.warning("reading manifest %s: %s", t.path, e.strerror)
             content = b""
+        finally:
+            self._reading[directory] -= 1
+            if not self._reading[directory]:
+                del self._reading[directory]
+            self._collected.set()
         if t.generation != generation or t.state is not State.COMPLETE or t.job or t.ended:
             return  # changed meanwhile: its next completion reads it again
         names = parse_manifest(content, algorithm, subject)
@@ -164,9 +176,15 @@ class ImportHandOff:
         """Submit each fileset as the collector makes it ready."""
         if self.collector is None:
             return
+        next_poll = trio.current_time() + MANIFEST_POLL_SECONDS
         while True:
             self._collected = trio.Event()
-            ready = self.collector.take_ready(trio.current_time(), self._tasks.get)
+            now = trio.current_time()
+            poll = now >= next_poll
+            if poll:
+                next_poll = now + MANIFEST_POLL_SECONDS
+            ready = self.collector.take_ready(now, self._tasks.get, poll=poll,
+                                              held=self._reading)
             self._submitting.extend(ready)
             for fileset in ready:
                 try:
@@ -174,8 +192,7 @@ class ImportHandOff:
                 finally:
                     self._submitting.remove(fileset)
             due = self.collector.next_due()
-            if due is None:
-                due = trio.current_time() + MANIFEST_POLL_SECONDS
+            due = next_poll if due is None else min(due, next_poll)
             with trio.move_on_at(due):
                 await self._collected.wait()
 
