@@ -15,6 +15,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -389,3 +390,22 @@ def test_kill9_while_a_fileset_is_imported_imports_each_file_once(agent_factory,
     found = check_imported_once(agent, files)
     assert [j["ID"] for j in found] == [job["ID"]]
     assert found[0]["Content"]["Imported"] == 12
+
+
+def test_directory_renamed_over_and_over_while_its_fileset_is_submitted(agent_factory,
+                                                                        tmp_path):
+    """A directory of 600 uploads is renamed every few ms while its fileset falls quiet
+    and is submitted (the engine checks 600 paths in a worker thread meanwhile): the
+    submission is not a failure (no traceback, no retry delay); each file is imported
+    once, at the path it has at the end (found by the crash soak, seed 32001)."""
+    agent = agent_factory(config=QUICK + "fileset_quiet_seconds = 0.2\n").start()
+    files = make_tree(tmp_path / "src", 1, 600, size=64)
+    subprocess.run(["rsync", "-a", f"{tmp_path / 'src'}/d0", f"{agent.uploads}/"], check=True)
+    names = ["d0", "d1"]
+    for i in range(300):
+        os.rename(agent.uploads / names[i % 2], agent.uploads / names[(i + 1) % 2])
+        time.sleep(0.005)
+    final = names[300 % 2]
+    check_imported_once(agent, {f"{final}/{r.split('/', 1)[1]}": d for r, d in files.items()})
+    log = agent.log()
+    assert "Traceback" not in log and "import not started" not in log, log[-3000:]

@@ -132,7 +132,8 @@ class ImportHandOff:
     async def submit(self, t: Task) -> None:
         """Complete upload ``t`` goes to its fileset (or, ``file`` grouping, straight to
         the job engine). Returns before the fileset is imported."""
-        if t.job or t.task_id in self._importing or t.state is not State.COMPLETE:
+        if (t.job or t.task_id in self._importing or t.state is not State.COMPLETE
+                or t.ended or not t.tracked):
             return
         if self.collector is None:
             await self._submit_set([t], None)
@@ -226,6 +227,7 @@ class ImportHandOff:
                     t.job, t.job_sha256, t.error = job, versions[t.task_id], None
                     self._tasks.save(t)
 
+        paths = [t.path for t in members]  # as the spec names them
         try:
             st = self._paths.lstat(members[0].rel)
             if fileset is None:
@@ -245,6 +247,17 @@ class ImportHandOff:
                     self._tasks.save(t)
             if not isinstance(e, Exception):
                 raise
+            if any(t.path != path or t.ended or t.state is not State.COMPLETE
+                   for t, path in zip(members, paths)):
+                # A rename or removal (of a member or its directory) or a rewrite raced
+                # the engine's check of the paths: not a failure; the members still
+                # complete are collected again as they are now.
+                log.debug("uploads renamed while their fileset was submitted; collecting "
+                          "them again (%s)", e)
+                for t in members:
+                    self._importing.discard(t.task_id)
+                    await self.submit(t)
+                return
             if not any(t.task_id in self._retry for t in members):
                 log.exception("handing %d upload(s) to the job engine failed (%s ...)",
                               len(members), members[0].path)
