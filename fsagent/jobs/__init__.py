@@ -32,6 +32,7 @@ from ._engine import (
     BadSpec, Engine, JobExists, JobNotFinished, NoSuchJob, ShuttingDown, valid_job_name,
 )
 from ._cli import add_jobs_commands
+from ._handle import jobhandle_methods
 from ._import import import_tasks, stage_manifest_move
 from ._kinds import KINDS
 from ._nodes import JobsDirectory, render_jobs_json
@@ -122,7 +123,8 @@ class JobsComponent(Component):
         await self.engine.checkpoint()
 
     def rpc_methods(self):
-        """``Jobs.*``: each is one engine verb; refusals travel as ``[name, message]``.
+        """``Jobs.*`` and ``JobHandle.*`` (``_handle.py``): each is one engine verb;
+        refusals travel as ``[name, message]``.
 
         The caller's uid (SO_PEERCRED on the Unix socket) owns the jobs it submits, and
         only a job's owner and root may steer it, as with the files. A TCP client proved
@@ -169,6 +171,7 @@ class JobsComponent(Component):
             await e.set_priority(job_id, priority)
 
         methods = {
+            **jobhandle_methods(e, check_owner, self.agent.config.readblock_max_bytes),
             "Jobs.list": listing, "Jobs.show": show, "Jobs.submit": submit,
             "Jobs.cancel": verb("cancel"), "Jobs.pause": verb("pause"),
             "Jobs.resume": verb("resume"), "Jobs.retry": verb("retry"),

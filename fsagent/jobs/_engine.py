@@ -430,6 +430,19 @@ class Engine:
         self._wake()
         return after
 
+    async def set_message(self, job_id: str, message: str) -> str:
+        """Set the job's message (JobHandle.setMessage); returns the previous one. A
+        running job's kind may set its own later, as it progresses."""
+        job = self.get(job_id)
+        previous = job.live_message()
+        job.message = _clean(message)
+        if job.state is State.RUNNING and job.ctx is not None:
+            job.ctx.message = job.message
+        job.updated = time.time()
+        self._log(job, f"message set: {job.message}")
+        await self._persist(job, durable=True)
+        return previous
+
     async def set_priority(self, job_id: str, priority: int) -> None:
         job = self.get(job_id)
         if isinstance(priority, bool) or not isinstance(priority, int):
