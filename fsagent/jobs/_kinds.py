@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import os
 import pwd
 import stat
@@ -185,6 +186,13 @@ def _inside(real: str, root: str) -> bool:
     return real == root or real.startswith(root + os.sep)
 
 
+@functools.lru_cache(maxsize=8)
+def _real_root(uploads_dir: str) -> str:
+    # The store's own path does not move while the agent runs (it holds the state dir's
+    # lock); resolving it once spares a stat per component for every file confined.
+    return os.path.realpath(uploads_dir)
+
+
 def confine(uploads_dir: Path, rel: str, *, must_exist: bool = True) -> Path:
     """The real path of ``uploads/<rel>``; ``SpecError`` if it escapes or is missing."""
     if not isinstance(rel, str) or not rel or "\0" in rel:
@@ -195,7 +203,7 @@ def confine(uploads_dir: Path, rel: str, *, must_exist: bool = True) -> Path:
     if ".." in pure.parts:
         raise SpecError(f"{rel!r}: '..' is refused; paths stay inside uploads/")
     full = uploads_dir / pure
-    root = os.path.realpath(uploads_dir)
+    root = _real_root(str(uploads_dir))
     real = longpaths.realpath(str(full))
     if not _inside(real, root):
         raise SpecError(f"{rel!r} resolves outside uploads/ (a symlink?); refused")
