@@ -38,6 +38,7 @@ Design notes
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import os
 from collections.abc import Callable, Container, Iterable
 from typing import Any
@@ -288,7 +289,7 @@ class FilesetCollector:
         if unlisted:
             out.append({"grouping": "manifest", "root": None, "files": len(unlisted),
                         "bytes": sum(t.present for t in unlisted),
-                        "unlisted": sorted(t.path for t in unlisted)[:VIEW_LIMIT],
+                        "unlisted": heapq.nsmallest(VIEW_LIMIT, (t.path for t in unlisted)),
                         "note": "complete, but no checksum manifest lists these files yet"})
         return out
 
