@@ -22,6 +22,16 @@ Design notes
   ``complete`` row only while the fingerprint still matches and hashes it again
   otherwise. ``job_sha256`` is the SHA-256 of the version ``job`` imports: a file
   that comes back to ``complete`` with those same bytes keeps its import.
+* **Indexes by what is shown** (so nothing a user reads costs O(all uploads): a store
+  holds 100,000 complete uploads long after they were imported). ``counts`` is the
+  number of tracked tasks per shown state (``Task.shown``: ``status``, metrics);
+  ``unfinished`` holds the tracked tasks not shown ``complete`` (``uploads.json`` lists
+  them all; the settle loop looks only at these) and ``complete`` the ones that are.
+  A task is indexed while it is tracked, not ended, and the one at its path; the table
+  (``add``, ``move``, ``remove``) and the task's own writers of what ``shown`` reads
+  (``Task.apply``, ``mark_committed``, ``set_tracked``) call ``reindex``, which moves it
+  from the state it was counted under (``Task.counted_as``) to the one it shows now.
+  ``recount`` is the slow truth the tests hold the indexes to.
 * **Temporary files** (rsync's ``.NAME.XXXXXX``) get a ``Task`` too, so their writes
   are hashed on the fly, but ``tracked`` is False: no row, no listing, no state
   changes, until a rename into place promotes them.
@@ -32,7 +42,7 @@ from __future__ import annotations
 import sqlite3
 
 from ._task import COLUMNS as _COLUMNS
-from ._task import Event, Task
+from ._task import Event, State, Task
 
 __all__ = ["TaskTable", "load_tasks"]
 
@@ -49,12 +59,16 @@ def load_tasks(conn: sqlite3.Connection) -> list[Task]:
 
 
 class TaskTable:
-    """Tasks by path and by ID, plus the staging of their rows."""
+    """Tasks by path and by ID, indexed by shown state, plus the staging of their rows."""
 
     def __init__(self, db):
         self._db = db
         self.by_path: dict[bytes, Task] = {}
         self.by_id: dict[str, Task] = {}
+        self.counts: dict[State, int] = {s: 0 for s in State}
+        # Insertion-ordered sets (a dict keeps order and removes in O(1)).
+        self.unfinished: dict[Task, None] = {}
+        self.complete: dict[Task, None] = {}
 
     def get(self, rel: bytes) -> Task | None:
         return self.by_path.get(rel)
@@ -63,8 +77,13 @@ class TaskTable:
         return self.by_id.get(task_id)
 
     def add(self, task: Task) -> Task:
+        displaced = self.by_path.get(task.rel)
         self.by_path[task.rel] = task
         self.by_id[task.task_id] = task
+        task.table = self
+        if displaced is not None and displaced is not task:
+            self.reindex(displaced)
+        self.reindex(task)
         self.save(task)
         return task
 
@@ -79,6 +98,7 @@ class TaskTable:
             del self.by_path[task.rel]
         if self.by_id.get(task.task_id) is task:
             del self.by_id[task.task_id]
+        self.reindex(task)
         if task.hasher is not None:
             task.hasher.close()
             task.hasher = None
@@ -93,9 +113,38 @@ class TaskTable:
     def move(self, task: Task, new_rel: bytes) -> None:
         if self.by_path.get(task.rel) is task:
             del self.by_path[task.rel]
+        displaced = self.by_path.get(new_rel)
         task.rel = new_rel
         self.by_path[new_rel] = task
+        if displaced is not None and displaced is not task:
+            self.reindex(displaced)
+        self.reindex(task)
         self.save(task)
 
     def tracked(self) -> list[Task]:
         return [t for t in self.by_path.values() if t.tracked]
+
+    # -- the indexes by shown state -------------------------------------------------------
+
+    def reindex(self, task: Task) -> None:
+        """Count ``task`` under the state it shows now (or nowhere, if it is not an
+        indexed task any more). O(1); called whenever what ``shown`` reads may change."""
+        now = (task.shown if task.tracked and not task.ended
+               and self.by_path.get(task.rel) is task else None)
+        was = task.counted_as
+        if now is was:
+            return
+        if was is not None:
+            self.counts[was] -= 1
+            del (self.complete if was is State.COMPLETE else self.unfinished)[task]
+        if now is not None:
+            self.counts[now] += 1
+            (self.complete if now is State.COMPLETE else self.unfinished)[task] = None
+        task.counted_as = now
+
+    def recount(self) -> dict[State, int]:
+        """The counts by a full pass over every task (what ``counts`` must equal)."""
+        counts = {s: 0 for s in State}
+        for t in self.tracked():
+            counts[t.shown] += 1
+        return counts

@@ -25,7 +25,9 @@ Design notes
   first (``open_write``, ``modify``), and ``verifying`` is left by ``modify`` when the
   check finds other bytes than the ones it was asked to confirm.
 * **The task** (``Task``, below) is the record the table moves: ``Task.apply`` is the
-  only writer of ``state`` and of ``ended`` (set by ``unlink``). The other flags are
+  only writer of ``state`` and of ``ended`` (set by ``unlink``); it, ``mark_committed``
+  and ``set_tracked`` (the only writers of what ``shown`` reads) keep the task table's
+  per-state index current (``_store.py``). The other flags are
   facts the rules read, not states: ``tracked`` (False for a temporary name: no row,
   no listing, until ``named``), ``held`` (rsync left it with mtime 0), ``writers``.
 * **Which rule holds** is decided by ``completion_event`` from plain facts (writers,
@@ -211,7 +213,9 @@ COLUMNS = ("task_id", "path", "state", "bytes_present", "durable_offset", "decla
             "fp_size", "fp_mtime_ns", "fp_ctime_ns", "job_sha256")
 
 
-@dataclasses.dataclass(eq=False)
+# ``slots``: at 100,000 uploads every byte of a task counts (a dict per instance cost
+# ~300 bytes more); nothing sets attributes a task does not declare.
+@dataclasses.dataclass(eq=False, slots=True)
 class Task:
     rel: bytes                      # path under uploads/
     task_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
@@ -244,6 +248,11 @@ class Task:
     ended: bool = False
     stored: bool = False            # a row may exist: deleting must reach SQLite
     committed: bool = False         # the current state is durable (see ``shown``)
+    # The TaskTable that indexes it by shown state (``_store.py``), and the state it is
+    # counted under there (None: not counted). ``apply``, ``mark_committed`` and
+    # ``set_tracked`` change what is shown, so they tell the table.
+    table: Any = dataclasses.field(default=None, repr=False)
+    counted_as: State | None = dataclasses.field(default=None, repr=False)
 
     @property
     def path(self) -> str:
@@ -258,7 +267,21 @@ class Task:
             self.state = new
             self.committed = False
         self.updated = time.time()
+        if self.table is not None:
+            self.table.reindex(self)
         return new
+
+    def mark_committed(self) -> None:
+        """The current state's record is durable: ``complete`` may be shown now."""
+        self.committed = True
+        if self.table is not None:
+            self.table.reindex(self)
+
+    def set_tracked(self, tracked: bool) -> None:
+        """Become an upload task (a real name) or stop being one (a temporary name)."""
+        self.tracked = tracked
+        if self.table is not None:
+            self.table.reindex(self)
 
     def changed(self) -> None:
         self.generation += 1
