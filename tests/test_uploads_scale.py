@@ -37,28 +37,40 @@ def db(tmp_path):
     database.close()
 
 
-def assert_indexes_are_a_recount(tasks: TaskTable) -> None:
+def assert_indexes_are_a_recount(tasks: TaskTable, recent: int) -> None:
     every = [t for t in tasks.by_path.values() if t.tracked]
     assert tasks.counts == tasks.recount() == {
         s: sum(1 for t in every if t.shown is s) for s in State}
     assert set(tasks.unfinished) == {t for t in every if t.shown is not State.COMPLETE}
-    assert set(tasks.complete) == {t for t in every if t.shown is State.COMPLETE}
+    newest = sorted((t for t in every if t.shown is State.COMPLETE),
+                    key=lambda t: t.completed or 0, reverse=True)
+    for n in (recent, 1, recent + 5):
+        got = tasks.most_recent(n)
+        # Equal times (None counts as 0) may come in either order: compare the times,
+        # and that each is a distinct task shown complete.
+        assert [t.completed or 0 for t in got] == [
+            t.completed or 0 for t in newest[:min(n, recent)]]
+        assert len(set(got)) == len(got) and all(t in newest for t in got)
 
 
 def test_table_indexes_equal_a_recount_after_random_operations(db):
     """Seeded random runs of everything that changes what a task shows or whether it
     is indexed: add (also over another task's path), move (also over another), remove,
-    every allowed event, the commit that shows ``complete``, tracking on and off."""
+    every allowed event, the commit that shows ``complete``, tracking on and off; with
+    completion times in any order (a recovered store, a version that kept its time)."""
     for seed in range(20):
         rng = random.Random(seed)
-        tasks = TaskTable(db)
-        names = [f"d{i % 3}/f{i}".encode() for i in range(12)]
+        recent = rng.choice([0, 1, 3])
+        tasks = TaskTable(db, recent=recent)
+        names = [f"d{i % 5}/f{i}".encode() for i in range(30)]
+        clock = iter(range(1, 10**6))
         for step in range(400):
             live = list(tasks.by_id.values())
             op = rng.randrange(7) if live else 0
             if op == 0:
                 t = Task(rel=rng.choice(names), state=rng.choice(list(State)),
-                         committed=rng.random() < 0.5, tracked=rng.random() < 0.8)
+                         committed=rng.random() < 0.5, tracked=rng.random() < 0.8,
+                         completed=rng.choice([None, rng.randrange(1000) + 0.5]))
                 tasks.add(t)
             elif op == 1:
                 tasks.move(rng.choice(live), rng.choice(names))
@@ -76,14 +88,16 @@ def test_table_indexes_equal_a_recount_after_random_operations(db):
             else:
                 t = rng.choice(live)  # COMPLETE, then durable: the usual way to "complete"
                 if t.state is State.VERIFYING:
+                    if rng.random() < 0.8:  # a new version: completed now
+                        t.completed = 1000.0 + next(clock)
                     t.apply(Event.VERIFIED)
                     t.mark_committed()
-            assert_indexes_are_a_recount(tasks), f"seed {seed} step {step}"
+            assert_indexes_are_a_recount(tasks, recent), f"seed {seed} step {step}"
         # Ending every task leaves nothing counted.
         for t in list(tasks.by_id.values()):
             tasks.remove(t)
         assert tasks.counts == {s: 0 for s in State}
-        assert not tasks.unfinished and not tasks.complete
+        assert not tasks.unfinished and tasks.most_recent(5) == []
 
 
 def _allowed_pairs() -> set[tuple[State, Event]]:

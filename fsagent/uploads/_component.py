@@ -27,7 +27,6 @@ Design notes
 from __future__ import annotations
 
 import errno
-import heapq
 import json
 import logging
 import os
@@ -69,7 +68,7 @@ class UploadsComponent(Component):
         config = self.config = agent.config
         self._root_path = os.fsencode(config.uploads_dir)
         self.paths = BackingTree(self._root_path)  # syscalls on paths of any length
-        self.tasks = TaskTable(agent.db)
+        self.tasks = TaskTable(agent.db, recent=config.recent_uploads)
         self.root = UploadDir(self, None, b"")
         self.counters = {"write_calls": 0, "bytes_written": 0, "rehashed": 0, "checkpoints": 0,
                          "recovered_cuts": 0, "rechecked": 0}
@@ -321,10 +320,9 @@ class UploadsComponent(Component):
     def render_list(self) -> bytes:
         """Every unfinished upload (oldest change first), then the ``recent_uploads``
         most recently completed. From the table's indexes: the complete uploads (most
-        of a big store) are only scanned for the few most recent, never sorted."""
+        of a big store) are neither scanned nor sorted."""
         shown = sorted(self.tasks.unfinished, key=lambda t: t.updated)
-        shown += heapq.nlargest(self.config.recent_uploads, self.tasks.complete,
-                                key=lambda t: t.completed or 0)
+        shown += self.tasks.most_recent(self.config.recent_uploads)
         return (json.dumps([t.summary() for t in shown], indent=1) + "\n").encode()
 
     def render_filesets(self) -> bytes:
