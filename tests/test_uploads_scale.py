@@ -240,11 +240,11 @@ def test_status_counts_and_uploads_json_equal_a_recount_after_random_operations(
     failed = [f for f in files if os.getxattr(up / f, "user.fsagent.state") == b"failed"]
     assert truth["failed"] == len(failed) >= 1, "the run should leave a failed upload"
     assert sum(truth.values()) == len(files)
-    # Three new uploads, each complete before the next: they are the most recent.
+    # Nine new uploads, each complete before the next: they are the most recent.
     newest = []
-    for i in range(3):
+    (up / "d9").mkdir(exist_ok=True)
+    for i in range(9):
         rel = f"d9/new{i}"
-        (up / "d9").mkdir(exist_ok=True)
         (up / rel).write_bytes(os.urandom(100))
         wait_for(lambda: os.getxattr(up / rel, "user.fsagent.state") == b"complete", 60,
                  f"{rel} complete")
@@ -254,10 +254,11 @@ def test_status_counts_and_uploads_json_equal_a_recount_after_random_operations(
     unfinished = [e for e in listed if e["state"] != "complete"]
     assert listed[:len(unfinished)] == unfinished, "unfinished uploads come first"
     assert sorted(e["path"] for e in unfinished) == sorted(failed)
-    assert [e["path"] for e in listed[len(unfinished):]] == newest[::-1]
-    # Removing the newest shows the next most recent in its place.
-    os.unlink(up / newest[-1])
-    wait_for(lambda: settled(agent), 60, "status after the unlink")
-    listed = json.loads((agent.mount / "uploads.json").read_text())
-    done = [e["path"] for e in listed if e["state"] == "complete"]
-    assert done[:2] == newest[1::-1] and len(done) == 3 and newest[-1] not in done
+    assert [e["path"] for e in listed[len(unfinished):]] == newest[:-4:-1]
+    # Removing the newest shows the next most recent in their place, one by one.
+    for gone in range(1, 7):
+        os.unlink(up / newest[-gone])
+        wait_for(lambda: settled(agent), 60, "status after the unlink")
+        listed = json.loads((agent.mount / "uploads.json").read_text())
+        done = [e["path"] for e in listed if e["state"] == "complete"]
+        assert done == newest[-gone - 1:-gone - 4:-1], f"after removing {gone}"

@@ -50,7 +50,9 @@ import os
 import re
 import sqlite3
 import time
+import types
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
@@ -207,6 +209,8 @@ def progress_percent(present: int, declared_size: int | None, state: State) -> f
 
 # -- the task ------------------------------------------------------------------------
 
+NO_DECLARATIONS: Mapping[str, str] = types.MappingProxyType({})
+
 COLUMNS = ("task_id", "path", "state", "bytes_present", "durable_offset", "declared_size",
             "client_md5", "client_sha1", "client_sha256", "md5", "sha1", "sha256", "job",
             "error", "held", "renamed_by_rsync", "created", "updated", "completed", "ino",
@@ -223,7 +227,9 @@ class Task:
     present: int = 0                # bytes present (the file's size)
     durable: int = 0                # bytes synced to disk and recorded
     declared_size: int | None = None
-    client: dict[str, str] = dataclasses.field(default_factory=dict)    # algorithm -> hex
+    # Algorithm -> hex. Replaced, never changed in place: a task with no declaration
+    # (nearly all) shares one read-only empty mapping instead of a dict of its own.
+    client: Mapping[str, str] = dataclasses.field(default_factory=lambda: NO_DECLARATIONS)
     computed: dict[str, str] = dataclasses.field(default_factory=dict)
     job: str | None = None
     error: str | None = None
@@ -329,7 +335,7 @@ class Task:
             state=State(values["state"]), present=values["bytes_present"],
             durable=values["durable_offset"], declared_size=values["declared_size"],
             client={a: values[f"client_{a}"] for a in ("md5", "sha1", "sha256")
-                    if values[f"client_{a}"]},
+                    if values[f"client_{a}"]} or NO_DECLARATIONS,
             computed={a: values[a] for a in ("md5", "sha1", "sha256") if values[a]},
             job=values["job"], error=values["error"], held=bool(values["held"]),
             renamed_by_rsync=bool(values["renamed_by_rsync"]), created=values["created"],
