@@ -24,7 +24,7 @@ from conftest import wait_for
 from fsagent.db import Database
 from fsagent.fs import DynamicFile
 from fsagent.uploads._store import TaskTable
-from fsagent.uploads._task import Event, State, Task, next_state
+from fsagent.uploads._task import Event, Sha256Only, State, Task, digests_of, next_state
 from test_uploads_stages import state_writes
 
 # -- the table's indexes, without a mount -----------------------------------------------------
@@ -262,3 +262,32 @@ def test_status_counts_and_uploads_json_equal_a_recount_after_random_operations(
         listed = json.loads((agent.mount / "uploads.json").read_text())
         done = [e["path"] for e in listed if e["state"] == "complete"]
         assert done == newest[-gone - 1:-gone - 4:-1], f"after removing {gone}"
+
+
+# -- compact per-task state --------------------------------------------------------------------
+
+
+def test_digests_of_a_complete_upload_read_like_a_dict():
+    """``Task.computed`` is compact for the SHA-256 alone and shared when empty; every
+    way the pipeline reads it answers as the dict it replaces would."""
+    hex_ = "ab" * 32
+    compact = digests_of({"sha256": hex_})
+    assert isinstance(compact, Sha256Only)
+    assert compact == {"sha256": hex_} and dict(compact) == {"sha256": hex_}
+    assert compact["sha256"] == compact.get("sha256") == hex_
+    assert compact.get("md5") is None and compact.get("md5", "x") == "x"
+    with pytest.raises(KeyError):
+        compact["md5"]
+    assert {"sha256"} <= compact.keys() and not {"sha256", "md5"} <= compact.keys()
+    assert list(compact.items()) == [("sha256", hex_)] and len(compact) == 1
+    assert "sha256" in compact and "md5" not in compact
+    several = digests_of({"sha256": hex_, "md5": "c" * 32})
+    assert type(several) is dict and several == {"sha256": hex_, "md5": "c" * 32}
+    assert digests_of({}) is digests_of({}) and dict(digests_of({})) == {}
+    t = Task(rel=b"a")
+    assert t.computed is digests_of({}) and t.client == {}
+    t.computed = compact
+    t.changed()
+    assert t.computed == {} and t.row()[9:12] == (None, None, None)
+    t.computed = compact
+    assert Task.from_row(t.row()).computed == {"sha256": hex_}

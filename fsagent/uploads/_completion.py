@@ -48,7 +48,7 @@ from ._hashing import hash_file
 from ._manifests import manifest_kind, manifest_names_for, parse_manifest
 from ._recovery import fingerprint
 from ._store import TaskTable
-from ._task import Event, State, Task, completion_event
+from ._task import Event, State, Task, completion_event, digests_of
 
 __all__ = ["Completion"]
 
@@ -183,7 +183,7 @@ class Completion:
             proof = fingerprint(self._paths.lstat(t.rel))
         except OSError:
             proof = None  # proves nothing: a crash makes recovery hash it again
-        t.computed = dict(digests)
+        t.computed = digests_of(digests)
         for algorithm, expected, source in declarations:
             actual = digests[algorithm]
             if actual != expected:
