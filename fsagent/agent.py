@@ -61,6 +61,9 @@ __all__ = ["Agent", "run_agent"]
 
 log = logging.getLogger(__name__)
 
+# How long a stat of status/metrics may report the size of the last stat's rendering
+# (``fs.DynamicFile``); a read always renders afresh.
+STATUS_STAT_SECONDS = 0.25
 FUSE_MAX_TASKS = 1000  # concurrent FUSE requests (blocking `wait` reads included)
 
 
@@ -191,8 +194,9 @@ class Agent:
         self.last_checkpoint = self.db.run_sync(last_checkpoint)
         self.components = build_components(self)
         entries: dict[bytes, Node] = {
+            # A cat stats these three times before it opens: render them once for that.
             b"status": StatusFile(self.render_status, self.pid),
-            b"metrics": DynamicFile(self.metrics.render),
+            b"metrics": DynamicFile(self.metrics.render, reuse_size_for=STATUS_STAT_SECONDS),
         }
         for component in self.components:
             for name, node in component.root_entries().items():
@@ -314,7 +318,7 @@ class StatusFile(DynamicFile):
     PID_XATTR = b"user.fsagent.pid"
 
     def __init__(self, render, pid: int):
-        super().__init__(render)
+        super().__init__(render, reuse_size_for=STATUS_STAT_SECONDS)
         self.pid = pid
 
     async def getxattr(self, name: bytes, ctx) -> bytes:

@@ -16,7 +16,7 @@ from fsagent.uploads._task import State, Task
 def task(rel: str, size: int = 10, state: State = State.COMPLETE, job: str | None = None,
          error: str | None = None) -> Task:
     t = Task(rel=rel.encode(), present=size, state=state, job=job, error=error)
-    t.computed["sha256"] = "0" * 64
+    t.computed = {"sha256": "0" * 64}
     return t
 
 

@@ -671,13 +671,15 @@ ALLOWED_STATE_WRITERS = {
 }
 
 
-def state_writes(source: str, filename: str) -> list[tuple[str, str, int]]:
-    """Every ``x.state``/``x.ended`` write in ``source``: ``(file, where, line)``.
+def state_writes(source: str, filename: str,
+                 watched: frozenset[str] | set[str] = frozenset({"state", "ended"}),
+                 ) -> list[tuple[str, str, int]]:
+    """Every ``x.state``/``x.ended`` (or other ``watched``) write in ``source``:
+    ``(file, where, line)``.
 
     Counts assignments (plain, augmented, annotated, and unpacking), ``setattr`` /
     ``object.__setattr__`` with those names, and ``dataclasses.replace(..., state=)``.
     """
-    watched = {"state", "ended"}
     found = []
 
     def targets(node):

@@ -17,7 +17,16 @@ else is a bug, which ``Filesystem`` logs and turns into ``EIO``.
 ``DynamicFile`` implements the files-as-API convention: content is rendered when
 the file is opened and every read on that handle is served from that snapshot
 (consistent partial reads), with ``direct_io`` so the kernel neither caches it nor
-cuts reads at a stale ``st_size``.
+cuts reads at a stale ``st_size``. Its ``st_size`` is the size of a rendering too: a new
+one, or, for a read-only document that opts in (``reuse_size_for``: ``status``,
+``uploads.json``, ...), the last one made for a stat if it is younger than that. A
+``cat`` asks for the attributes three times (lookup, getattr twice) right before it
+opens, and a big document (``uploads.json`` of a large store) should not be rendered
+four times for one read: with the reuse it is rendered twice (the lookup, the open).
+The open always renders afresh, so what is read is always current; only the size a
+``stat`` reports may be that old, as a kernel's attribute cache would make it. Files
+that are written to (a job's ``priority``) do not opt in: a stat right after a write
+must see the new size.
 """
 
 from __future__ import annotations
@@ -238,9 +247,11 @@ class DynamicFile(Node):
     entry_timeout = 1.0
     attr_timeout = 0.0  # size changes with content; never let the kernel cache it
 
-    def __init__(self, render: Renderer, mode: int = 0o444):
+    def __init__(self, render: Renderer, mode: int = 0o444, *, reuse_size_for: float = 0.0):
         self._render = render
         self.mode = mode
+        self.reuse_size_for = reuse_size_for  # seconds a stat may reuse a rendering's size
+        self._sized: tuple[float, int] | None = None  # (monotonic time, size) of the last
 
     async def render(self) -> bytes:
         result = self._render()
@@ -248,8 +259,19 @@ class DynamicFile(Node):
             result = await result
         return result
 
-    async def getattr(self, ctx) -> EntryAttributes:
+    async def size(self) -> int:
+        """The size of the content: a new rendering's, or the last stat's if it is
+        younger than ``reuse_size_for`` (see the notes above)."""
+        now = time.monotonic()
+        if self._sized is not None and now - self._sized[0] < self.reuse_size_for:
+            return self._sized[1]
         size = len(await self.render())
+        if self.reuse_size_for:
+            self._sized = (now, size)
+        return size
+
+    async def getattr(self, ctx) -> EntryAttributes:
+        size = await self.size()
         return make_attributes(
             inode=self.inode, mode=stat.S_IFREG | self.mode, size=size,
             entry_timeout=self.entry_timeout, attr_timeout=self.attr_timeout,

@@ -48,7 +48,7 @@ from ._hashing import hash_file
 from ._manifests import manifest_kind, manifest_names_for, parse_manifest
 from ._recovery import fingerprint
 from ._store import TaskTable
-from ._task import Event, State, Task, completion_event
+from ._task import Event, State, Task, completion_event, digests_of
 
 __all__ = ["Completion"]
 
@@ -100,7 +100,9 @@ class Completion:
         while True:
             await trio.sleep(min(1.0, self._settle / 4))
             now = time.monotonic()
-            for t in self._tasks.tracked():
+            # Only unfinished tasks can be partial: the pass costs nothing per complete
+            # upload, however many the store holds (``TaskTable.unfinished``).
+            for t in list(self._tasks.unfinished):
                 if (t.state is State.PARTIAL and not t.writers and not t.held
                         and t.declared_size is None and now - t.last_change >= self._settle
                         and not self._checkpoint_pending(t)):
@@ -181,7 +183,7 @@ class Completion:
             proof = fingerprint(self._paths.lstat(t.rel))
         except OSError:
             proof = None  # proves nothing: a crash makes recovery hash it again
-        t.computed = dict(digests)
+        t.computed = digests_of(digests)
         for algorithm, expected, source in declarations:
             actual = digests[algorithm]
             if actual != expected:
@@ -230,7 +232,7 @@ class Completion:
             # the failure, which the task's ``error`` (import not started) names.
             log.error("recording %s as complete failed (%s); it stays staged", t.path, e)
         if t.state is State.COMPLETE and t.generation == generation and not t.ended:
-            t.committed = True
+            t.mark_committed()
 
     async def recheck(self, t: Task) -> None:
         """Hash a complete file recovery could not prove unchanged (see the notes)."""

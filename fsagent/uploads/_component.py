@@ -55,6 +55,10 @@ __all__ = ["UploadsComponent"]
 
 log = logging.getLogger(__name__)
 
+# How long a stat of uploads.json may report the size of the last stat's rendering
+# (``fs.DynamicFile``): one ``cat`` stats it three times in a row before it opens.
+STAT_SECONDS = 0.25
+
 
 class UploadsComponent(Component):
     name = "uploads"
@@ -64,7 +68,7 @@ class UploadsComponent(Component):
         config = self.config = agent.config
         self._root_path = os.fsencode(config.uploads_dir)
         self.paths = BackingTree(self._root_path)  # syscalls on paths of any length
-        self.tasks = TaskTable(agent.db)
+        self.tasks = TaskTable(agent.db, recent=config.recent_uploads)
         self.root = UploadDir(self, None, b"")
         self.counters = {"write_calls": 0, "bytes_written": 0, "rehashed": 0, "checkpoints": 0,
                          "recovered_cuts": 0, "rechecked": 0}
@@ -95,21 +99,20 @@ class UploadsComponent(Component):
     # -- component hooks ----------------------------------------------------------------
 
     def root_entries(self) -> dict[bytes, Node]:
-        return {b"uploads": self.root, b"uploads.json": DynamicFile(self.render_list),
-                b"filesets.json": DynamicFile(self.render_filesets)}
+        return {b"uploads": self.root,
+                b"uploads.json": DynamicFile(self.render_list, reuse_size_for=STAT_SECONDS),
+                b"filesets.json": DynamicFile(self.render_filesets,
+                                              reuse_size_for=STAT_SECONDS)}
 
     def status(self) -> dict[str, Any]:
-        states: dict[str, int] = {s.value: 0 for s in State}
-        for t in self.tasks.tracked():
-            states[t.shown.value] += 1
+        states = {s.value: n for s, n in self.tasks.counts.items()}  # kept, not counted
         collector = self.handoff.collector
         return {"tasks": states, **self.counters, "checkpoints": self.checkpoints.count,
                 "import_grouping": self.handoff.grouping,
                 "collecting": 0 if collector is None else collector.waiting_count}
 
     def counts(self) -> dict[str, int]:
-        receiving = sum(1 for t in self.tasks.tracked() if t.state is State.RECEIVING)
-        return {"uploads receiving": receiving}
+        return {"uploads receiving": self.tasks.counts[State.RECEIVING]}
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -315,12 +318,11 @@ class UploadsComponent(Component):
     # -- uploads.json ---------------------------------------------------------------------
 
     def render_list(self) -> bytes:
-        tasks = self.tasks.tracked()
-        unfinished = [t for t in tasks if t.shown is not State.COMPLETE]
-        done = sorted((t for t in tasks if t.shown is State.COMPLETE),
-                      key=lambda t: t.completed or 0, reverse=True)
-        shown = sorted(unfinished, key=lambda t: t.updated)
-        shown += done[: self.config.recent_uploads]
+        """Every unfinished upload (oldest change first), then the ``recent_uploads``
+        most recently completed. From the table's indexes: the complete uploads (most
+        of a big store) are neither scanned nor sorted."""
+        shown = sorted(self.tasks.unfinished, key=lambda t: t.updated)
+        shown += self.tasks.most_recent(self.config.recent_uploads)
         return (json.dumps([t.summary() for t in shown], indent=1) + "\n").encode()
 
     def render_filesets(self) -> bytes:

@@ -72,7 +72,7 @@ def declare(t: Task, key: bytes, value: bytes, space: SpaceAccounting,
     algorithm = key.decode()
     if len(text) != DIGEST_HEX_LENGTH[algorithm] or not _HEX.match(text):
         raise FUSEError(errno.EINVAL)
-    t.client[algorithm] = text
+    t.client = {**t.client, algorithm: text}  # never in place: the empty one is shared
     if t.hasher is not None and not t.hasher.includes(algorithm) and t.hasher.position == 0:
         new_hasher(t)  # nothing hashed yet: include it on the fly
 
@@ -85,7 +85,7 @@ def undeclare(t: Task, key: bytes) -> bool:
     if key == b"size" and t.declared_size is not None:
         t.declared_size = None
     elif key.decode("ascii", "replace") in t.client:
-        del t.client[key.decode()]
+        t.client = {a: v for a, v in t.client.items() if a != key.decode()}
     elif key == b"sha256" and t.computed.get("sha256"):
         return False
     else:

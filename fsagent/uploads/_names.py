@@ -6,6 +6,14 @@ Design notes
   it). A rename over another upload ends that upload's task. A complete task's
   fingerprint follows (a rename moves the ctime, not the bytes), and so does the
   manifest row of its import (``_handoff.py``).
+* **A directory's rename touches no file in it**: the kernel moves the ctime of the
+  directory's inode only (ext4, tmpfs, xfs alike), so the fingerprints of the files
+  under it still hold and are not refreshed: no ``lstat`` per file on the event loop
+  when ``mv`` moves a directory of 100,000 uploads. Were a filesystem to touch them
+  anyway, the old fingerprint would only make recovery hash those files again
+  (``_recovery.py``): a stale fingerprint costs a recheck, never a false proof, and
+  each task's new path is staged with its fingerprint in one step (no await between),
+  so no flush can record one without the other.
 * **Temporary names.** rsync's temp files (``.NAME.XXXXXX``) and anything under its
   partial or delay directories are not tasks (``Task.tracked`` is False: no row, no
   listing); renamed to a real name they become one (``Event.NAMED``), carrying the
@@ -106,9 +114,11 @@ class Names:
             return
         prefix = old_rel + b"/"
         for rel in [r for r in self._tasks.by_path if r.startswith(prefix)]:
-            await self._move(rel, new_rel + rel[len(old_rel):])
+            await self._move(rel, new_rel + rel[len(old_rel):], refresh=False)
 
-    async def _move(self, old_rel: bytes, new_rel: bytes) -> None:
+    async def _move(self, old_rel: bytes, new_rel: bytes, *, refresh: bool = True) -> None:
+        """Move the task at ``old_rel`` to ``new_rel``; ``refresh``: the file itself was
+        renamed (its ctime moved), not a directory above it (see the notes)."""
         t = self._tasks.get(old_rel)
         replaced = self._tasks.get(new_rel)
         if replaced is not None and replaced is not t:
@@ -119,14 +129,14 @@ class Names:
         self._tasks.move(t, new_rel)
         if was_tracked and not now_tracked:
             job = t.job
-            t.tracked = False
+            t.set_tracked(False)
             self._tasks.forget_row(t)
             if job:
                 await self._handoff.release(job, t)
         elif not was_tracked and now_tracked:
             await self._named(t, from_rsync=is_temporary_path(old_rel))
         elif was_tracked:
-            if t.state is State.COMPLETE:
+            if t.state is State.COMPLETE and refresh:
                 self._refresh_fingerprint(t)  # a rename moves the ctime, not the bytes
             self._handoff.moved(t)  # the import's manifest row follows the file
             self._completion.notice_manifest(t)
@@ -138,7 +148,7 @@ class Names:
             st = self._paths.lstat(t.rel)
         except OSError:
             return
-        t.tracked = True
+        t.set_tracked(True)
         t.present = st.st_size
         t.apply(Event.NAMED)
         if t.writers:

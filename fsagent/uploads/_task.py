@@ -25,7 +25,9 @@ Design notes
   first (``open_write``, ``modify``), and ``verifying`` is left by ``modify`` when the
   check finds other bytes than the ones it was asked to confirm.
 * **The task** (``Task``, below) is the record the table moves: ``Task.apply`` is the
-  only writer of ``state`` and of ``ended`` (set by ``unlink``). The other flags are
+  only writer of ``state`` and of ``ended`` (set by ``unlink``); it, ``mark_committed``
+  and ``set_tracked`` (the only writers of what ``shown`` reads) keep the task table's
+  per-state index current (``_store.py``). The other flags are
   facts the rules read, not states: ``tracked`` (False for a temporary name: no row,
   no listing, until ``named``), ``held`` (rsync left it with mtime 0), ``writers``.
 * **Which rule holds** is decided by ``completion_event`` from plain facts (writers,
@@ -48,12 +50,15 @@ import os
 import re
 import sqlite3
 import time
+import types
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
     "State", "Event", "TRANSITIONS", "TaskStateError", "next_state", "completion_event",
     "is_temporary_path", "is_utf8", "progress_percent", "Task", "COLUMNS",
+    "NO_DECLARATIONS", "NO_DIGESTS", "Sha256Only", "digests_of",
 ]
 
 
@@ -205,13 +210,56 @@ def progress_percent(present: int, declared_size: int | None, state: State) -> f
 
 # -- the task ------------------------------------------------------------------------
 
+NO_DECLARATIONS: Mapping[str, str] = types.MappingProxyType({})
+NO_DIGESTS: Mapping[str, str] = types.MappingProxyType({})
+
+
+class Sha256Only(Mapping):
+    """``{"sha256": hex}`` in 56 bytes instead of a dict's 184: the digests of nearly
+    every complete upload (a store keeps 100,000 and more). Read-only, like every
+    ``Task.computed`` (replaced, never changed in place)."""
+
+    __slots__ = ("hex",)
+
+    def __init__(self, hex: str):
+        self.hex = hex
+
+    def __getitem__(self, algorithm: str) -> str:
+        if algorithm == "sha256":
+            return self.hex
+        raise KeyError(algorithm)
+
+    def get(self, algorithm: str, default=None):
+        return self.hex if algorithm == "sha256" else default
+
+    def __iter__(self):
+        return iter(("sha256",))
+
+    def __len__(self) -> int:
+        return 1
+
+    def __repr__(self) -> str:
+        return f"{{'sha256': {self.hex!r}}}"
+
+
+def digests_of(values: Mapping[str, str]) -> Mapping[str, str]:
+    """``values`` (algorithm -> hex) as ``Task.computed`` keeps it: compact when it is
+    the SHA-256 alone, shared when empty."""
+    if not values:
+        return NO_DIGESTS
+    if len(values) == 1 and "sha256" in values:
+        return Sha256Only(values["sha256"])
+    return dict(values)
+
 COLUMNS = ("task_id", "path", "state", "bytes_present", "durable_offset", "declared_size",
             "client_md5", "client_sha1", "client_sha256", "md5", "sha1", "sha256", "job",
             "error", "held", "renamed_by_rsync", "created", "updated", "completed", "ino",
             "fp_size", "fp_mtime_ns", "fp_ctime_ns", "job_sha256")
 
 
-@dataclasses.dataclass(eq=False)
+# ``slots``: at 100,000 uploads every byte of a task counts (a dict per instance cost
+# ~300 bytes more); nothing sets attributes a task does not declare.
+@dataclasses.dataclass(eq=False, slots=True)
 class Task:
     rel: bytes                      # path under uploads/
     task_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
@@ -219,8 +267,12 @@ class Task:
     present: int = 0                # bytes present (the file's size)
     durable: int = 0                # bytes synced to disk and recorded
     declared_size: int | None = None
-    client: dict[str, str] = dataclasses.field(default_factory=dict)    # algorithm -> hex
-    computed: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Algorithm -> hex. Replaced, never changed in place: a task with no declaration
+    # (nearly all) shares one read-only empty mapping instead of a dict of its own.
+    client: Mapping[str, str] = dataclasses.field(default_factory=lambda: NO_DECLARATIONS)
+    # Algorithm -> hex of the bytes verified; replaced, never changed in place
+    # (``digests_of``: compact or shared, as ``client``).
+    computed: Mapping[str, str] = dataclasses.field(default_factory=lambda: NO_DIGESTS)
     job: str | None = None
     error: str | None = None
     held: bool = False              # rsync left it with mtime 0: never settles by itself
@@ -244,6 +296,11 @@ class Task:
     ended: bool = False
     stored: bool = False            # a row may exist: deleting must reach SQLite
     committed: bool = False         # the current state is durable (see ``shown``)
+    # The TaskTable that indexes it by shown state (``_store.py``), and the state it is
+    # counted under there (None: not counted). ``apply``, ``mark_committed`` and
+    # ``set_tracked`` change what is shown, so they tell the table.
+    table: Any = dataclasses.field(default=None, repr=False)
+    counted_as: State | None = dataclasses.field(default=None, repr=False)
 
     @property
     def path(self) -> str:
@@ -258,12 +315,26 @@ class Task:
             self.state = new
             self.committed = False
         self.updated = time.time()
+        if self.table is not None:
+            self.table.reindex(self)
         return new
+
+    def mark_committed(self) -> None:
+        """The current state's record is durable: ``complete`` may be shown now."""
+        self.committed = True
+        if self.table is not None:
+            self.table.reindex(self)
+
+    def set_tracked(self, tracked: bool) -> None:
+        """Become an upload task (a real name) or stop being one (a temporary name)."""
+        self.tracked = tracked
+        if self.table is not None:
+            self.table.reindex(self)
 
     def changed(self) -> None:
         self.generation += 1
         self.last_change = time.monotonic()
-        self.computed = {}
+        self.computed = NO_DIGESTS
         self.fingerprint = None
         self.timed = False
 
@@ -306,8 +377,9 @@ class Task:
             state=State(values["state"]), present=values["bytes_present"],
             durable=values["durable_offset"], declared_size=values["declared_size"],
             client={a: values[f"client_{a}"] for a in ("md5", "sha1", "sha256")
-                    if values[f"client_{a}"]},
-            computed={a: values[a] for a in ("md5", "sha1", "sha256") if values[a]},
+                    if values[f"client_{a}"]} or NO_DECLARATIONS,
+            computed=digests_of({a: values[a] for a in ("md5", "sha1", "sha256")
+                                 if values[a]}),
             job=values["job"], error=values["error"], held=bool(values["held"]),
             renamed_by_rsync=bool(values["renamed_by_rsync"]), created=values["created"],
             updated=values["updated"], completed=values["completed"], ino=values["ino"],
