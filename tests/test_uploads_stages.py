@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 import fsagent.uploads
 from fsagent.db import Database
@@ -98,12 +99,16 @@ class FakeHandOff:
         self.ends: dict[str, str] = {}      # job ID -> how a running job ends
         self.calls: list[tuple[str, str]] = []
         self.skipped: set[tuple[str, str]] = set()   # (job, task): ran without importing it
+        self.gate: trio.Event | None = None          # settled_state waits for it
 
     def job_state(self, job: str) -> str | None:
         return self.jobs.get(job)
 
     async def settled_state(self, job: str) -> str | None:
-        """A running job ends as ``ends[job]`` says (default: it stays running)."""
+        """A running job ends as ``ends[job]`` says (default: it stays running), once
+        ``gate`` (if set) is."""
+        if self.gate is not None:
+            await self.gate.wait()
         if self.jobs.get(job) == "running" and job in self.ends:
             self.jobs[job] = self.ends[job]
         return self.jobs.get(job)
@@ -838,6 +843,28 @@ async def test_verify_same_bytes_with_a_live_import_keep_it(db, store, paths, nu
     assert s.handoff.calls == []  # no second import of the same version
     assert (t.job, t.job_sha256, t.completed) == ("j1", sha256(data), 1.0)
     assert s.completed() == 0  # each version is counted once
+
+
+async def test_a_hash_declared_while_verifying_is_checked(db, store, paths, nursery):
+    """A verification is waiting (here: for a running import's verdict) when a client
+    declares a SHA-256 that the bytes do not have: the check in progress, which read the
+    declarations before, must not make the file complete; the declaration decides."""
+    s = Stage(db, paths, nursery)
+    data = b"same bytes"
+    t = s.tasks.add(verifying(store, "a.bin", data, job="j1", job_sha256=sha256(data)))
+    s.handoff.jobs["j1"], s.handoff.ends["j1"] = "running", "success"
+    s.handoff.gate = trio.Event()
+    nursery.start_soon(s.completion.verify, t, t.generation)
+    await trio.testing.wait_all_tasks_blocked()
+    t.client = {"sha256": "0" * 64}  # declared now (setxattr user.fsagent.sha256)
+    await s.completion.declared(t)
+    s.handoff.gate.set()
+    with trio.fail_after(10):  # the verdicts may wait on worker threads (hash, flush)
+        while t.state is State.VERIFYING:
+            await trio.sleep(0.01)
+    await trio.testing.wait_all_tasks_blocked()
+    assert t.state is State.FAILED, (t.state, t.error)
+    assert "sha256 mismatch" in t.error
 
 
 async def test_verify_waits_for_a_running_import_before_keeping_it(db, store, paths, nursery):

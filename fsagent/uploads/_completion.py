@@ -137,6 +137,11 @@ class Completion:
             t.apply(Event.HASH_DECLARED)
             self._tasks.save(t)
             self.nursery.start_soon(self.verify, t, t.generation)
+        elif t.state is State.VERIFYING:
+            # The check in progress read the declarations before this one: it must not
+            # decide. Supersede it (its ``_current`` fails) and check again with all.
+            t.supersede_check()
+            self.nursery.start_soon(self.verify, t, t.generation)
 
     async def _declarations(self, t: Task) -> list[tuple[str, str, str]]:
         """Every hash declared for ``t``: ``(algorithm, hex, where it was declared)``."""

@@ -288,7 +288,7 @@ class Task:
     writers: int = 0
     hasher: Any = None
     writer: Any = None              # BackingWriter: acknowledged writes not yet applied
-    generation: int = 0             # bumped on every change of the bytes
+    generation: int = 0             # bumped on every change of the bytes (or stale check)
     last_change: float = dataclasses.field(default_factory=time.monotonic)
     since_checkpoint: int = 0
     shrinks: int = 0                # bumped when bytes may be cut away (truncate, cut-back)
@@ -330,6 +330,12 @@ class Task:
         self.tracked = tracked
         if self.table is not None:
             self.table.reindex(self)
+
+    def supersede_check(self) -> None:
+        """A verification in progress is stale (something was declared meanwhile): its
+        verdict is dropped, as after a change of the bytes, but the bytes and their
+        digests stand."""
+        self.generation += 1
 
     def changed(self) -> None:
         self.generation += 1
