@@ -105,7 +105,10 @@ class JobsComponent(Component):
 
     def root_entries(self) -> dict[bytes, Node]:
         return {b"jobs": JobsDirectory(self.engine),
-                b"jobs.json": DynamicFile(lambda: render_jobs_json(self.engine))}
+                # A stat may reuse the size of a rendering this recent (fs/_nodes.py):
+                # a `cat` renders twice, not four times.
+                b"jobs.json": DynamicFile(lambda: render_jobs_json(self.engine),
+                                          reuse_size_for=0.25)}
 
     def status(self) -> dict[str, Any]:
         return {"counts": self.engine.counts(), "runs_started": self.engine.started_count,

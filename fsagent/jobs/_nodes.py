@@ -83,8 +83,13 @@ def may_manage(owner_uid: int | None, ctx) -> None:
 
 
 def render_jobs_json(engine: Engine) -> bytes:
-    records = [job.info() for job in engine.listing()]
-    return (json.dumps(records, indent=1) + "\n").encode()
+    """A JSON array, one job's info record per line. Each line is encoded by json's C
+    encoder: with ``indent`` the pure-Python one runs, ~3x slower and with ~3x the
+    memory at its peak (a thousand fileset imports listing 100,000 files is ~15 MB of
+    JSON; the peak stays in the agent's RSS)."""
+    lines = ",\n".join(json.dumps(job.info(), separators=(",", ":"))
+                        for job in engine.listing())
+    return ("[\n" + lines + "\n]\n" if lines else "[]\n").encode()
 
 
 class JobsDirectory(Node):
