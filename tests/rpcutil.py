@@ -9,6 +9,17 @@ from fsagent.rpc import open_client
 ALL = ["All"]
 
 
+def text(value):
+    """msgpack str/bin as Python str, recursively (pynvim's session keeps bin as bytes)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, list):
+        return [text(v) for v in value]
+    if isinstance(value, dict):
+        return {text(k): text(v) for k, v in value.items()}
+    return value
+
+
 def export_agent(agent_factory, tmp_path, *, config: str = "", args=()):
     """A started agent exporting ``tmp_path/data``; returns (agent, data_dir)."""
     data = tmp_path / "data"

@@ -23,19 +23,9 @@ from pynvim.msgpack_rpc import socket_session
 
 from conftest import wait_for
 from integrity_util import import_jobs, job_state, members_of, skipped_by, task_attrs
+from rpcutil import text
 
 QUICK = "settle_seconds = 0.3\nstore_reserve_bytes = 0\n"
-
-
-def decoded(value):
-    """msgpack bin/str as Python str, recursively (pynvim's session keeps bin as bytes)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, list):
-        return [decoded(v) for v in value]
-    if isinstance(value, dict):
-        return {decoded(k): decoded(v) for k, v in value.items()}
-    return value
 
 
 def sha(data: bytes) -> str:
@@ -261,7 +251,7 @@ def test_manifest_set_held_back_by_a_failing_file_then_repaired(agent_factory, t
     # The same over msgpack-RPC, from a third-party client (pynvim's session).
     session = socket_session(str(agent.socket))
     try:
-        over_rpc = decoded(session.request("Uploads.filesets"))
+        over_rpc = text(session.request("Uploads.filesets"))
     finally:
         session.close()
     held_rpc = [f for f in over_rpc if f.get("manifests") == ["d0/SHA256SUMS"]]

@@ -14,17 +14,7 @@ from pynvim.msgpack_rpc import socket_session
 
 from conftest import wait_for
 from jobs_util import GATED_IMPORT, import_spec, open_gate, put, read, status
-
-
-def text(value):
-    """msgpack str/bin as Python str, recursively (pynvim keeps bin as bytes)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, list):
-        return [text(v) for v in value]
-    if isinstance(value, dict):
-        return {text(k): text(v) for k, v in value.items()}
-    return value
+from rpcutil import text
 
 
 class Session:
