@@ -845,6 +845,28 @@ async def test_verify_same_bytes_with_a_live_import_keep_it(db, store, paths, nu
     assert s.completed() == 0  # each version is counted once
 
 
+async def test_a_rename_while_the_file_is_rehashed_is_followed(db, store, paths, nursery):
+    """The directory holding a file is renamed (the rename event lands) between the
+    verification reading the task's path and the worker thread opening it: the hash is
+    taken at the new path, and the upload completes (it used to fail "cannot read it
+    back to hash it: No such file or directory"; found by the crash soak, seed 33002)."""
+    (store / "d1").mkdir()
+    data = os.urandom(50 * KiB)
+    renamed = []
+
+    async def rename_first(fn, *args):
+        if not renamed:
+            renamed.append(True)
+            os.rename(store / "d1", store / "d2")
+            s.tasks.move(t, b"d2/a.bin")
+        return await to_thread(fn, *args)
+    s = Stage(db, paths, nursery, to_thread_fn=rename_first)
+    t = s.tasks.add(verifying(store, "d1/a.bin", data))
+    await s.completion.verify(t, t.generation)
+    assert renamed and t.state is State.COMPLETE, (t.state, t.error)
+    assert t.computed["sha256"] == sha256(data) and t.path == "d2/a.bin"
+
+
 async def test_a_hash_declared_while_verifying_is_checked(db, store, paths, nursery):
     """A verification is waiting (here: for a running import's verdict) when a client
     declares a SHA-256 that the bytes do not have: the check in progress, which read the

@@ -175,8 +175,7 @@ class Completion:
             self._counters["rehashed"] += 1
             await drain(t)
             try:
-                digests = await self._to_thread(_hash_file, self._paths, t.rel,
-                                                sorted(algorithms))
+                digests = await self._hash_where_it_is(t, sorted(algorithms))
             except OSError as e:
                 if self._current(t, generation):
                     self._failed(t, Event.FAIL, "unreadable",
@@ -244,7 +243,7 @@ class Completion:
         generation = t.generation
         self._counters["rechecked"] += 1
         try:
-            digests = await self._to_thread(_hash_file, self._paths, t.rel, ["sha256"])
+            digests = await self._hash_where_it_is(t, ["sha256"])
         except OSError as e:
             digests = {}
             log.warning("rechecking %s: %s", t.path, e.strerror)
@@ -259,6 +258,18 @@ class Completion:
         t.apply(Event.MODIFY)
         self._tasks.save(t)
         self._want_checkpoint(t, consider=True)
+
+    async def _hash_where_it_is(self, t: Task, algorithms: list[str]) -> dict[str, str]:
+        """Hash ``t``'s file (worker thread). A rename of the file or a directory above
+        it between reading ``t.rel`` and the open is followed, not taken for a missing
+        file: only a path that did not move while it was tried is an error."""
+        while True:
+            rel = t.rel
+            try:
+                return await self._to_thread(_hash_file, self._paths, rel, algorithms)
+            except (FileNotFoundError, NotADirectoryError):
+                if t.rel == rel or t.ended:
+                    raise
 
     def _current(self, t: Task, generation: int) -> bool:
         return (not t.ended and t.tracked and t.generation == generation

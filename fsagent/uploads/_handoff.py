@@ -145,23 +145,36 @@ class ImportHandOff:
 
     async def _read_listing(self, t: Task) -> None:
         generation = t.generation
-        directory, _, name = t.rel.rpartition(b"/")
-        algorithm, subject = manifest_kind(name)
+        held = t.rel.rpartition(b"/")[0]
         # Until it is read, sets in its directory wait: this manifest may join them
         # (``MD5SUMS`` next to ``SHA256SUMS``: one fileset, not two).
-        self._reading[directory] += 1
+        self._reading[held] += 1
         try:
-            content = await self._agent.to_thread(read_small, self._paths, t.rel)
+            while True:
+                rel = t.rel
+                try:
+                    content = await self._agent.to_thread(read_small, self._paths, rel)
+                    break
+                except (FileNotFoundError, NotADirectoryError):
+                    if t.rel == rel or t.ended:
+                        raise  # gone, not moved
+                    # renamed while it was read: read it where it is now
         except OSError as e:
             log.warning("reading manifest %s: %s", t.path, e.strerror)
             content = b""
         finally:
-            self._reading[directory] -= 1
-            if not self._reading[directory]:
-                del self._reading[directory]
+            self._reading[held] -= 1
+            if not self._reading[held]:
+                del self._reading[held]
             self._collected.set()
         if t.generation != generation or t.state is not State.COMPLETE or t.job or t.ended:
             return  # changed meanwhile: its next completion reads it again
+        # Where it is now (a rename meanwhile moves what its relative names mean).
+        directory, _, name = t.rel.rpartition(b"/")
+        kind = manifest_kind(name)
+        if kind is None:
+            return  # renamed to a name that is not a manifest's: an upload like others
+        algorithm, subject = kind
         names = parse_manifest(content, algorithm, subject)
         listed = {(directory + b"/" + n if directory else n): (algorithm, digest)
                   for n, digest in names.items()}
