@@ -69,6 +69,7 @@ Ctrl-C included.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -394,10 +395,8 @@ def rsync_with_progress(agent: AgentProcess, src: Path, dest: Path, t0: float, c
     rsync = subprocess.Popen(rsync_cmd(src, dest))
     last = (0.0, 0, 0.0)
     while True:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # still running: report
             rsync.wait(every)
-        except subprocess.TimeoutExpired:
-            pass
         now, cpu = time.monotonic() - t0, cpu_seconds(agent.proc.pid) - cpu0
         done = agent.status()["uploads"]["tasks"].get("complete", 0)
         dt, dn, dcpu = now - last[0], done - last[1], cpu - last[2]

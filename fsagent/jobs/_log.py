@@ -188,7 +188,7 @@ class JobLog:
                 try:
                     fd = os.open(self.path, os.O_RDONLY)
                 except FileNotFoundError:
-                    pass
+                    fd = None  # nothing written yet: only the lines kept in memory
             file_size = os.fstat(fd).st_size if fd is not None else 0
             out = b""
             if fd is not None and offset < file_size:
