@@ -114,3 +114,227 @@ def test_import_process_three_files_one_job_as_the_mount_shows_it(agent):
     assert process["job"] == job and process["root"] == "run1" and process["owner"] == 0
     assert [f["path"] for f in process["files"]] == [f"run1/{n}" for n in names]
     assert all(f["state"] == "complete" and f["job"] == job for f in process["files"])
+
+
+# -- UploadTasks, and what the kernel caches --------------------------------------------------
+
+
+def test_upload_task_create_write_delete_seen_through_the_mount_at_once(agent):
+    """The kernel caches entries, attributes and missing names of uploads/ for 60 s:
+    a stat before each change primes those caches, and every RPC change must show at
+    once (the agent invalidates what it changed behind the kernel's back)."""
+    data = os.urandom(200_000)
+    os.mkdir(agent.uploads / "d")
+    target = agent.uploads / "d" / "f.bin"
+    with pytest.raises(FileNotFoundError):
+        os.stat(target)  # a negative entry, cached
+
+    async def first_part():
+        async with open_client(agent.socket) as client:  # one connection: one writer
+            created = await client.call("UploadTasks.create", {
+                "path": "d/f.bin", "fileSize": len(data), "sha256": sha(data)})
+            task = created["newResourceID"]
+            assert created == {"newResourceID": task, "postResultType": "CreateChild",
+                               "succeed": True,
+                               "newResourceLocation": f"{agent.mount}/uploads/d/f.bin"}
+            assert os.stat(target).st_size == 0  # now its attributes are cached
+            assert "f.bin" in os.listdir(agent.uploads / "d")
+            attrs = task_attrs(target)
+            assert attrs["task"] == task and attrs["state"] == "receiving"
+            assert await client.call("UploadTasks.write", task, 0, data[:1000]) == 1000
+            assert os.stat(target).st_size == 1000
+            assert target.read_bytes() == data[:1000]
+            record = await client.call("UploadTasks.get", task)
+            assert record["offset"] == 1000 and record["size"] == len(data)
+            assert record["owner"] == 0
+            assert record["state"] == "receiving" and record["progress"] == 0.5
+            assert await client.call("UploadTasks.write", task, 1000,
+                                     data[1000:100_000]) == 100_000
+            return task
+
+    task = trio.run(first_part)
+    # the rest over another connection (the first one's close closed its writer)
+    assert call(agent, "UploadTasks.getUploadOffset", task) == 100_000
+    assert call(agent, "UploadTasks.write", task, 100_000, data[100_000:]) == len(data)
+    assert os.stat(target).st_size == len(data)
+    # complete, and (directory grouping) imported once its directory is quiet
+    wait_for(lambda: call(agent, "UploadTasks.get", task)["job"], what="the RPC upload's job")
+    assert target.read_bytes() == data
+    # FS and RPC agree: xattrs, uploads.json, the task record
+    record = call(agent, "UploadTasks.get", task)
+    attrs = task_attrs(target)
+    assert (attrs["state"], attrs["sha256"], attrs["offset"], attrs["job"]) == (
+        record["state"], record["sha256"], str(record["offset"]), record["job"])
+    assert record["sha256"] == sha(data) and record["job"]
+    listed = {r["taskID"]: r for r in uploads_json(agent)}
+    assert listed[task] == {k: v for k, v in record.items() if k != "owner"}
+    assert {r["taskID"]: r for r in call(agent, "UploadTasks.list")}[task] == record
+    # the job: jobs/<id>/info.json and JobHandle.getJob are one record
+    job = record["job"]
+    wait_for(lambda: json.loads((agent.jobs / job / "info.json").read_text())["State"]
+             in ("Success", "success"), what="the import job")
+    on_disk = json.loads((agent.jobs / job / "info.json").read_text())
+    over_rpc = call(agent, "JobHandle.getJob", job)
+    assert over_rpc == on_disk | {"Progress": over_rpc["Progress"],
+                                  "EffectiveRuntime": over_rpc["EffectiveRuntime"]}
+    # delete: gone through the mount at once (the kernel held the entry)
+    assert os.stat(target).st_size == len(data)
+    assert call(agent, "UploadTasks.delete", task) == {"succeed": True}
+    with pytest.raises(FileNotFoundError):
+        os.stat(target)
+    assert os.listdir(agent.uploads / "d") == []
+    refused(agent, "NoSuchTask", "UploadTasks.get", task)
+    assert task not in {r["taskID"] for r in uploads_json(agent)}
+
+
+def test_create_again_resumes_and_a_closed_connection_closes_the_writer(agent):
+    data = os.urandom(50_000)
+    spec = {"path": "r/x.bin", "fileSize": len(data)}
+    task = call(agent, "UploadTasks.create", spec)["newResourceID"]
+    assert call(agent, "UploadTasks.write", task, 0, data[:20_000]) == 20_000
+    # that connection is closed: the writer with it, as a killed cp's close
+    wait_for(lambda: task_attrs(agent.uploads / "r" / "x.bin")["state"] == "partial",
+             what="the writer to close with its connection")
+    again = call(agent, "UploadTasks.create", spec)
+    assert again["newResourceID"] == task
+    assert call(agent, "UploadTasks.getUploadOffset", task) == 20_000
+    assert call(agent, "UploadTasks.write", task, 20_000, data[20_000:]) == len(data)
+    wait_for(lambda: call(agent, "UploadTasks.get", task)["state"] == "complete",
+             what="the resumed upload to complete")
+    assert (agent.uploads / "r" / "x.bin").read_bytes() == data
+
+
+def test_a_mount_written_file_is_an_upload_task_over_rpc(agent):
+    (agent.uploads / "cp.bin").write_bytes(b"from the mount")
+    os.setxattr(agent.uploads / "cp.bin", "user.fsagent.size", b"14")
+    task = task_attrs(agent.uploads / "cp.bin")["task"]
+    wait_for(lambda: call(agent, "UploadTasks.get", task)["state"] == "complete",
+             what="the copied file to complete")
+    assert call(agent, "UploadTasks.get", task)["sha256"] == sha(b"from the mount")
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_agent(agent_factory):
+    """Messages of at most 1 MiB: maxWriteBytes is 1 MiB - 64 KiB."""
+    return agent_factory(config=QUICK + "rpc_max_message_bytes = 1048576\n").start()
+
+
+def test_bad_arguments_are_refused_by_name_and_change_nothing(small_agent):
+    agent = small_agent
+    before = sorted(os.listdir(agent.uploads))
+    for method, params in [("UploadTasks.get", ["nope"]), ("UploadTasks.delete", ["nope"]),
+                           ("UploadTasks.getUploadOffset", ["nope"]),
+                           ("UploadTasks.write", ["nope", 0, b"x"])]:
+        assert "no upload task 'nope'" in refused(agent, "NoSuchTask", method, *params)
+    for method, params in [("ImportProcess.getUploadOffset", ["nope", 0]),
+                           ("ImportProcess.write", ["nope", 0, 0, b"x"]),
+                           ("ImportProcess.verifyUpload", ["nope", []]),
+                           ("ImportProcess.getHandle", ["nope"]),
+                           ("ImportProcess.getProcess", ["nope"]),
+                           ("ImportProcess.addFiles", ["nope", [{"path": "x", "size": 1}]])]:
+        assert "no import process 'nope'" in refused(agent, "NoSuchProcess", method, *params)
+    # paths: absolute, escaping, empty components, NUL, not UTF-8, rsync temp names
+    os.symlink("/etc", agent.uploads / "link")
+    (agent.uploads / "plain").write_bytes(b"x")
+    os.mkdir(agent.uploads / "adir")
+    for path, why in [("/etc/passwd", "absolute"), ("../x", "'..'"), ("a/../../x", "'..'"),
+                      ("a//b", "empty"), ("./a", "'.'"), ("", "empty"), ("a\0b", "NUL"),
+                      (b"bad\xffname", "not UTF-8"), (".x.AbC123", "temporary"),
+                      (5, "must be a string"), ("x" * 256, "longer than 255"),
+                      ("link/passwd", "symlink"), ("link", "symlink"),
+                      ("plain/x", "not a directory"), ("adir", "not a regular file")]:
+        message = refused(agent, "BadArgument", "UploadTasks.create", {"path": path})
+        assert why in message, (path, message)
+        message = refused(agent, "BadArgument", "ImportProcess.create",
+                          {"root": "", "files": [{"path": "ok", "size": 1},
+                                                 {"path": path, "size": 1}]})
+        assert why in message, (path, message)
+    assert "symlink" in refused(agent, "BadArgument", "ImportProcess.create",
+                                {"root": "link", "files": [{"path": "x", "size": 1}]})
+    # hashes, sizes, shapes
+    for spec, why in [({"path": "h", "sha256": "abc"}, "sha256 must be 64 hex"),
+                      ({"path": "h", "md5": "0" * 31}, "md5 must be 32 hex"),
+                      ({"path": "h", "sha1": "z" * 40}, "sha1 must be 40 hex"),
+                      ({"path": "h", "fileSize": -1}, "fileSize must be a non-negative"),
+                      ({"path": "h", "colour": 1}, "unknown key")]:
+        assert why in refused(agent, "BadArgument", "UploadTasks.create", spec)
+    for spec, why in [({"root": "r", "files": []}, "non-empty list"),
+                      ({"root": "r", "files": [{"path": "a", "size": 1}] * 2}, "named twice"),
+                      ({"root": "r", "files": [{"path": "a"}]}, "size must be"),
+                      ({"root": "r", "files": [{"path": "a", "size": 1, "sha256": "x"}]},
+                       "64 hex")]:
+        assert why in refused(agent, "BadArgument", "ImportProcess.create", spec)
+    # too little space: named in bytes, nothing made
+    message = refused(agent, "NoSpace", "UploadTasks.create", {"path": "big", "fileSize": 1 << 60})
+    assert f"needs {1 << 60} bytes" in message and " free" in message
+    message = refused(agent, "NoSpace", "ImportProcess.create", {
+        "root": "huge", "files": [{"path": "a", "size": 1}, {"path": "b", "size": 1 << 60}]})
+    assert f"needs {(1 << 60) + 1} bytes" in message
+    assert sorted(os.listdir(agent.uploads)) == sorted(before + ["link", "plain", "adir"])
+    assert [r["path"] for r in uploads_json(agent)] == ["plain"]
+
+    # offsets and sizes
+    task = call(agent, "UploadTasks.create", {"path": "o.bin", "fileSize": 100})["newResourceID"]
+    assert "current offset is 0" in refused(agent, "BadOffset", "UploadTasks.write",
+                                            task, 5, b"abc")
+    assert call(agent, "UploadTasks.write", task, 0, b"x" * 10) == 10
+    assert "current offset is 10" in refused(agent, "BadOffset", "UploadTasks.write",
+                                             task, 0, b"abc")
+    assert "passes its declared size 100" in refused(agent, "TooLarge", "UploadTasks.write",
+                                                     task, 10, b"y" * 91)
+    assert "non-negative" in refused(agent, "BadArgument", "UploadTasks.write", task, -1, b"")
+    settings = call(agent, "ImportProcess.getImportSettings")
+    assert settings["maxWriteBytes"] == (1 << 20) - (64 << 10)
+    unbounded = call(agent, "UploadTasks.create", {"path": "u.bin"})["newResourceID"]
+    assert "at most 983040" in refused(agent, "TooLarge", "UploadTasks.write", unbounded, 0,
+                                       b"z" * (settings["maxWriteBytes"] + 1))
+    assert call(agent, "UploadTasks.get", task)["offset"] == 10
+    assert os.stat(agent.uploads / "o.bin").st_size == 10
+
+    # an import process: indexes, hashes, incomplete and wrong files
+    a, b = os.urandom(3000), os.urandom(2000)
+    pid = call(agent, "ImportProcess.create", {"root": "p", "files": [
+        {"path": "a", "size": len(a)}, {"path": "b", "size": len(b)}]})
+    assert "files 0 to 1, not 2" in refused(agent, "BadArgument", "ImportProcess.write",
+                                            pid, 2, 0, b"x")
+    assert "files 0 to 1" in refused(agent, "BadArgument", "ImportProcess.getUploadOffset",
+                                     pid, -1)
+    assert "list of 2 hex" in refused(agent, "BadArgument", "ImportProcess.verifyUpload",
+                                      pid, [sha(a)])
+    assert "64 hex" in refused(agent, "BadArgument", "ImportProcess.verifyUpload",
+                               pid, [sha(a), "nothex"])
+    assert "TooLarge" == _name_of(agent, "ImportProcess.write", pid, 1, 0, b"b" * 2001)
+    send(agent, pid, 0, a)
+    send(agent, pid, 1, b[:1500])
+    message = refused(agent, "VerificationFailed", "ImportProcess.verifyUpload", pid,
+                      [sha(a), sha(b)])
+    assert message == "p/b: 1500 of 2000 bytes received"
+    assert "call verifyUpload" in refused(agent, "NotVerified", "ImportProcess.getHandle", pid)
+    send(agent, pid, 1, b, start=1500)
+    wrong = sha(b"something else")
+    message = refused(agent, "VerificationFailed", "ImportProcess.verifyUpload", pid,
+                      [sha(a), wrong])
+    assert message == f"p/b: expected {wrong}, got {sha(b)}"
+    # the mount shows the same verdict: the client's hash was checked as a declaration
+    attrs = task_attrs(agent.uploads / "p" / "b")
+    assert attrs["state"] == "failed" and wrong in attrs["error"]
+    assert import_jobs(agent.mount) == []
+    refused(agent, "NotVerified", "ImportProcess.getHandle", pid)
+
+
+def _name_of(agent, method, *params) -> str:
+    with pytest.raises(RpcError) as caught:
+        call(agent, method, *params)
+    return caught.value.name
+
+
+def test_more_than_4096_files_in_one_call_are_refused():
+    """The server's msgpack limit refuses a longer list before it is decoded; the check
+    behind it says why, for a transport without that limit."""
+    from fsagent.uploads._processes import check_files
+    with pytest.raises(RpcError, match="4097 files in one call; at most 4096"):
+        check_files([{"path": f"f{i}", "size": 0} for i in range(4097)])
+    assert len(check_files([{"path": f"f{i}", "size": 0} for i in range(4096)])) == 4096
