@@ -338,3 +338,231 @@ def test_more_than_4096_files_in_one_call_are_refused():
     with pytest.raises(RpcError, match="4097 files in one call; at most 4096"):
         check_files([{"path": f"f{i}", "size": 0} for i in range(4097)])
     assert len(check_files([{"path": f"f{i}", "size": 0} for i in range(4096)])) == 4096
+
+
+# -- resume after kill -9 ----------------------------------------------------------------------
+
+
+def test_kill9_mid_upload_then_create_again_resumes_from_the_durable_offset(agent_factory):
+    agent = agent_factory(config=QUICK).start()
+    big, small = os.urandom(3 << 20), os.urandom(10_000)
+    spec = {"root": "resume", "files": [{"path": "big.raw", "size": len(big),
+                                         "sha256": sha(big)},
+                                        {"path": "small.txt", "size": len(small)}]}
+    pid = call(agent, "ImportProcess.create", spec)
+    half = len(big) // 2
+    assert send(agent, pid, 0, big[:half], chunk=256 << 10) == half
+    assert call(agent, "ImportProcess.getUploadOffset", pid, 0) == half  # durable now
+    assert send(agent, pid, 0, big[:half + 300_000], start=half) == half + 300_000
+    agent.kill9()
+    agent.start()
+    assert agent.status()["previous_run_clean"] is False
+    assert call(agent, "ImportProcess.create", spec) == pid
+    offset = call(agent, "ImportProcess.getUploadOffset", pid, 0)
+    assert half <= offset <= half + 300_000
+    assert os.stat(agent.uploads / "resume" / "big.raw").st_size == offset
+    assert (agent.uploads / "resume" / "big.raw").read_bytes() == big[:offset]
+    assert call(agent, "ImportProcess.getUploadOffset", pid, 1) == 0
+    assert send(agent, pid, 0, big, chunk=256 << 10, start=offset) == len(big)
+    assert send(agent, pid, 1, small) == len(small)
+    job = call(agent, "ImportProcess.verifyUpload", pid, [sha(big), sha(small)])
+    assert call(agent, "ImportProcess.getHandle", pid) == job
+    for name, data in (("big.raw", big), ("small.txt", small)):
+        path = agent.uploads / "resume" / name
+        assert path.read_bytes() == data
+        assert task_attrs(path)["state"] == "complete" and task_attrs(path)["job"] == job
+    wait_for(lambda: [job_state(j) for j in import_jobs(agent.mount)] == ["success"],
+             what="the one import")
+    # and after another restart the process is finished: the same create is a new one
+    agent.stop()
+    agent.start()
+    assert call(agent, "ImportProcess.getHandle", pid) == job
+    assert call(agent, "ImportProcess.getProcess", pid)["job"] == job
+
+
+def test_writes_in_flight_on_one_connection_land_in_order(agent):
+    """A client may keep many chunks in flight: the agent runs each request in its own
+    task, in no promised order, and still applies them in offset order."""
+    data = os.urandom(12 << 20)
+    chunk = 256 << 10  # over the inline size: applied in worker threads, so they overlap
+
+    async def go():
+        async with open_client(agent.socket) as client:
+            pid = await client.call("ImportProcess.create", {
+                "root": "", "files": [{"path": "inflight.bin", "size": len(data)}]})
+            results = {}
+            async with trio.open_nursery() as nursery:
+                for off in range(0, len(data), chunk):
+                    async def one(off=off):
+                        results[off] = await client.call("ImportProcess.write", pid, 0, off,
+                                                         data[off:off + chunk])
+                    nursery.start_soon(one)
+                    await trio.sleep(0)
+            assert results == {off: off + min(chunk, len(data) - off)
+                               for off in range(0, len(data), chunk)}
+            return await client.call("ImportProcess.verifyUpload", pid, [sha(data)])
+
+    job = trio.run(go)
+    assert (agent.uploads / "inflight.bin").read_bytes() == data
+    assert task_attrs(agent.uploads / "inflight.bin")["job"] == job
+
+
+def test_add_files_then_one_import_of_all(agent_factory):
+    agent = agent_factory(config=QUICK + 'import_grouping = "file"\n').start()
+    first, more = os.urandom(1000), [os.urandom(500), os.urandom(600)]
+    pid = call(agent, "ImportProcess.create", {"root": "set", "files": [
+        {"path": "one", "size": len(first), "sha256": sha(first)}]})
+    assert call(agent, "ImportProcess.addFiles", pid, [
+        {"path": "two", "size": 500}, {"path": "three/x", "size": 600}]) is None
+    assert "named twice" in refused(agent, "BadArgument", "ImportProcess.addFiles", pid,
+                                    [{"path": "one", "size": 1}])
+    send(agent, pid, 0, first)
+    send(agent, pid, 1, more[0])
+    send(agent, pid, 2, more[1])
+    # `file` grouping would import each alone: a process is one set, whatever it says
+    wait_for(lambda: all(f["state"] == "complete" for f in
+                         call(agent, "ImportProcess.getProcess", pid)["files"]),
+             what="three complete files")
+    assert import_jobs(agent.mount) == []
+    job = call(agent, "ImportProcess.verifyUpload", pid, [sha(first)] + [sha(m) for m in more])
+    wait_for(lambda: [job_state(j) for j in import_jobs(agent.mount)] == ["success"],
+             what="the one import")
+    assert sorted(m["path"] for m in members_of(import_jobs(agent.mount)[0])) == [
+        "set/one", "set/three/x", "set/two"]
+    assert "was submitted as job" in refused(agent, "AlreadyVerified", "ImportProcess.addFiles",
+                                             pid, [{"path": "four", "size": 1}])
+    assert call(agent, "ImportProcess.getHandle", pid) == job
+
+
+# -- owners -----------------------------------------------------------------------------------
+
+CLIENT = textwrap.dedent("""
+    import json, sys, trio
+    from fsagent.rpc import RpcError, open_client
+
+    def decode(v):
+        if isinstance(v, dict) and "$bytes" in v:
+            return bytes.fromhex(v["$bytes"])
+        return v
+
+    async def main():
+        out = []
+        async with open_client(sys.argv[1]) as client:
+            for method, *params in json.loads(sys.argv[2]):
+                try:
+                    out.append({"ok": await client.call(method, *map(decode, params))})
+                except RpcError as e:
+                    out.append({"error": [e.name, e.message]})
+        print(json.dumps(out))
+
+    trio.run(main)
+""")
+
+
+def as_user(user, gid, sock, *steps):
+    """Run calls as ``user`` (a real other uid over the Unix socket); their results."""
+    steps = [[m, *({"$bytes": p.hex()} if isinstance(p, bytes) else p for p in ps)]
+             for m, *ps in steps]
+    done = user.run_in_groups([gid], sys.executable, "-c", CLIENT, str(sock), json.dumps(steps),
+                              cwd=os.getcwd(), env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_only_the_owner_and_root_write_delete_or_verify(shared_dir, agent_factory, other_user,
+                                                         third_user, test_group):
+    name, gid = test_group
+    sock = shared_dir / "rpc.sock"
+    agent = agent_factory(config=QUICK + f'allow_other = true\nrpc_group = "{name}"\n'
+                          f'socket = "{sock}"\n',
+                          mount=shared_dir / "mnt", state=shared_dir / "state").start()
+    agent.state.chmod(0o755)
+    (task,) = (call_at(sock, "UploadTasks.create", {"path": "root.bin", "fileSize": 4}),)
+    root_task = task["newResourceID"]
+    pid = call_at(sock, "ImportProcess.create", {"root": "rootset",
+                                                 "files": [{"path": "a", "size": 3}]})
+    results = as_user(
+        other_user, gid, sock,
+        ["UploadTasks.write", root_task, 0, b"mine"],
+        ["UploadTasks.delete", root_task],
+        ["ImportProcess.write", pid, 0, 0, b"abc"],
+        ["ImportProcess.verifyUpload", pid, [sha(b"abc")]],
+        ["ImportProcess.addFiles", pid, [{"path": "b", "size": 1}]],
+        ["UploadTasks.create", {"path": "root.bin"}],
+        ["ImportProcess.create", {"root": "", "files": [{"path": "root.bin", "size": 4}]}],
+        # reading is open
+        ["UploadTasks.get", root_task],
+        ["ImportProcess.getProcess", pid],
+        ["ImportProcess.getUploadOffset", pid, 0],
+        # its own upload: created as that user, in its own directory
+        ["UploadTasks.create", {"path": "theirs/x.bin", "fileSize": 2}],
+    )
+    for r in results[:7]:
+        assert r["error"][0] == "PermissionDenied", results
+    assert "belongs to uid 0" in results[0]["error"][1]
+    assert results[7]["ok"]["owner"] == 0 and results[8]["ok"]["owner"] == 0
+    assert results[9]["ok"] == 0
+    theirs = results[10]["ok"]["newResourceID"]
+    st = os.stat(agent.uploads / "theirs" / "x.bin")
+    assert (st.st_uid, os.stat(agent.uploads / "theirs").st_uid) == (other_user.uid,) * 2
+    assert (agent.state / "data" / "uploads" / "theirs" / "x.bin").stat().st_uid == other_user.uid
+    # nothing of root's changed
+    assert (agent.uploads / "root.bin").read_bytes() == b""
+    assert call_at(sock, "ImportProcess.getUploadOffset", pid, 0) == 0
+    # a third user may neither write the other's task nor create in its directory
+    results = as_user(third_user, gid, sock, ["UploadTasks.write", theirs, 0, b"hi"],
+                      ["UploadTasks.create", {"path": "theirs/y.bin"}])
+    assert [r["error"][0] for r in results] == ["PermissionDenied"] * 2, results
+    # the owner may, and root may
+    results = as_user(other_user, gid, sock, ["UploadTasks.write", theirs, 0, b"h"])
+    assert results == [{"ok": 1}]
+    assert call_at(sock, "UploadTasks.write", theirs, 1, b"i") == 2
+    assert call_at(sock, "UploadTasks.get", theirs)["owner"] == other_user.uid
+    assert call_at(sock, "UploadTasks.delete", theirs) == {"succeed": True}
+
+
+def call_at(sock, method, *params):
+    async def go():
+        async with open_client(sock) as client:
+            return await client.call(method, *params)
+    return trio.run(go)
+
+
+# -- a third-party client ---------------------------------------------------------------------
+
+
+def test_pynvim_session_drives_upload_tasks_and_import_process(agent):
+    s = socket_session(str(agent.socket))
+    s.error_wrapper = lambda err: RuntimeError(f"{text(err[0])}: {text(err[1])}")
+    try:
+        settings = text(s.request("ImportProcess.getImportSettings"))
+        assert settings["clientHash"] == "sha256" and settings["maxFilesPerCall"] == 4096
+        assert settings["importGrouping"] == "directory"
+        files = [os.urandom(100_000), b"small"]
+        pid = text(s.request("ImportProcess.create", {"root": "nvim", "files": [
+            {"path": "a.bin", "size": len(files[0])}, {"path": "b.txt", "size": 5}]}))
+        for i, data in enumerate(files):
+            offset = s.request("ImportProcess.getUploadOffset", pid, i)
+            while offset < len(data):
+                offset = s.request("ImportProcess.write", pid, i, offset,
+                                   data[offset:offset + 30_000])
+        with pytest.raises(RuntimeError, match="BadOffset: nvim/b.txt: write at 0, but the "
+                                               "current offset is 5"):
+            s.request("ImportProcess.write", pid, 1, 0, b"x")
+        job = text(s.request("ImportProcess.verifyUpload", pid, [sha(d) for d in files]))
+        assert text(s.request("ImportProcess.getHandle", pid)) == job
+        created = text(s.request("UploadTasks.create", {"path": "nvim/c.dat", "fileSize": 3,
+                                                        "sha256": sha(b"abc")}))
+        task = created["newResourceID"]
+        assert s.request("UploadTasks.write", task, 0, b"abc") == 3
+        assert wait_for(lambda: text(s.request("UploadTasks.get", task))["state"] == "complete",
+                        what="c.dat complete")
+        listed = {r["taskID"]: r for r in text(s.request("UploadTasks.list"))}
+        assert listed[task]["sha256"] == sha(b"abc")
+        assert text(s.request("UploadTasks.delete", task)) == {"succeed": True}
+        with pytest.raises(RuntimeError, match="NoSuchTask"):
+            s.request("UploadTasks.get", task)
+    finally:
+        s.close()
+    assert (agent.uploads / "nvim" / "a.bin").read_bytes() == files[0]
+    assert task_attrs(agent.uploads / "nvim" / "b.txt")["job"] == job
