@@ -64,6 +64,7 @@ import pwd
 import stat
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import pyfuse3
@@ -87,6 +88,7 @@ IDLE_SECONDS = 5.0           # an RPC writer nobody wrote to for this long is cl
 REORDER_SECONDS = 0.5        # how long a write for a later offset waits for the earlier
 FRAMING_HEADROOM = 64 * 1024  # msgpack framing around a write's bytes
 VERIFY_WAIT_SECONDS = 30.0   # verifyUpload waits this long (plus 1 s per 100 MB) per file
+PROCESS_HISTORY = 10_000     # finished import processes kept (getHandle, getProcess)
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _WRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -140,6 +142,7 @@ class UploadService:
         self.processes: dict[str, Process] = {}
         self._unfinished_by_key: dict[str, str] = {}   # create_key -> pid (no job yet)
         self._claimed: dict[bytes, str] = {}           # rel -> pid of an unfinished process
+        self._finished: OrderedDict[str, None] = OrderedDict()  # oldest first
         self._watched_peers: set[int] = set()
         self._locks: dict[str, trio.Lock] = {}         # pid -> its lock (create/verify)
         self.nursery: trio.Nursery | None = None
@@ -150,8 +153,11 @@ class UploadService:
     async def load(self) -> None:
         """Load the processes (before the hand-off's retrier looks at complete uploads:
         a process's files must be claimed by then)."""
-        for p in await self.u.agent.db.run(load_processes):
+        loaded = await self.u.agent.db.run(load_processes)
+        for p in sorted(loaded, key=lambda p: p.created):
             self._add_process(p)
+            if p.job is not None:
+                self._remember_finished(p)
 
     def _add_process(self, p: Process) -> None:
         self.processes[p.pid] = p
@@ -166,6 +172,17 @@ class UploadService:
         for i in range(len(p.files)):
             if self._claimed.get(p.rel(i)) == p.pid:
                 del self._claimed[p.rel(i)]
+        self._remember_finished(p)
+
+    def _remember_finished(self, p: Process) -> None:
+        """Keep the ``PROCESS_HISTORY`` most recently finished processes (their job
+        stays in the job engine; only ``getHandle`` by process ID ends)."""
+        self._finished[p.pid] = None
+        while len(self._finished) > PROCESS_HISTORY:
+            old, _ = self._finished.popitem(last=False)
+            self.processes.pop(old, None)
+            self._locks.pop(old, None)
+            Process.stage_delete(self.u.agent.db, old)
 
     async def run(self, nursery: trio.Nursery) -> None:
         """Close RPC writers nobody wrote to for ``IDLE_SECONDS``."""
@@ -353,6 +370,14 @@ class UploadService:
         if len(data) > self.max_write:
             raise _error("TooLarge", f"{len(data)} bytes in one write; at most "
                          f"{self.max_write} (maxWriteBytes)")
+        if not data:
+            # Nothing to write: no writer is opened (that would take a complete file
+            # out of ``complete``), the offset is only checked.
+            await drain(t)
+            if offset != t.present:
+                raise _error("BadOffset", f"{t.path}: write at {offset}, but the current "
+                             f"offset is {t.present}")
+            return t.present
         if t.declared_size is not None and offset + len(data) > t.declared_size:
             raise _error("TooLarge", f"{t.path}: writing {len(data)} bytes at {offset} "
                          f"passes its declared size {t.declared_size}")
