@@ -204,6 +204,29 @@ def test_create_again_resumes_and_a_closed_connection_closes_the_writer(agent):
     assert (agent.uploads / "r" / "x.bin").read_bytes() == data
 
 
+def test_an_idle_writer_is_closed_while_its_connection_stays(agent):
+    """A client that stops sending but keeps its connection: after a few idle seconds
+    the file is closed (``partial``), as if its writer had closed it."""
+    async def go():
+        async with open_client(agent.socket) as client:
+            task = (await client.call("UploadTasks.create", {"path": "idle.bin",
+                                                             "fileSize": 10}))["newResourceID"]
+            assert await client.call("UploadTasks.write", task, 0, b"12345") == 5
+            assert (await client.call("UploadTasks.get", task))["state"] == "receiving"
+            started = trio.current_time()
+            while (await client.call("UploadTasks.get", task))["state"] == "receiving":
+                await trio.sleep(0.1)
+            assert trio.current_time() - started > 2
+            assert (await client.call("UploadTasks.get", task))["state"] == "partial"
+            # and a later write opens it again
+            assert await client.call("UploadTasks.write", task, 5, b"67890") == 10
+            return task
+
+    task = trio.run(go)
+    wait_for(lambda: task_attrs(agent.uploads / "idle.bin")["state"] == "complete",
+             what="the resumed file to complete")
+
+
 def test_a_mount_written_file_is_an_upload_task_over_rpc(agent):
     (agent.uploads / "cp.bin").write_bytes(b"from the mount")
     os.setxattr(agent.uploads / "cp.bin", "user.fsagent.size", b"14")
@@ -476,9 +499,8 @@ def test_only_the_owner_and_root_write_delete_or_verify(shared_dir, agent_factor
     agent = agent_factory(config=QUICK + f'allow_other = true\nrpc_group = "{name}"\n'
                           f'socket = "{sock}"\n',
                           mount=shared_dir / "mnt", state=shared_dir / "state").start()
-    agent.state.chmod(0o755)
-    (task,) = (call_at(sock, "UploadTasks.create", {"path": "root.bin", "fileSize": 4}),)
-    root_task = task["newResourceID"]
+    root_task = call_at(sock, "UploadTasks.create",
+                        {"path": "root.bin", "fileSize": 4})["newResourceID"]
     pid = call_at(sock, "ImportProcess.create", {"root": "rootset",
                                                  "files": [{"path": "a", "size": 3}]})
     results = as_user(

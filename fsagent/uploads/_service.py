@@ -145,6 +145,7 @@ class UploadService:
         self._finished: OrderedDict[str, None] = OrderedDict()  # oldest first
         self._watched_peers: set[int] = set()
         self._locks: dict[str, trio.Lock] = {}         # pid -> its lock (create/verify)
+        self._opening: dict[str, trio.Event] = {}      # task ID -> its writer being opened
         self.nursery: trio.Nursery | None = None
         uploads.handoff.claimed = lambda t: t.rel in self._claimed
 
@@ -259,11 +260,16 @@ class UploadService:
             os.close(fd)
             raise
 
-    def _check_space(self, need: int) -> None:
-        """``NoSpace`` unless ``need`` more bytes fit (the check of a declared size)."""
+    def _check_space(self, need: int, own: list[Task] = ()) -> None:
+        """``NoSpace`` unless ``need`` more bytes fit (the check of a declared size);
+        ``own``: existing tasks being declared again, whose reservations are theirs."""
         if need <= 0:
             return
         room = self.u.space.room_for(None)
+        for t in own:  # as SpaceAccounting.reserved_by_others counted them
+            if (t in self.u.space.declared and t.declared_size is not None and not t.ended
+                    and t.state not in (State.COMPLETE, State.FAILED)):
+                room += max(0, t.declared_size - t.present)
         if need > room:
             raise _error("NoSpace", f"needs {need} bytes, {max(0, room)} free")
 
@@ -293,25 +299,33 @@ class UploadService:
     # -- writers ---------------------------------------------------------------------------
 
     async def _writer_for(self, t: Task) -> RpcWriter:
-        w = self.writers.get(t.task_id)
-        if w is not None and not w.closing:
-            return w
-        while w is not None and w.closing:
-            await w.lot.park()
+        """The task's RPC writer, opened (once, whatever runs meanwhile) if it has none."""
+        while True:
             w = self.writers.get(t.task_id)
-        if w is not None:
-            return w
+            if w is None:
+                break
+            if not w.closing:
+                return w
+            await w.lot.park()  # being closed: then opened anew
+        opening = self._opening.get(t.task_id)
+        if opening is not None:
+            await opening.wait()  # another request is opening it: use that one
+            return await self._writer_for(t)
+        opening = self._opening[t.task_id] = trio.Event()
         try:
-            fd = self.paths.open(t.rel, _WRITE_FLAGS)
-        except OSError as e:
-            raise _error("IOError", f"cannot open {t.path}: {e.strerror}") from None
-        try:
-            await self.u.opened(t.rel, writable=True, truncated=False)
-        except BaseException:
-            os.close(fd)
-            raise
-        w = self.writers[t.task_id] = RpcWriter(t, fd)
-        return w
+            try:
+                fd = self.paths.open(t.rel, _WRITE_FLAGS)
+            except OSError as e:
+                raise _error("IOError", f"cannot open {t.path}: {e.strerror}") from None
+            try:
+                await self.u.opened(t.rel, writable=True, truncated=False)
+            except BaseException:
+                os.close(fd)
+                raise
+            return self._adopt(t, fd)
+        finally:
+            del self._opening[t.task_id]
+            opening.set()
 
     def _adopt(self, t: Task, fd: int) -> RpcWriter:
         w = self.writers[t.task_id] = RpcWriter(t, fd)
@@ -381,14 +395,18 @@ class UploadService:
         if t.declared_size is not None and offset + len(data) > t.declared_size:
             raise _error("TooLarge", f"{t.path}: writing {len(data)} bytes at {offset} "
                          f"passes its declared size {t.declared_size}")
-        w = await self._writer_for(t)
-        await self._wait_turn(w, offset)
+        while True:
+            w = await self._writer_for(t)
+            await self._wait_turn(w, offset)
+            if not w.closing and self.writers.get(t.task_id) is w:
+                break  # else closed meanwhile (verifyUpload, its connection): open anew
         w.busy = True
         try:
             if t.ended:
                 raise _error("NoSuchTask", f"{t.path} was removed")
             try:
-                await self.u.writes.write(t, w.fd, offset, bytes(data))
+                await self.u.writes.write(t, w.fd, offset,
+                                          data if isinstance(data, bytes) else bytes(data))
                 # Applied before the reply (the queue stays the write path's): a stat
                 # through the mount now sees the size this reply announces.
                 await self.u.writes.settle(t, w.fd)
@@ -473,14 +491,14 @@ class UploadService:
                 raise bad(f"{algorithm} must be {length} hex digits, not {spec[algorithm]!r}")
             hashes[algorithm] = value
         uid = _caller()
-        existing = self.u.tasks.get(rel)
-        present = existing.present if existing is not None and not existing.ended else 0
-        if size is not None:
-            self._check_space(size - present)
         st = _check_file(self.paths, rel, uid)
         if st is not None and not _privileged(uid) and st.st_uid != uid:
             raise _error("PermissionDenied", f"uploads/{path} belongs to uid {st.st_uid}; "
                          "only its owner and root may write it")
+        existing = self.u.tasks.get(rel) if st is not None else None
+        own = [existing] if existing is not None and not existing.ended else []
+        if size is not None:
+            self._check_space(size - (own[0].present if own else 0), own)
         fd, created = _make_file(self.paths, rel, uid)
         if fd is not None:
             t = await self._register_created(rel, fd)
@@ -621,14 +639,18 @@ class UploadService:
                 raise _error("Busy", f"uploads/{os.fsdecode(rel)} belongs to import process "
                              f"{other}, which is not finished")
         found = await self.u.agent.to_thread(_check_files, self.paths, rels, uid)
+        own = []
         for rel, (_, f), st in zip(rels, files, found):
             if st is not None and not _privileged(uid) and st.st_uid != uid:
                 raise _error("PermissionDenied", f"uploads/{os.fsdecode(rel)} belongs to uid "
                              f"{st.st_uid}; only its owner and root may write it")
             t = self.u.tasks.get(rel)
-            need += f.size - (t.present if t is not None and not t.ended and st is not None
-                              else 0)
-        self._check_space(need)
+            if t is not None and not t.ended and st is not None:
+                own.append(t)
+                need += max(0, f.size - t.present)
+            else:
+                need += f.size
+        self._check_space(need, own)
         made = await self.u.agent.to_thread(_make_files, self.paths, rels, uid)
         created_names: list[bytes] = []
         try:
