@@ -588,3 +588,27 @@ def test_pynvim_session_drives_upload_tasks_and_import_process(agent):
         s.close()
     assert (agent.uploads / "nvim" / "a.bin").read_bytes() == files[0]
     assert task_attrs(agent.uploads / "nvim" / "b.txt")["job"] == job
+
+
+def test_over_tcp_the_token_holder_uploads_as_the_agent(agent_factory):
+    token = "upload-token-0123456789abcdef"
+    agent = agent_factory(config=QUICK + f'rpc_tcp_listen = "127.0.0.1:0"\n'
+                          f'rpc_token = "{token}"\n').start()
+    host, port = agent.status()["rpc"]["tcp"][0].rsplit(":", 1)
+    data = os.urandom(123_456)
+
+    async def go():
+        async with open_client(tcp=(host, int(port)), token=token) as client:
+            pid = await client.call("ImportProcess.create", {
+                "root": "tcp", "files": [{"path": "t.bin", "size": len(data)}]})
+            offset = 0
+            while offset < len(data):
+                offset = await client.call("ImportProcess.write", pid, 0, offset,
+                                           data[offset:offset + 50_000])
+            job = await client.call("ImportProcess.verifyUpload", pid, [sha(data)])
+            return job, await client.call("ImportProcess.getProcess", pid)
+
+    job, process = trio.run(go)
+    assert process["owner"] == os.getuid() and process["job"] == job
+    assert os.stat(agent.uploads / "tcp" / "t.bin").st_uid == os.getuid()
+    assert (agent.uploads / "tcp" / "t.bin").read_bytes() == data

@@ -193,7 +193,15 @@ class UploadService:
             now = time.monotonic()
             for w in list(self.writers.values()):
                 if not w.busy and now - w.last_used >= IDLE_SECONDS:
-                    await self._close_writer(w)
+                    await self._close_quietly(w)
+
+    async def _close_quietly(self, w: RpcWriter) -> None:
+        """Close a writer no request waits for: a failure is logged, never raised into
+        the component's nursery (it would stop the agent)."""
+        try:
+            await self._close_writer(w)
+        except Exception:
+            log.exception("closing the RPC writer of %s failed", w.task.path)
 
     # -- the kernel's caches ---------------------------------------------------------------
 
@@ -345,7 +353,7 @@ class UploadService:
         self._watched_peers.discard(peer.id)
         for w in list(self.writers.values()):
             if w.peer is peer and self.nursery is not None:
-                self.nursery.start_soon(self._close_writer, w)
+                self.nursery.start_soon(self._close_quietly, w)
 
     async def _close_writer(self, w: RpcWriter) -> None:
         """Close as a client's ``close(2)`` would: released, descriptor closed, closed."""
