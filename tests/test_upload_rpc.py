@@ -75,7 +75,10 @@ def agent(agent_factory):
 # -- ImportProcess end to end ----------------------------------------------------------------
 
 
-def test_import_process_three_files_one_job_as_the_mount_shows_it(agent):
+def test_import_process_three_files_one_job_as_the_mount_shows_it(agent_factory):
+    # directory grouping with no quiet window: the collector would take each file the
+    # moment it completes, if the process did not hold them
+    agent = agent_factory(config=QUICK + "fileset_quiet_seconds = 0\n").start()
     files = {"a.tif": os.urandom(300_000), "sub/b.tif": os.urandom(70_001),
              "sub/deeper/c.txt": b"hello\n"}
     names = list(files)
@@ -90,6 +93,11 @@ def test_import_process_three_files_one_job_as_the_mount_shows_it(agent):
         assert call(agent, "ImportProcess.getUploadOffset", pid, i) == 0
         assert send(agent, pid, i, files[n]) == len(files[n])
         assert call(agent, "ImportProcess.getUploadOffset", pid, i) == len(files[n])
+    wait_for(lambda: all(f["state"] == "complete" for f in
+                         call(agent, "ImportProcess.getProcess", pid)["files"]),
+             what="the three files complete")
+    assert json.loads((agent.mount / "filesets.json").read_text()) == []
+    assert import_jobs(agent.mount) == []
     job = call(agent, "ImportProcess.verifyUpload", pid, [sha(files[n]) for n in names])
     assert call(agent, "ImportProcess.getHandle", pid) == job
     # the same verifyUpload again: the same job, nothing new
