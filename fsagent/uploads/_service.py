@@ -762,7 +762,9 @@ class UploadService:
         try:
             job = await self.u.handoff.submit_explicit(members, p.root_rel, p.pid, recorded)
         except Exception as e:
-            p.job = None
+            if p.job is not None:  # recorded, then taken back with the members' record
+                p.job = None
+                p.stage_job(self.u.agent.db)
             raise _error("ImportNotStarted", f"{type(e).__name__}: {e}") from None
         await self.u.agent.db.flush()
         self._finish_process(p)
