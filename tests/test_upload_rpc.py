@@ -354,6 +354,10 @@ def test_bad_arguments_are_refused_by_name_and_change_nothing(small_agent):
     assert attrs["state"] == "failed" and wrong in attrs["error"]
     assert import_jobs(agent.mount) == []
     refused(agent, "NotVerified", "ImportProcess.getHandle", pid)
+    # the right hashes now: the same bytes verified against them, and imported
+    job = call(agent, "ImportProcess.verifyUpload", pid, [sha(a), sha(b)])
+    assert task_attrs(agent.uploads / "p" / "b")["state"] == "complete"
+    assert call(agent, "ImportProcess.getHandle", pid) == job
 
 
 def _name_of(agent, method, *params) -> str:

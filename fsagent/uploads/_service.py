@@ -727,9 +727,12 @@ class UploadService:
             if t.present != size:
                 problems.append(f"{path}: {t.present} of {size} bytes received")
                 continue
-            if "sha256" not in t.client and not (t.shown is State.COMPLETE and
-                                                 t.computed.get("sha256") == expected):
-                # Not declared at create: the client's hash is what completion checks.
+            if (p.files[i].sha256 is None and t.client.get("sha256") != expected
+                    and not (t.shown is State.COMPLETE
+                             and t.computed.get("sha256") == expected)):
+                # Not declared at create: the hash given now is what completion checks
+                # (replacing one an earlier verifyUpload gave, so a client that sent a
+                # wrong hash can send the right one).
                 await self._declare(t, None, {"sha256": expected})
             members.append(t)
         if problems:
