@@ -26,6 +26,11 @@ Design notes
   record equal to the last one emitted is dropped. The per-key memory of what was
   emitted is pruned once it is older than ``min_interval`` (forgetting it changes no
   decision: the next record would go out at once either way).
+* **Polled progress.** What changes on every write (an upload's offset) is not
+  published by the write: a topic may have *pollers* (``add_poller``), which ``run``
+  calls every ``min_interval`` while the topic has a subscriber, and which publish the
+  records of what may be moving (the uploads table: its ``receiving`` tasks). An
+  unchanged record is dropped as above, so a poll costs a few renders and no messages.
 * **A slow subscriber is bounded, never waited for.** When its outbox is full (the
   byte bound of the RPC server's per-connection outbox), records wait in its
   ``pending`` map, one per key: a newer record for a key replaces the pending one in
@@ -88,6 +93,8 @@ class Topic:
         self._prune_at = 1024
         # key -> (due, record): progress-only records held back by the rate limit.
         self.held: dict[str, tuple[float, dict]] = {}
+        # Called every ``min_interval`` while active, to publish polled progress.
+        self.pollers: list[Callable[[], None]] = []
 
 
 class Subscriber:
@@ -171,6 +178,11 @@ class EventHub:
     def topic(self, name: str) -> Topic:
         return self.topics[name]
 
+    def add_poller(self, topic: Topic, poll: Callable[[], None]) -> None:
+        """Call ``poll`` every ``min_interval`` while ``topic`` has a subscriber (see the
+        notes); it publishes what changed without telling anyone."""
+        topic.pollers.append(poll)
+
     # -- subscriptions ------------------------------------------------------------------
 
     def named(self, names: Iterable[Any]) -> list[Topic]:
@@ -194,6 +206,7 @@ class EventHub:
             topic.active = True
             sub.topics.add(topic.name)
         self.subscribers[sub] = None
+        self._wake_timer()  # pollers may start
 
     def unsubscribe(self, sub: Subscriber, names: Iterable[Any]) -> None:
         """Remove ``names`` from ``sub``'s topics; records already pending still go."""
@@ -238,8 +251,7 @@ class EventHub:
                     return  # nothing a subscriber could see changed
                 if now - last[1] < self.min_interval:
                     topic.held[key] = (last[1] + self.min_interval, record)
-                    if self._timer is not None:
-                        self._timer.set()
+                    self._wake_timer()
                     return
             topic.held.pop(key, None)
             self._emit(topic, key, state, record, now)
@@ -281,17 +293,42 @@ class EventHub:
                 emitted += 1
         return emitted
 
+    def poll(self) -> None:
+        """Run the pollers of every topic that has a subscriber."""
+        for topic in self.topics.values():
+            if topic.active:
+                for poll in topic.pollers:
+                    try:
+                        poll()
+                    except Exception:
+                        log.exception("polling %s changes failed", topic.name)
+
+    def _polling(self) -> bool:
+        return any(t.active and t.pollers for t in self.topics.values())
+
+    def _wake_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.set()
+
     async def run(self) -> None:
-        """Emit held records when they are due (the agent runs this for its lifetime).
-        ``clock`` must be ``time.monotonic`` here: the waits are trio sleeps."""
+        """Emit held records when they are due and run the pollers every
+        ``min_interval`` (the agent runs this for its lifetime). ``clock`` must be
+        ``time.monotonic`` here: the waits are trio sleeps."""
+        next_poll = self.clock()
         while True:
             due = self.next_due()
+            if self._polling():
+                due = next_poll if due is None else min(due, next_poll)
             if due is None:
                 self._timer = trio.Event()
                 await self._timer.wait()
                 self._timer = None
+                next_poll = self.clock()
                 continue
             await trio.sleep(max(0.0, due - self.clock()))
+            if self._polling() and self.clock() >= next_poll:
+                self.poll()
+                next_poll = self.clock() + self.min_interval
             self.tick()
 
     def status(self) -> dict[str, Any]:

@@ -190,6 +190,30 @@ def test_hub_keeps_nothing_without_a_subscriber_and_refuses_unknown_topics():
     assert not jobs.active and jobs._last == {} and sub.topics == {UPLOADS}
 
 
+def test_hub_polls_only_for_a_topic_with_a_subscriber():
+    hub, clock, outbox, sub = hub_with(topics=(JOBS,))
+    uploads = hub.topic(UPLOADS)
+    offsets = iter(range(100))
+    polled = []
+
+    def poll():
+        polled.append(clock.now)
+        hub.publish(uploads, "a", rec("a", "receiving", next(offsets)))
+
+    hub.add_poller(uploads, poll)
+    hub.poll()
+    assert polled == []
+    hub.subscribe(sub, [UPLOADS])
+    hub.poll()
+    clock.now += 0.25
+    hub.poll()
+    hub.poll()  # nothing new (the same instant): held for the rate limit, not sent
+    assert states(outbox) == [("a", "receiving", 0), ("a", "receiving", 1)]
+    clock.now += 0.25
+    hub.tick()
+    assert states(outbox)[-1] == ("a", "receiving", 2)
+
+
 # -- a live agent --------------------------------------------------------------------------
 
 def sha256(data: bytes) -> str:
@@ -255,6 +279,30 @@ async def test_upload_and_its_import_arrive_in_order(agent_factory, tmp_path):
     assert jobs[-1]["Type"] == "import" and jobs[-1]["Progress"] == 100
     assert jobs[-1]["Spec"]["task"] == final["taskID"]  # one job per file (the grouping)
     assert jobs[-1]["Spec"]["sha256"] == sha256(data)
+
+
+async def test_the_offset_of_a_file_being_written_is_sent_while_it_is_written(
+        agent_factory):
+    # No checkpoint by time while the test runs: only the poll can tell the offset.
+    agent = agent_factory(config=QUICK + "checkpoint_seconds = 3600\n").start()
+    chunk = os.urandom(100_000)
+    async with open_client(agent.socket) as client:
+        await client.call("Events.subscribe", ["uploads"])
+        fd = await trio.to_thread.run_sync(
+            os.open, agent.uploads / "slow.dat", os.O_WRONLY | os.O_CREAT)
+        try:
+            for n in (1, 2, 3):
+                await trio.to_thread.run_sync(os.write, fd, chunk)
+                got = await records_until(client, lambda got: got and got[-1][1]["state"]
+                                          == "receiving"
+                                          and got[-1][1]["offset"] == n * len(chunk))
+                assert got[-1][1]["path"] == "slow.dat"
+        finally:
+            await trio.to_thread.run_sync(os.close, fd)
+        got = await records_until(client, lambda got: got and got[-1][1]["state"]
+                                  == "complete")
+    assert got[-1][1]["offset"] == 3 * len(chunk)
+    assert got[-1][1]["sha256"] == sha256(chunk * 3)
 
 
 async def test_a_job_cancelled_through_its_control_file_arrives_cancelled(agent_factory):

@@ -54,7 +54,7 @@ class RpcComponent(Component):
                       (n,): c for n, c in (self.server.errors_by_name if self.server else {}).items()})
         m.gauge("fsagent_rpc_clients", "Open RPC connections",
                 collect=lambda: len(self.server.peers) if self.server else 0)
-        m.gauge("fsagent_event_subscribers", "RPC connections subscribed to change events",
+        m.gauge("fsagent_events_subscribers", "RPC connections subscribed to change events",
                 collect=lambda: agent.events.status()["subscribers"])
         m.counter("fsagent_events_coalesced_total", "Change events replaced by a newer one "
                   "for the same upload or job while a slow subscriber's outbox was full",

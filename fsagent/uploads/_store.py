@@ -39,7 +39,9 @@ Design notes
   state, so those two publish the task's record, and only while the ``uploads`` topic
   has a subscriber (one attribute read otherwise). From ``reindex``, only what no
   ``save`` follows: shown ``complete`` (``mark_committed``) and the end of a task
-  (removed, or renamed to a temporary name), sent with state ``removed``.
+  (removed, or renamed to a temporary name), sent with state ``removed``. The offset
+  of a task being written moves with no ``save``: while subscribed, the hub polls the
+  ``receiving`` tasks (``_poll_progress``, ~4 times a second), never the write path.
 * **Temporary files** (rsync's ``.NAME.XXXXXX``) get a ``Task`` too, so their writes
   are hashed on the fly, but ``tracked`` is False: no row, no listing, no state
   changes, until a rename into place promotes them.
@@ -74,6 +76,8 @@ class TaskTable:
         self._db = db
         self._events = events  # EventHub (fsagent/events.py) or None
         self._topic = events.topic("uploads") if events is not None else None
+        if events is not None:
+            events.add_poller(self._topic, self._poll_progress)
         self.by_path: dict[bytes, Task] = {}
         self.by_id: dict[str, Task] = {}
         self.counts: dict[State, int] = {s: 0 for s in State}
@@ -106,6 +110,13 @@ class TaskTable:
             task.stored = True
             self._db.stage(("upload", task.task_id), _UPSERT, task.row())
             if self._topic is not None and self._topic.active:
+                self._events.publish(self._topic, task.task_id, task.summary())
+
+    def _poll_progress(self) -> None:
+        """Publish the tasks being written (their offset moves at every write, which
+        publishes nothing); the hub drops a record that did not change."""
+        for task in self.unfinished:
+            if task.state is State.RECEIVING:
                 self._events.publish(self._topic, task.task_id, task.summary())
 
     def remove(self, task: Task) -> None:
