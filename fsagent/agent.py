@@ -45,6 +45,7 @@ from . import __version__
 from .component import Component, JobHandOff
 from .config import Config
 from .db import Database
+from .events import EventHub
 from .fileserver import FileServer
 from .fs import Directory, DynamicFile, Filesystem, Node
 from .jobs import JobsComponent
@@ -96,6 +97,7 @@ class Agent:
         self.shutting_down = trio.Event()
         self._lock_fd: int | None = None
         self.metrics = Registry()
+        self.events = EventHub()  # uploads and jobs publish, RPC connections subscribe
         self.notifier = Notifier.from_environment()
         self.metrics_address: str | None = None  # bound metrics_listen, once listening
         self.last_checkpoint: tuple[float, float] | None = None  # (finished, seconds)
@@ -234,6 +236,7 @@ class Agent:
                 for component in self.components:
                     await nursery.start(component.serve)
                 nursery.start_soon(self.db.flush_periodically, cfg.db_flush_seconds)
+                nursery.start_soon(self.events.run)  # rate-limited events, when due
                 if listeners:
                     self.metrics_address = metrics_http.bound_address(listeners)
                     await nursery.start(metrics_http.serve, listeners, self.metrics.render,

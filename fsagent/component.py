@@ -13,8 +13,10 @@ Design notes
   worker threads (``to_thread``, the one way to run blocking work), the shutdown event,
   the agent's ``status()`` and component list (the RPC component serves both), and the
   two hand-offs between capabilities: ``jobs`` (uploads into the job engine) and
-  ``upload_task`` (import jobs back to the upload they import). A component needing
-  something new of the agent adds it here first.
+  ``upload_task`` (import jobs back to the upload they import), and ``events``, the
+  hub where uploads and jobs publish their changes and the RPC component subscribes
+  connections to them (``fsagent/events.py``). A component needing something new of
+  the agent adds it here first.
 * **One route into the job engine.** ``host.jobs`` is the engine's hand-off verbs
   (``JobHandOff``: submit, cancel if not started, read a job's state, move an import's
   manifest row after a rename), or None when the agent runs without a job engine;
@@ -32,6 +34,7 @@ import trio
 if TYPE_CHECKING:
     from .config import Config
     from .db import Database
+    from .events import EventHub
     from .fs import Node
     from .service.metrics import Registry
 
@@ -87,6 +90,8 @@ class Host(Protocol):
     metrics: Registry  # register in __init__; see fsagent/service/metrics.py
     shutting_down: trio.Event  # set once shutdown begins (a signal, or the mount gone)
     components: Sequence[Component]  # every component, in start-up order
+    # Change events: publish only while ``events.topic(name).active`` (fsagent/events.py).
+    events: EventHub
 
     async def to_thread(self, fn: Callable, *args: Any) -> Any:
         """Run blocking work in a worker thread under the agent's capacity limit."""

@@ -43,6 +43,9 @@ Design notes
   each change is logged (one INFO line: job, kind, from -> to, the error if it failed)
   and where a run's duration is observed (``fsagent_job_duration_seconds{kind,state}``,
   the state the run ended in). ``fsagent_jobs{state,kind}`` is counted at scrape time.
+  Change events (``jobChanged``) are published where a job's row is staged
+  (``_stage``), after the verb has set the message and progress that go with the new
+  state, and only while someone subscribed.
 * **History.** Finished jobs beyond ``job_history`` (newest kept) or older than
   ``job_ttl`` are removed with their directory; only finished jobs are ever evicted.
   Eviction sorts the finished jobs on the event loop (no system call) and removes the
@@ -245,6 +248,7 @@ class Engine:
         self._wakeup = trio.Event()
         self.started_count = 0              # runs started since the agent started
         self.evicted_count = 0
+        self._events = agent.events.topic("jobs")  # jobChanged (fsagent/events.py)
         metrics = agent.metrics
         metrics.gauge("fsagent_jobs", "Jobs by state and kind", labels=("state", "kind"),
                       collect=self.counts_by_state_and_kind)
@@ -275,7 +279,7 @@ class Engine:
                 job.message = "interrupted (the agent stopped while it ran); requeued"
                 log.info("job %s (%s): running -> pending: %s", job.id, job.kind, job.message)
                 job.updated = time.time()
-                self.db.stage(("job", job.id), _UPSERT, job.row())
+                self._stage(job)
                 self._log(job, job.message)
             self._track(job, None)
         # Left by a crash after an eviction was committed and before its directories
@@ -537,9 +541,16 @@ class Engine:
     async def _persist(self, job: Job, *, durable: bool) -> None:
         if job.id not in self.jobs:
             return  # evicted meanwhile
-        self.db.stage(("job", job.id), _UPSERT, job.row())
+        self._stage(job)
         if durable:
             await self.db.flush()
+
+    def _stage(self, job: Job) -> None:
+        """Stage ``job``'s row: every change of a job (state, progress, message) ends
+        here once the record is whole, so this is where it is published too."""
+        self.db.stage(("job", job.id), _UPSERT, job.row())
+        if self._events.active:
+            self.agent.events.publish(self._events, job.id, job.info())
 
     def _log(self, job: Job, line: str) -> None:
         """A line worth keeping on disk (a control verb, a requeue, a failure)."""
@@ -716,7 +727,7 @@ class Engine:
             job.progress = 100
             job.message = _clean(ctx.message or "done")
             ctx.log(f"success: {job.message}")
-            self.db.stage(("job", job.id), _UPSERT, job.row())
+            self._stage(job)
             return True
         else:
             # Stopped while still running: only the agent's shutdown does that. Leave the
@@ -731,7 +742,7 @@ class Engine:
         self._apply(job, "fail")
         job.message = description.splitlines()[0] if description else ""
         self._log(job, f"failure: {description}")
-        self.db.stage(("job", job.id), _UPSERT, job.row())
+        self._stage(job)
 
     async def _record_end(self, job: Job) -> None:
         """Make a run's end (staged by the run) durable, then keep the history in bounds.

@@ -21,6 +21,9 @@ Design notes
 * **Who is calling.** ``current_peer()`` gives a method the ``Peer`` it is serving
   (a context variable set per connection), so the monitor can send notifications to
   the connection that created a monitor and learn when it goes away.
+  ``Peer.notify_nowait`` queues a notification only if the outbox has room at once:
+  event subscriptions (``fsagent/events.py``) keep what does not fit themselves,
+  coalesced, rather than wait.
 * **End of input.** A client may half-close after its last request (``nc -N``): the
   replies still in flight are written before the connection closes.
 """
@@ -88,6 +91,18 @@ class _Outbox:
             await self._space.park()
         if self._closed:
             raise trio.ClosedResourceError("connection closed")
+        self._append(data)
+
+    def put_nowait(self, data: bytes) -> bool:
+        """Queue ``data`` only if it fits now and nobody is waiting for room (a waiting
+        reply keeps its turn); False otherwise, or once closed."""
+        if (self._closed or len(self._space)
+                or (self._bytes and self._bytes + len(data) > self.max_bytes)):
+            return False
+        self._append(data)
+        return True
+
+    def _append(self, data: bytes) -> None:
         self._items.append(data)
         self._bytes += len(data)
         self._data.unpark_all()
@@ -137,6 +152,13 @@ class Peer:
         if self.closed.is_set():
             raise trio.ClosedResourceError("connection closed")
         await self._outbox.put(self._conn.send_notification(method, params))
+
+    def notify_nowait(self, method: str, params: list) -> bool:
+        """Queue a notification if the outbox has room now; False if not (full, or the
+        connection is gone). For publishers that must never wait (``fsagent/events.py``)."""
+        if self.closed.is_set():
+            return False
+        return self._outbox.put_nowait(self._conn.send_notification(method, params))
 
     def on_close(self, callback: Callable[[Peer], None]) -> None:
         """Call ``callback(peer)`` (synchronously, in the server's task) at disconnect."""

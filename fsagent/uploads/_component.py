@@ -71,7 +71,7 @@ class UploadsComponent(Component):
         config = self.config = agent.config
         self._root_path = os.fsencode(config.uploads_dir)
         self.paths = BackingTree(self._root_path)  # syscalls on paths of any length
-        self.tasks = TaskTable(agent.db, recent=config.recent_uploads)
+        self.tasks = TaskTable(agent.db, recent=config.recent_uploads, events=agent.events)
         self.root = UploadDir(self, None, b"")
         self.counters = {"write_calls": 0, "bytes_written": 0, "rehashed": 0, "checkpoints": 0,
                          "recovered_cuts": 0, "rechecked": 0}

@@ -34,6 +34,14 @@ Design notes
   ``reindex``, which moves it from the state it was counted under
   (``Task.counted_as``) to the one it shows now. ``recount`` is the slow truth the
   tests hold the indexes to.
+* **Change events** (``Events.subscribe``, ``fsagent/events.py``): ``save`` is called
+  after every change of a task's row, and ``reindex`` sees every change of its shown
+  state, so those two publish the task's record, and only while the ``uploads`` topic
+  has a subscriber (one attribute read otherwise). From ``reindex``, only what no
+  ``save`` follows: shown ``complete`` (``mark_committed``) and the end of a task
+  (removed, or renamed to a temporary name), sent with state ``removed``. The offset
+  of a task being written moves with no ``save``: while subscribed, the hub polls the
+  ``receiving`` tasks (``_poll_progress``, ~4 times a second), never the write path.
 * **Temporary files** (rsync's ``.NAME.XXXXXX``) get a ``Task`` too, so their writes
   are hashed on the fly, but ``tracked`` is False: no row, no listing, no state
   changes, until a rename into place promotes them.
@@ -64,8 +72,12 @@ def load_tasks(conn: sqlite3.Connection) -> list[Task]:
 class TaskTable:
     """Tasks by path and by ID, indexed by shown state, plus the staging of their rows."""
 
-    def __init__(self, db, *, recent: int = 100):
+    def __init__(self, db, *, recent: int = 100, events=None):
         self._db = db
+        self._events = events  # EventHub (fsagent/events.py) or None
+        self._topic = events.topic("uploads") if events is not None else None
+        if events is not None:
+            events.add_poller(self._topic, self._poll_progress)
         self.by_path: dict[bytes, Task] = {}
         self.by_id: dict[str, Task] = {}
         self.counts: dict[State, int] = {s: 0 for s in State}
@@ -97,6 +109,17 @@ class TaskTable:
         if task.tracked and not task.ended:
             task.stored = True
             self._db.stage(("upload", task.task_id), _UPSERT, task.row())
+            if self._topic is not None and self._topic.active:
+                self._events.publish(self._topic, task.task_id, task.summary())
+
+    def _poll_progress(self) -> None:
+        """Publish the tasks being written (their offset moves at every write, which
+        publishes nothing); the hub drops a record that did not change."""
+        if not self.counts[State.RECEIVING]:
+            return  # the usual case between uploads: no pass at all
+        for task in self.unfinished:
+            if task.state is State.RECEIVING:
+                self._events.publish(self._topic, task.task_id, task.summary())
 
     def remove(self, task: Task) -> None:
         task.apply(Event.UNLINK)  # the table ends it (``task.ended``)
@@ -157,6 +180,12 @@ class TaskTable:
         if now is not None:
             self.counts[now] += 1
         task.counted_as = now
+        if self._topic is not None and self._topic.active and (
+                now is None or now is State.COMPLETE):
+            record = task.summary()
+            if now is None:
+                record["state"] = "removed"
+            self._events.publish(self._topic, task.task_id, record)
 
     def most_recent(self, n: int) -> list[Task]:
         """The ``n`` (at most ``recent``) tasks shown complete that completed last,
