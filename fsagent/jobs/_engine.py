@@ -550,7 +550,11 @@ class Engine:
         here once the record is whole, so this is where it is published too."""
         self.db.stage(("job", job.id), _UPSERT, job.row())
         if self._events.active:
-            self.agent.events.publish(self._events, job.id, job.info())
+            # Without the spec: a fileset's lists every member (hundreds of KB), and
+            # a running job is republished as its runtime grows. ``Jobs.show`` has it.
+            record = job.info()
+            del record["Spec"]
+            self.agent.events.publish(self._events, job.id, record)
 
     def _log(self, job: Job, line: str) -> None:
         """A line worth keeping on disk (a control verb, a requeue, a failure)."""
