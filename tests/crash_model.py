@@ -1252,27 +1252,43 @@ def _settled(attrs: dict) -> bool:
 
 
 def _match(observed, claims, fits) -> dict[str, Lineage]:
-    """Paths -> lineages, one to one (Kuhn's augmenting paths), fitting edges first."""
-    owner: dict[int, str] = {}
-    assignment: dict[str, Lineage] = {}
+    """Paths -> lineages, one to one (Kuhn's augmenting paths from the lineages' side),
+    fitting edges first and, in each pass, the lineages that cannot be gone first.
 
-    def attempt(rel: str, seen: set, only_fitting: bool) -> bool:
+    A lineage the model allows to be gone (``None`` in its possible places) must never
+    take a path that only a lineage which cannot be gone could explain: after
+    ``rename(A -> B over a file)`` cut short by the kill, a file at B with bytes both
+    could have is the renamed one (the other one is gone), not a missing file.
+    Augmenting from the lineages' side keeps every lineage matched once it is (a later
+    one only moves it to another path), so the order of the passes is the priority."""
+    wanted: dict[int, list[str]] = {}
+    lineage: dict[int, Lineage] = {}
+    for rel in observed:
         for lin in claims.get(rel, []):
-            if lin.id in seen or (only_fitting and not fits[(rel, lin.id)]):
+            wanted.setdefault(lin.id, []).append(rel)
+            lineage[lin.id] = lin
+    holder: dict[str, int] = {}  # path -> lineage id
+
+    def attempt(lin_id: int, seen: set, only_fitting: bool) -> bool:
+        for rel in wanted[lin_id]:
+            if rel in seen or (only_fitting and not fits[(rel, lin_id)]):
                 continue
-            seen.add(lin.id)
-            other = owner.get(lin.id)
+            seen.add(rel)
+            other = holder.get(rel)
             if other is None or attempt(other, seen, only_fitting):
-                owner[lin.id] = rel
-                assignment[rel] = lin
+                holder[rel] = lin_id
                 return True
         return False
 
+    must = [i for i, lin in lineage.items() if None not in lin.possible()]
+    may = [i for i, lin in lineage.items() if None in lin.possible()]
+    matched: set[int] = set()
     for only_fitting in (True, False):
-        for rel in observed:
-            if rel not in assignment:
-                attempt(rel, set(), only_fitting)
-    return assignment
+        for group in (must, may):
+            for lin_id in group:
+                if lin_id not in matched and attempt(lin_id, set(), only_fitting):
+                    matched.add(lin_id)
+    return {rel: lineage[lin_id] for rel, lin_id in holder.items()}
 
 
 # -- driving many rounds -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import random
 
-from crash_model import play, report
+from crash_model import Lineage, _match, play, report
 
 DEFAULT_SEED = 20261129
 
@@ -34,3 +34,26 @@ def test_random_workload_with_crashes_keeps_every_invariant(tmp_path):
     print(report(result, rerun))
     assert not result["violations"], report(result, rerun)
     assert result["rounds"] >= min(5, rounds), f"only {result['rounds']} rounds in {budget} s"
+
+
+def test_a_file_renamed_over_an_identical_one_is_matched_to_the_renamed_one():
+    """Soak seed 35001 (round 419): ``rsync`` put the same bytes at ``rs1/s1`` and at
+    ``moved/s1``, then ``rename(rs1/s1 -> moved/s1)`` was cut short by the kill and had
+    happened. The one file found, ``moved/s1``, fits both lineages; it must go to the
+    renamed one (which cannot be gone), not to the replaced one (which may be)."""
+    replaced = Lineage(1, "moved/s1", b"same")
+    replaced.maybe = {None}
+    renamed = Lineage(2, "rs1/s1", b"same")
+    renamed.maybe = {"moved/s1"}
+    observed = {"moved/s1": ({}, b"same")}
+    claims = {"moved/s1": [replaced, renamed], "rs1/s1": [renamed]}
+    fits = {("moved/s1", 1): True, ("moved/s1", 2): True}
+    assert _match(observed, claims, fits) == {"moved/s1": renamed}
+    # Had the rename not happened, each file is its own lineage's.
+    observed["rs1/s1"] = ({}, b"same")
+    fits[("rs1/s1", 2)] = True
+    assert _match(observed, claims, fits) == {"moved/s1": replaced, "rs1/s1": renamed}
+    # A path only a lineage that may be gone fits still goes to it when nothing else can.
+    fits[("moved/s1", 2)] = False
+    del observed["rs1/s1"]
+    assert _match(observed, claims, fits) == {"moved/s1": replaced}
