@@ -553,6 +553,18 @@ def test_only_the_owner_and_root_write_delete_or_verify(shared_dir, agent_factor
     assert call_at(sock, "UploadTasks.write", theirs, 1, b"i") == 2
     assert call_at(sock, "UploadTasks.get", theirs)["owner"] == other_user.uid
     assert call_at(sock, "UploadTasks.delete", theirs) == {"succeed": True}
+    # A directory's group write bit counts for the members of its group, as on a disk:
+    # root's "lab" (group gid, 0770) takes the third user's file, "ro" (0750) does not.
+    for directory, mode in (("lab", 0o770), ("ro", 0o750)):
+        os.mkdir(agent.uploads / directory)
+        os.chown(agent.uploads / directory, 0, gid)
+        os.chmod(agent.uploads / directory, mode)
+    results = as_user(third_user, gid, sock, ["UploadTasks.create", {"path": "lab/z.bin"}],
+                      ["UploadTasks.create", {"path": "ro/z.bin"}])
+    assert "ok" in results[0], results
+    assert results[1]["error"][0] == "PermissionDenied", results
+    assert os.stat(agent.uploads / "lab" / "z.bin").st_uid == third_user.uid
+    assert not os.path.exists(agent.uploads / "ro" / "z.bin")
 
 
 def call_at(sock, method, *params):

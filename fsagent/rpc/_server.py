@@ -132,10 +132,13 @@ class Peer:
     """One client connection, as the methods see it."""
 
     def __init__(self, label: str, outbox: _Outbox, conn: Connection,
-                 uid: int | None = None):
+                 uid: int | None = None, groups: frozenset[int] = frozenset()):
         self.id = next(_peer_ids)
         self.label = label
         self.uid = uid  # the client's uid on the Unix socket (SO_PEERCRED); None on TCP
+        # Its gid and supplementary groups at connect time (empty on TCP), for the
+        # rules a local disk applies to group-writable directories.
+        self.groups = groups
         self._outbox = outbox
         self._conn = conn
         self.closed = trio.Event()
@@ -224,17 +227,18 @@ class RpcServer:
                               task_status=trio.TASK_STATUS_IGNORED) -> None:
         async def handler(stream: trio.abc.Stream) -> None:
             await self.serve_stream(stream, _label(stream), require_auth=require_auth,
-                                    uid=_unix_peer_uid(stream))
+                                    **_unix_peer(stream))
 
         await trio.serve_listeners(handler, listeners, task_status=task_status)
 
     # -- one connection -------------------------------------------------------------------
 
     async def serve_stream(self, stream: trio.abc.Stream, label: str, *,
-                           require_auth: bool = False, uid: int | None = None) -> None:
+                           require_auth: bool = False, uid: int | None = None,
+                           groups: frozenset[int] = frozenset()) -> None:
         conn = Connection(max_message_size=self.max_message_size)
         outbox = _Outbox(self.outbox_bytes)
-        peer = Peer(label, outbox, conn, uid)
+        peer = Peer(label, outbox, conn, uid, groups)
         self.peers.add(peer)
         self.connections_total += 1
         _current_peer.set(peer)
@@ -371,15 +375,27 @@ def _as_bytes(value: str | bytes | None) -> bytes:
     return value.encode() if isinstance(value, str) else value
 
 
-def _unix_peer_uid(stream: trio.abc.Stream) -> int | None:
+def _unix_peer(stream: trio.abc.Stream) -> dict:
+    """``uid`` and ``groups`` of a Unix-socket client (SO_PEERCRED, then the groups its
+    process had when it connected, from ``/proc/PID/status``); nothing on TCP."""
     sock = getattr(stream, "socket", None)
     if sock is None or sock.family != _stdlib_socket.AF_UNIX:
-        return None
+        return {}
     try:
         creds = sock.getsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_PEERCRED, 12)
     except OSError:
-        return None
-    return int.from_bytes(creds[4:8], "little")
+        return {}
+    pid, uid, gid = (int.from_bytes(creds[i:i + 4], "little") for i in (0, 4, 8))
+    groups = {gid}
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    groups.update(int(g) for g in line.split()[1:])
+                    break
+    except (OSError, ValueError):
+        pass  # the client already exited, or another pid namespace: its gid only
+    return {"uid": uid, "groups": frozenset(groups)}
 
 
 def _label(stream: trio.abc.Stream) -> str:

@@ -42,7 +42,9 @@ Design notes
   root may write, delete or verify. Reading is open. Paths are checked as text
   (``_processes.check_relative_path``) and then on the disk: no component may be a
   symlink or a non-directory (``BadArgument``), and a new name goes only into a
-  directory the caller owns or may write as "other" (``PermissionDenied``).
+  directory the caller may write as a local disk would decide it (owner, group, other
+  bits; the caller's groups as its process had them when it connected), else
+  ``PermissionDenied``.
 * **Import processes** (``_processes.py``): the files of a process are claimed
   (``ImportHandOff.claimed``), so neither the fileset collector nor a lone hand-off
   takes them; ``verifyUpload`` checks every file is complete and its SHA-256 is the
@@ -103,6 +105,14 @@ def _caller() -> int | None:
         return current_peer().uid
     except LookupError:
         return None
+
+
+def _caller_groups() -> frozenset[int]:
+    """The caller's gid and supplementary groups (empty for a TCP client)."""
+    try:
+        return current_peer().groups
+    except LookupError:
+        return frozenset()
 
 
 def _privileged(uid: int | None) -> bool:
@@ -499,7 +509,7 @@ class UploadService:
                 raise bad(f"{algorithm} must be {length} hex digits, not {spec[algorithm]!r}")
             hashes[algorithm] = value
         uid = _caller()
-        st = _check_file(self.paths, rel, uid)
+        st = _check_file(self.paths, rel, uid, _caller_groups())
         if st is not None and not _privileged(uid) and st.st_uid != uid:
             raise _error("PermissionDenied", f"uploads/{path} belongs to uid {st.st_uid}; "
                          "only its owner and root may write it")
@@ -507,7 +517,7 @@ class UploadService:
         own = [existing] if existing is not None and not existing.ended else []
         if size is not None:
             self._check_space(size - (own[0].present if own else 0), own)
-        fd, created = _make_file(self.paths, rel, uid)
+        fd, created = _make_file(self.paths, rel, uid, _caller_groups())
         if fd is not None:
             t = await self._register_created(rel, fd)
             self._adopt(t, fd)
@@ -646,7 +656,8 @@ class UploadService:
             if other is not None and other != p.pid:
                 raise _error("Busy", f"uploads/{os.fsdecode(rel)} belongs to import process "
                              f"{other}, which is not finished")
-        found = await self.u.agent.to_thread(_check_files, self.paths, rels, uid)
+        found = await self.u.agent.to_thread(_check_files, self.paths, rels, uid,
+                                                   _caller_groups())
         own = []
         for rel, (_, f), st in zip(rels, files, found):
             if st is not None and not _privileged(uid) and st.st_uid != uid:
@@ -659,7 +670,8 @@ class UploadService:
             else:
                 need += f.size
         self._check_space(need, own)
-        made = await self.u.agent.to_thread(_make_files, self.paths, rels, uid)
+        made = await self.u.agent.to_thread(_make_files, self.paths, rels, uid,
+                                                  _caller_groups())
         created_names: list[bytes] = []
         try:
             for n, (rel, (_, f)) in enumerate(zip(rels, files)):
@@ -878,7 +890,7 @@ def _owners(paths, rels: list[bytes]) -> list[int | None]:
     return out
 
 
-def _walk(paths, rel: bytes, uid: int | None, *, create: bool):
+def _walk(paths, rel: bytes, uid: int | None, groups: frozenset[int], *, create: bool):
     """Check ``rel`` as the API wants it on the disk (no symlink or non-directory on the
     way, a new name only where ``uid`` may add one) and, with ``create``, make it (and its
     missing parents) a regular file owned by ``uid`` when the agent is root. Returns
@@ -903,7 +915,7 @@ def _walk(paths, rel: bytes, uid: int | None, *, create: bool):
                 raise bad(f"uploads/{os.fsdecode(current)}: {e.strerror}") from None
         if st is None:
             if not missing:
-                _may_create_in(deepest, uid, current)
+                _may_create_in(deepest, uid, groups, current)
             missing = not create
             if create:
                 try:
@@ -913,18 +925,19 @@ def _walk(paths, rel: bytes, uid: int | None, *, create: bool):
                             os.chown(path, uid, gid, follow_symlinks=False)
                     created.append(current)
                 except FileExistsError:
-                    return _walk(paths, rel, uid, create=create)  # made meanwhile: again
+                    # made meanwhile: again
+                    return _walk(paths, rel, uid, groups, create=create)
                 except OSError as e:
                     raise _error("IOError", f"cannot make uploads/{os.fsdecode(current)}: "
                                  f"{e.strerror}") from None
-            deepest = (os.getuid() if uid is None else uid, 0o755)
+            deepest = (os.getuid() if uid is None else uid, gid, 0o755)
             continue
         if stat.S_ISLNK(st.st_mode):
             raise bad(f"uploads/{os.fsdecode(current)} is a symlink; paths never go "
                       "through one")
         if not stat.S_ISDIR(st.st_mode):
             raise bad(f"uploads/{os.fsdecode(current)} is not a directory")
-        deepest = (st.st_uid, st.st_mode)
+        deepest = (st.st_uid, st.st_gid, st.st_mode)
     st = None
     if not missing:
         try:
@@ -940,13 +953,13 @@ def _walk(paths, rel: bytes, uid: int | None, *, create: bool):
             raise bad(f"uploads/{os.fsdecode(rel)} is not a regular file")
         return None, created, st
     if not missing:
-        _may_create_in(deepest, uid, rel)
+        _may_create_in(deepest, uid, groups, rel)
     if not create:
         return None, created, None
     try:
         fd = paths.open(rel, _CREATE_FLAGS, 0o644)
     except FileExistsError:
-        return _walk(paths, rel, uid, create=create)
+        return _walk(paths, rel, uid, groups, create=create)
     except OSError as e:
         raise _error("IOError", f"cannot create uploads/{os.fsdecode(rel)}: "
                      f"{e.strerror}") from None
@@ -960,41 +973,49 @@ def _walk(paths, rel: bytes, uid: int | None, *, create: bool):
     return fd, created + [rel], None
 
 
-def _check_file(paths, rel: bytes, uid: int | None) -> os.stat_result | None:
+def _check_file(paths, rel: bytes, uid: int | None,
+                groups: frozenset[int]) -> os.stat_result | None:
     """The lstat of the regular file at ``rel``, None if it would be created; raises
     ``RpcError`` if the API refuses it (``_walk``)."""
-    return _walk(paths, rel, uid, create=False)[2]
+    return _walk(paths, rel, uid, groups, create=False)[2]
 
 
-def _check_files(paths, rels: list[bytes], uid: int | None) -> list:
-    return [_check_file(paths, rel, uid) for rel in rels]
+def _check_files(paths, rels: list[bytes], uid: int | None,
+                 groups: frozenset[int]) -> list:
+    return [_check_file(paths, rel, uid, groups) for rel in rels]
 
 
-def _make_file(paths, rel: bytes, uid: int | None) -> tuple[int | None, list[bytes]]:
-    fd, created, _ = _walk(paths, rel, uid, create=True)
+def _make_file(paths, rel: bytes, uid: int | None,
+               groups: frozenset[int]) -> tuple[int | None, list[bytes]]:
+    fd, created, _ = _walk(paths, rel, uid, groups, create=True)
     return fd, created
 
 
-def _may_create_in(directory: tuple[int, int] | None, uid: int | None, rel: bytes) -> None:
-    """``PermissionDenied`` unless ``uid`` may add a name to ``directory`` (None: the
-    top of ``uploads/``, shared like /tmp): its owner, or anyone when it is writable by
-    others. Group write access is not granted here (the caller's groups are unknown)."""
+def _may_create_in(directory: tuple[int, int, int] | None, uid: int | None,
+                   groups: frozenset[int], rel: bytes) -> None:
+    """``PermissionDenied`` unless ``uid`` may add a name to ``directory`` ((owner, group,
+    mode); None: the top of ``uploads/``, shared like /tmp), by the write bit a local
+    disk would use: the owner's, else the group's when the directory's group is one of
+    the caller's (``groups``), else the others'."""
     if directory is None or _privileged(uid):
         return
-    owner, mode = directory
-    if owner == uid or mode & 0o002:
+    owner, group, mode = directory
+    bit = 0o200 if owner == uid else 0o020 if group in groups else 0o002
+    if mode & bit:
         return
     raise _error("PermissionDenied", f"cannot create uploads/{os.fsdecode(rel)}: its "
-                 f"directory belongs to uid {owner}")
+                 f"directory (uid {owner}, gid {group}, mode {stat.S_IMODE(mode):o}) is not "
+                 f"writable by uid {uid}")
 
 
-def _make_files(paths, rels: list[bytes], uid: int | None) -> list[tuple]:
+def _make_files(paths, rels: list[bytes], uid: int | None,
+                groups: frozenset[int]) -> list[tuple]:
     """``_make_file`` for each (worker thread): (fd or None, created names, RpcError or
     None); after the first refusal nothing more is made."""
     out = []
     for rel in rels:
         try:
-            fd, created = _make_file(paths, rel, uid)
+            fd, created = _make_file(paths, rel, uid, groups)
         except RpcError as e:
             out.append((None, [], e))
             break
