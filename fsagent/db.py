@@ -105,6 +105,29 @@ MIGRATIONS: dict[str, Sequence[str]] = {
         ALTER TABLE upload_tasks ADD COLUMN job_sha256 TEXT;
         UPDATE upload_tasks SET job_sha256 = sha256 WHERE job IS NOT NULL;
         """,
+        # 3: import processes (ImportProcess.*, fsagent/uploads/_processes.py): one
+        # explicit fileset each. `create_key` finds an unfinished process again when a
+        # client re-runs the same create after a restart; `job` is set once its import
+        # job was submitted (in the same transaction as the job).
+        """
+        CREATE TABLE import_processes (
+            pid TEXT PRIMARY KEY,
+            owner INTEGER NOT NULL,
+            root TEXT NOT NULL,
+            create_key TEXT NOT NULL,
+            job TEXT,
+            created REAL NOT NULL
+        );
+        CREATE INDEX import_processes_key ON import_processes(create_key);
+        CREATE TABLE import_process_files (
+            pid TEXT NOT NULL,
+            i INTEGER NOT NULL,
+            path TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            sha256 TEXT,
+            PRIMARY KEY (pid, i)
+        );
+        """,
     ),
     "jobs": (
         # 1: one row per job (fsagent/jobs/_engine.py writes it) and the repository

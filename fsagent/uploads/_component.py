@@ -46,6 +46,7 @@ from ._handoff import ImportHandOff
 from ._names import Names, trackable
 from ._nodes import FileHandle, UploadDir
 from ._recovery import cut_back, plan_recovery
+from ._service import UploadService
 from ._space import SpaceAccounting
 from ._store import TaskTable, load_tasks
 from ._task import Event, State, Task, is_temporary_path
@@ -90,6 +91,8 @@ class UploadsComponent(Component):
         self.names = Names(tasks=self.tasks, paths=self.paths, space=self.space,
                            checkpoints=self.checkpoints, completion=self.completion,
                            handoff=self.handoff, writes=self.writes)
+        # UploadTasks.* and ImportProcess.*: the same pipeline over msgpack-RPC.
+        self.service = UploadService(self)
         # Collected at scrape time from counts kept anyway: nothing added to the write path.
         agent.metrics.counter("fsagent_upload_bytes_received_total", "Bytes written into "
                               "uploads/", collect=lambda: self.counters["bytes_written"])
@@ -122,6 +125,7 @@ class UploadsComponent(Component):
             nursery.start_soon(self.completion.settler)
             nursery.start_soon(self.handoff.retrier)
             nursery.start_soon(self.handoff.collect)
+            nursery.start_soon(self.service.run, nursery)
             for t in self.tasks.tracked():
                 if t.state is State.PARTIAL:
                     nursery.start_soon(self._consider, t)
@@ -329,10 +333,11 @@ class UploadsComponent(Component):
         return (json.dumps(self.handoff.filesets(), indent=1) + "\n").encode()
 
     def rpc_methods(self) -> dict[str, Any]:
-        """``Uploads.filesets``: the filesets being collected, as ``filesets.json``."""
+        """``Uploads.filesets``: the filesets being collected, as ``filesets.json``;
+        ``UploadTasks.*`` and ``ImportProcess.*`` (``_service.py``)."""
         async def filesets() -> list[dict]:
             return self.handoff.filesets()
-        return {"Uploads.filesets": filesets}
+        return {"Uploads.filesets": filesets, **self.service.methods()}
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -361,5 +366,7 @@ class UploadsComponent(Component):
             for rel, size in plan.cuts:
                 log.warning("unclean stop: cut %s back to its durable offset %d",
                             os.fsdecode(self.backing(rel)), size)
+        # Import processes claim their files before anything hands complete uploads on.
+        await self.service.load()
         await db.flush()
 

@@ -41,6 +41,7 @@ import collections
 import logging
 import os
 import uuid
+from collections.abc import Callable
 
 import trio
 
@@ -83,6 +84,10 @@ class ImportHandOff:
         # task_id -> (trio time of the next attempt, the delay that led to it, the task)
         self._retry: dict[str, tuple[float, float, Task]] = {}
         self._retry_changed = trio.Event()
+        # Whether an upload belongs to an explicit fileset (an import process,
+        # ``_service.py``): such uploads are never collected nor submitted alone; the
+        # process submits them, all together, when its client asks (``submit_explicit``).
+        self.claimed: Callable[[Task], bool] = lambda t: False
 
     def _jobs(self):
         return self._agent.jobs
@@ -133,7 +138,7 @@ class ImportHandOff:
         """Complete upload ``t`` goes to its fileset (or, ``file`` grouping, straight to
         the job engine). Returns before the fileset is imported."""
         if (t.job or t.task_id in self._importing or t.state is not State.COMPLETE
-                or t.ended or not t.tracked):
+                or t.ended or not t.tracked or self.claimed(t)):
             return
         if self.collector is None:
             await self._submit_set([t], None)
@@ -212,16 +217,41 @@ class ImportHandOff:
 
     # -- submitting ----------------------------------------------------------------------
 
-    async def _submit_set(self, members: list[Task], fileset: Fileset | None) -> None:
-        """Hand ``members`` (one import job) to the job engine (see the design notes)."""
+    def unclaim(self, t: Task) -> None:
+        """``t`` now belongs to an explicit fileset: out of any set being collected."""
+        if self.collector is not None:
+            self.collector.discard(t)
+
+    async def submit_explicit(self, members: list[Task], root: bytes, key: str,
+                              on_recorded: Callable[[str], None]) -> str:
+        """Submit ``members`` (complete, verified) as one fileset's import job, now, and
+        return the job's ID; ``on_recorded(job)`` is called in the staging step that
+        records the job on the members (see the notes). Raises what the engine raised
+        (nothing is retried here: the caller's client hears it and may call again)."""
+        fileset = Fileset(key=("process", os.fsencode(key)), root=root,
+                          started=trio.current_time())
+        job = await self._submit_set(members, fileset, explicit=True, on_recorded=on_recorded)
+        if job is None or any(t.job != job for t in members):
+            raise RuntimeError("a file of the set changed while it was submitted; "
+                               "verify the upload again")
+        return job
+
+    async def _submit_set(self, members: list[Task], fileset: Fileset | None, *,
+                          explicit: bool = False,
+                          on_recorded: Callable[[str], None] | None = None) -> str | None:
+        """Hand ``members`` (one import job) to the job engine (see the design notes);
+        returns the job's ID once it is submitted. ``explicit``: an import process's
+        set, whose failures go back to the caller instead of being retried."""
         members = [t for t in members if not t.job and t.task_id not in self._importing
                    and t.state is State.COMPLETE and t.tracked and not t.ended]
         if not members:
-            return
+            return None
         if self._jobs() is None:
+            if explicit:
+                raise RuntimeError("there is no job engine")
             for t in members:
                 self._failed(t, "there is no job engine")
-            return
+            return None
         job = str(uuid.uuid4())
         before = [(t, t.job, t.job_sha256, t.error) for t in members]
         for t in members:
@@ -239,6 +269,8 @@ class ImportHandOff:
                         and t.computed.get("sha256") == versions[t.task_id]):
                     t.job, t.job_sha256, t.error = job, versions[t.task_id], None
                     self._tasks.save(t)
+            if on_recorded is not None:
+                on_recorded(job)
 
         paths = [t.path for t in members]  # as the spec names them
         try:
@@ -258,7 +290,7 @@ class ImportHandOff:
                 if t.job == job:
                     t.job, t.job_sha256, t.error = job_before, sha_before, error_before
                     self._tasks.save(t)
-            if not isinstance(e, Exception):
+            if not isinstance(e, Exception) or explicit:
                 raise
             if any(t.path != path or t.ended or t.state is not State.COMPLETE
                    for t, path in zip(members, paths)):
@@ -270,13 +302,13 @@ class ImportHandOff:
                 for t in members:
                     self._importing.discard(t.task_id)
                     await self.submit(t)
-                return
+                return None
             if not any(t.task_id in self._retry for t in members):
                 log.exception("handing %d upload(s) to the job engine failed (%s ...)",
                               len(members), members[0].path)
             for t in members:
                 self._failed(t, f"{type(e).__name__}: {e}")
-            return
+            return None
         finally:
             for t in members:
                 self._importing.discard(t.task_id)
@@ -289,6 +321,7 @@ class ImportHandOff:
             # DEBUG: the engine logs the job's submission (one line per event, not two).
             log.debug("fileset %s/ (%d files) handed to import job %s",
                      os.fsdecode(fileset.root), len(members), job)
+        return job
 
     def _failed(self, t: Task, reason: str) -> None:
         """Record why the import did not start and when it is tried again."""
