@@ -342,9 +342,14 @@ def test_another_users_files_are_permission_denied(shared_dir, agent_factory, ot
 
 def test_tty_shows_bars(agent, tmp_path):
     """On a terminal the display is tqdm's: carriage returns and a rate in B/s."""
+    import fcntl
     import pty
+    import struct
+    import termios
     src = random_file(tmp_path / "t.bin", 12 * 2**20)
     leader, follower = pty.openpty()
+    # A terminal of 30 x 100 (a fresh pty reports 0 x 0).
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
     proc = subprocess.Popen(upload_argv("--socket", str(agent.socket), "--bwlimit", "8M",
                                         str(src)), stdout=follower, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)

@@ -684,8 +684,16 @@ class BarDisplay(_Display):
         self.chunk_hint = chunk_hint
 
     def _bar(self, **kwargs):
+        # A terminal that reports no size (a fresh pty, a serial console) is taken as
+        # 80 x 24: tqdm would take 0 x 0 and hide every bar.
+        try:
+            size = os.get_terminal_size(self.out.fileno())
+            sized = size.columns > 0 and size.lines > 0
+        except (OSError, ValueError):
+            sized = False
+        width = {"dynamic_ncols": True} if sized else {"ncols": 80, "nrows": 24}
         return self._tqdm(file=self.out, unit="B", unit_scale=True, unit_divisor=1024,
-                          dynamic_ncols=True, mininterval=0.2, **kwargs)
+                          mininterval=0.2, **width, **kwargs)
 
     def begin(self, root, pid, files, present) -> None:
         super().begin(root, pid, files, present)
@@ -795,6 +803,11 @@ async def _on_signal(scope: trio.CancelScope, outcome: dict) -> None:
             return
 
 
+def _percent(progress) -> str:
+    # Rounded down: a task at 99.7% is not done.
+    return f"{int(progress)}%" if isinstance(progress, (int, float)) else "?"
+
+
 def cmd_uploads(args: argparse.Namespace) -> int:
     async def body(client) -> int:
         try:
@@ -807,7 +820,7 @@ def cmd_uploads(args: argparse.Namespace) -> int:
             return 0
         for r in records:
             size = "?" if r.get("size") is None else r["size"]
-            print(f"{r.get('taskID')}\t{r.get('state')}\t{r.get('progress')}%\t"
+            print(f"{r.get('taskID')}\t{r.get('state')}\t{_percent(r.get('progress'))}\t"
                   f"{r.get('offset')}/{size}\t{r.get('path')}\t{r.get('job') or '-'}\t"
                   f"{r.get('error') or ''}")
         return 0
