@@ -21,6 +21,11 @@ Design notes
   fails, or is cancelled by a shutdown, takes the ID back from every member. The spec
   is ``{"task", "path", "size", "sha256", "mtime_ns"}`` for one file (``file``
   grouping), else ``{"root", "files": [[task, path, size, sha256, mtime_ns], ...]}``.
+* **Explicit sets.** An import process (``_service.py``) claims its files
+  (``claimed``): ``submit`` leaves them to it, and ``submit_explicit`` hands them to
+  the engine as one fileset when its client asks, through the same ``_submit_set``
+  (with the process's own record staged in the same step). Its failures go back to
+  that client, never to the retry below.
 * **Retry**: without a job engine, or when it refuses (its database cannot be written,
   say), the members stay complete with no job and their ``error`` says why and when the
   next try is; tries back off from ``IMPORT_RETRY_FIRST_SECONDS`` doubling up to

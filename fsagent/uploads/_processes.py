@@ -159,6 +159,12 @@ class Process:
                      "INSERT OR REPLACE INTO import_process_files (pid, i, path, size, sha256) "
                      "VALUES (?, ?, ?, ?, ?)", (self.pid, i, f.path, f.size, f.sha256))
 
+    @staticmethod
+    def stage_delete(db, pid: str) -> None:
+        db.stage(("import_process", pid), "DELETE FROM import_processes WHERE pid = ?", (pid,))
+        db.stage(("import_process_files", pid),
+                 "DELETE FROM import_process_files WHERE pid = ?", (pid,))
+
     def stage_job(self, db) -> None:
         db.stage(("import_process", self.pid),
                  "UPDATE import_processes SET job = ? WHERE pid = ?", (self.job, self.pid))

@@ -64,6 +64,7 @@ import pwd
 import stat
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import pyfuse3
@@ -87,6 +88,7 @@ IDLE_SECONDS = 5.0           # an RPC writer nobody wrote to for this long is cl
 REORDER_SECONDS = 0.5        # how long a write for a later offset waits for the earlier
 FRAMING_HEADROOM = 64 * 1024  # msgpack framing around a write's bytes
 VERIFY_WAIT_SECONDS = 30.0   # verifyUpload waits this long (plus 1 s per 100 MB) per file
+PROCESS_HISTORY = 10_000     # finished import processes kept (getHandle, getProcess)
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _WRITE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -140,8 +142,10 @@ class UploadService:
         self.processes: dict[str, Process] = {}
         self._unfinished_by_key: dict[str, str] = {}   # create_key -> pid (no job yet)
         self._claimed: dict[bytes, str] = {}           # rel -> pid of an unfinished process
+        self._finished: OrderedDict[str, None] = OrderedDict()  # oldest first
         self._watched_peers: set[int] = set()
         self._locks: dict[str, trio.Lock] = {}         # pid -> its lock (create/verify)
+        self._opening: dict[str, trio.Event] = {}      # task ID -> its writer being opened
         self.nursery: trio.Nursery | None = None
         uploads.handoff.claimed = lambda t: t.rel in self._claimed
 
@@ -150,8 +154,11 @@ class UploadService:
     async def load(self) -> None:
         """Load the processes (before the hand-off's retrier looks at complete uploads:
         a process's files must be claimed by then)."""
-        for p in await self.u.agent.db.run(load_processes):
+        loaded = await self.u.agent.db.run(load_processes)
+        for p in sorted(loaded, key=lambda p: p.created):
             self._add_process(p)
+            if p.job is not None:
+                self._remember_finished(p)
 
     def _add_process(self, p: Process) -> None:
         self.processes[p.pid] = p
@@ -166,6 +173,17 @@ class UploadService:
         for i in range(len(p.files)):
             if self._claimed.get(p.rel(i)) == p.pid:
                 del self._claimed[p.rel(i)]
+        self._remember_finished(p)
+
+    def _remember_finished(self, p: Process) -> None:
+        """Keep the ``PROCESS_HISTORY`` most recently finished processes (their job
+        stays in the job engine; only ``getHandle`` by process ID ends)."""
+        self._finished[p.pid] = None
+        while len(self._finished) > PROCESS_HISTORY:
+            old, _ = self._finished.popitem(last=False)
+            self.processes.pop(old, None)
+            self._locks.pop(old, None)
+            Process.stage_delete(self.u.agent.db, old)
 
     async def run(self, nursery: trio.Nursery) -> None:
         """Close RPC writers nobody wrote to for ``IDLE_SECONDS``."""
@@ -242,11 +260,16 @@ class UploadService:
             os.close(fd)
             raise
 
-    def _check_space(self, need: int) -> None:
-        """``NoSpace`` unless ``need`` more bytes fit (the check of a declared size)."""
+    def _check_space(self, need: int, own: list[Task] = ()) -> None:
+        """``NoSpace`` unless ``need`` more bytes fit (the check of a declared size);
+        ``own``: existing tasks being declared again, whose reservations are theirs."""
         if need <= 0:
             return
         room = self.u.space.room_for(None)
+        for t in own:  # as SpaceAccounting.reserved_by_others counted them
+            if (t in self.u.space.declared and t.declared_size is not None and not t.ended
+                    and t.state not in (State.COMPLETE, State.FAILED)):
+                room += max(0, t.declared_size - t.present)
         if need > room:
             raise _error("NoSpace", f"needs {need} bytes, {max(0, room)} free")
 
@@ -276,25 +299,33 @@ class UploadService:
     # -- writers ---------------------------------------------------------------------------
 
     async def _writer_for(self, t: Task) -> RpcWriter:
-        w = self.writers.get(t.task_id)
-        if w is not None and not w.closing:
-            return w
-        while w is not None and w.closing:
-            await w.lot.park()
+        """The task's RPC writer, opened (once, whatever runs meanwhile) if it has none."""
+        while True:
             w = self.writers.get(t.task_id)
-        if w is not None:
-            return w
+            if w is None:
+                break
+            if not w.closing:
+                return w
+            await w.lot.park()  # being closed: then opened anew
+        opening = self._opening.get(t.task_id)
+        if opening is not None:
+            await opening.wait()  # another request is opening it: use that one
+            return await self._writer_for(t)
+        opening = self._opening[t.task_id] = trio.Event()
         try:
-            fd = self.paths.open(t.rel, _WRITE_FLAGS)
-        except OSError as e:
-            raise _error("IOError", f"cannot open {t.path}: {e.strerror}") from None
-        try:
-            await self.u.opened(t.rel, writable=True, truncated=False)
-        except BaseException:
-            os.close(fd)
-            raise
-        w = self.writers[t.task_id] = RpcWriter(t, fd)
-        return w
+            try:
+                fd = self.paths.open(t.rel, _WRITE_FLAGS)
+            except OSError as e:
+                raise _error("IOError", f"cannot open {t.path}: {e.strerror}") from None
+            try:
+                await self.u.opened(t.rel, writable=True, truncated=False)
+            except BaseException:
+                os.close(fd)
+                raise
+            return self._adopt(t, fd)
+        finally:
+            del self._opening[t.task_id]
+            opening.set()
 
     def _adopt(self, t: Task, fd: int) -> RpcWriter:
         w = self.writers[t.task_id] = RpcWriter(t, fd)
@@ -353,17 +384,29 @@ class UploadService:
         if len(data) > self.max_write:
             raise _error("TooLarge", f"{len(data)} bytes in one write; at most "
                          f"{self.max_write} (maxWriteBytes)")
+        if not data:
+            # Nothing to write: no writer is opened (that would take a complete file
+            # out of ``complete``), the offset is only checked.
+            await drain(t)
+            if offset != t.present:
+                raise _error("BadOffset", f"{t.path}: write at {offset}, but the current "
+                             f"offset is {t.present}")
+            return t.present
         if t.declared_size is not None and offset + len(data) > t.declared_size:
             raise _error("TooLarge", f"{t.path}: writing {len(data)} bytes at {offset} "
                          f"passes its declared size {t.declared_size}")
-        w = await self._writer_for(t)
-        await self._wait_turn(w, offset)
+        while True:
+            w = await self._writer_for(t)
+            await self._wait_turn(w, offset)
+            if not w.closing and self.writers.get(t.task_id) is w:
+                break  # else closed meanwhile (verifyUpload, its connection): open anew
         w.busy = True
         try:
             if t.ended:
                 raise _error("NoSuchTask", f"{t.path} was removed")
             try:
-                await self.u.writes.write(t, w.fd, offset, bytes(data))
+                await self.u.writes.write(t, w.fd, offset,
+                                          data if isinstance(data, bytes) else bytes(data))
                 # Applied before the reply (the queue stays the write path's): a stat
                 # through the mount now sees the size this reply announces.
                 await self.u.writes.settle(t, w.fd)
@@ -448,14 +491,14 @@ class UploadService:
                 raise bad(f"{algorithm} must be {length} hex digits, not {spec[algorithm]!r}")
             hashes[algorithm] = value
         uid = _caller()
-        existing = self.u.tasks.get(rel)
-        present = existing.present if existing is not None and not existing.ended else 0
-        if size is not None:
-            self._check_space(size - present)
         st = _check_file(self.paths, rel, uid)
         if st is not None and not _privileged(uid) and st.st_uid != uid:
             raise _error("PermissionDenied", f"uploads/{path} belongs to uid {st.st_uid}; "
                          "only its owner and root may write it")
+        existing = self.u.tasks.get(rel) if st is not None else None
+        own = [existing] if existing is not None and not existing.ended else []
+        if size is not None:
+            self._check_space(size - (own[0].present if own else 0), own)
         fd, created = _make_file(self.paths, rel, uid)
         if fd is not None:
             t = await self._register_created(rel, fd)
@@ -596,14 +639,18 @@ class UploadService:
                 raise _error("Busy", f"uploads/{os.fsdecode(rel)} belongs to import process "
                              f"{other}, which is not finished")
         found = await self.u.agent.to_thread(_check_files, self.paths, rels, uid)
+        own = []
         for rel, (_, f), st in zip(rels, files, found):
             if st is not None and not _privileged(uid) and st.st_uid != uid:
                 raise _error("PermissionDenied", f"uploads/{os.fsdecode(rel)} belongs to uid "
                              f"{st.st_uid}; only its owner and root may write it")
             t = self.u.tasks.get(rel)
-            need += f.size - (t.present if t is not None and not t.ended and st is not None
-                              else 0)
-        self._check_space(need)
+            if t is not None and not t.ended and st is not None:
+                own.append(t)
+                need += max(0, f.size - t.present)
+            else:
+                need += f.size
+        self._check_space(need, own)
         made = await self.u.agent.to_thread(_make_files, self.paths, rels, uid)
         created_names: list[bytes] = []
         try:
