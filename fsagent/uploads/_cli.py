@@ -19,7 +19,9 @@ Design notes
 * **Hashes: declared up front for small files, at verifyUpload for big ones.** A file
   of at most one chunk is hashed before ``create`` and its SHA-256 declared there (a
   second read of a small file costs nothing, and the agent checks it the moment the
-  file is complete). A bigger file is hashed *while* it is sent, in the same worker
+  file is complete); its bytes are kept from that read until they are sent (up to
+  ``SMALL_CACHE_BYTES`` in all), so a tree of small files costs one ``write`` per file
+  and no second read. A bigger file is hashed *while* it is sent, in the same worker
   thread that reads it, and its hash goes to ``verifyUpload``: hashing first would read
   a 2 GiB file twice and keep the link idle meanwhile. The rule depends only on the
   sizes, so a re-run declares exactly what the first run did.
@@ -88,6 +90,10 @@ DEFAULT_JOBS = 4
 # Small files hashed up front per worker-thread trip (one thread hop each would cost
 # more than hashing a 4 KiB file).
 HASH_BATCH = 64
+# Small files' bytes kept from hashing until they are sent, at most this much in all
+# (the rest are read again): a tree of small files then costs one RPC call per file
+# and no second trip to a worker thread.
+SMALL_CACHE_BYTES = 64 * 2**20
 # Largest read when hashing the part of a file the agent already has.
 HASH_READ_BYTES = 8 * 2**20
 # How often a file whose writes keep being refused at the wrong offset starts over.
@@ -114,6 +120,7 @@ class Source:
     path: str           # relative to the root, "/"-separated
     size: int
     declared: str | None = None   # SHA-256 declared at create (files of one chunk)
+    content: bytes | None = None  # a small file's bytes as hashed, kept until sent
     sha256: str | None = None     # as read while sending (or re-hashed on resume)
     resumed_from: int = 0
     sent: int = 0
@@ -284,16 +291,21 @@ def _walk(top: str, add, skipped: list[str]) -> None:
 
 # -- reading and hashing (worker threads) --------------------------------------------------
 
-def _hash_files(files: list[Source]) -> list[str | Exception]:
-    """SHA-256 of whole small files (one worker-thread trip for a batch)."""
-    out: list[str | Exception] = []
+def _read_small(f: Source) -> tuple[str, bytes]:
+    """A small file whole and its SHA-256 (``SourceFailed`` if its size changed)."""
+    with open(f.local, "rb") as fh:
+        data = fh.read(f.size + 1)
+    if len(data) != f.size:
+        raise SourceFailed(f"is {len(data)} bytes now, {f.size} when it was listed")
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def _hash_files(files: list[Source]) -> list[tuple[str, bytes] | Exception]:
+    """``_read_small`` for a batch (one worker-thread trip)."""
+    out: list[tuple[str, bytes] | Exception] = []
     for f in files:
         try:
-            with open(f.local, "rb") as fh:
-                data = fh.read(f.size + 1)
-            if len(data) != f.size:
-                raise SourceFailed(f"{f.local}: {len(data)} bytes now, {f.size} when listed")
-            out.append(hashlib.sha256(data).hexdigest())
+            out.append(_read_small(f))
         except (OSError, SourceFailed) as e:
             out.append(e)
     return out
@@ -383,8 +395,8 @@ class Upload:
         self.chunk = max(4096, min(CHUNK_CAP, int(settings["maxWriteBytes"])))
         per_call = max(1, int(settings.get("maxFilesPerCall", 4096)))
         await self._declare_small_hashes()
-        await self._create(per_call)
-        offsets = await self._offsets()
+        records = await self._create(per_call)
+        offsets = await self._offsets(records)
         present = sum(offsets)
         self.display.begin(self.root, self.pid, self.files, present)
         for f, offset in zip(self.files, offsets):
@@ -410,15 +422,20 @@ class Upload:
         small = [f for f in self.files if f.size <= self.chunk]
         limiter = trio.CapacityLimiter(2)
         unreadable: list[str] = []
+        cache_left = SMALL_CACHE_BYTES
 
         async def batch(files: list[Source]) -> None:
+            nonlocal cache_left
             results = await trio.to_thread.run_sync(_hash_files, files, limiter=limiter)
             for f, result in zip(files, results):
                 if isinstance(result, Exception):
                     unreadable.append(f"error: cannot read {f.local}: "
                                       f"{getattr(result, 'strerror', None) or result}")
-                else:
-                    f.declared = result
+                    continue
+                f.declared, data = result
+                if len(data) <= cache_left:
+                    f.content = data
+                    cache_left -= len(data)
 
         async with trio.open_nursery() as nursery:
             for i in range(0, len(small), HASH_BATCH):
@@ -426,18 +443,28 @@ class Upload:
         if unreadable:
             raise Fatal(unreadable[0])
 
-    async def _create(self, per_call: int) -> None:
+    async def _create(self, per_call: int) -> list[dict]:
+        """Create (or find again) the process with every file; its task records."""
         specs = [f.spec() for f in self.files]
         self.pid = await self.call("ImportProcess.create",
                                    {"root": self.root, "files": specs[:per_call]})
-        for i in range(per_call, len(specs), per_call):
+        # create recognises a process by its first call's files; a resumed one may
+        # hold some or all of the files that addFiles sent the first time.
+        records = (await self.call("ImportProcess.getProcess", self.pid)).get("files") or []
+        held = len(records)
+        expected = [f"{self.root}/{f.path}" for f in self.files[:held]]
+        if held > len(specs) or [r.get("path") for r in records] != expected:
+            raise Fatal(f"error: the unfinished upload {self.pid} into uploads/{self.root}/ "
+                        f"holds other files than these sources ({held} files; were sources "
+                        "added or removed since it started?)")
+        for i in range(held, len(specs), per_call):
             await self.call("ImportProcess.addFiles", self.pid, specs[i:i + per_call])
+        return records
 
-    async def _offsets(self) -> list[int]:
-        """Where each file stands on the agent: getProcess for all, getUploadOffset (the
-        durable offset) for each file it holds part of."""
-        process = await self.call("ImportProcess.getProcess", self.pid)
-        records = process.get("files") or []
+    async def _offsets(self, records: list[dict]) -> list[int]:
+        """Where each file stands on the agent: the process's records (files added just
+        now have nothing), getUploadOffset (the durable offset) for each file it holds
+        part of."""
         offsets = []
         for f in self.files:
             record = records[f.index] if f.index < len(records) else {}
@@ -451,7 +478,10 @@ class Upload:
     async def _worker(self, todo: Iterable[tuple[Source, int]]) -> None:
         for f, offset in todo:
             try:
-                await self._one_file(f, offset)
+                if f.declared is not None:
+                    await self._small_file(f, offset)
+                else:
+                    await self._one_file(f, offset)
             except Fatal as e:
                 self.fatal(e)
                 return
@@ -459,6 +489,45 @@ class Upload:
                 why = getattr(e, "strerror", None) or str(e)
                 self.failed[f.index] = why
                 self.display.file_failed(f, why)
+
+    async def _small_file(self, f: Source, offset: int) -> None:
+        """A file of one chunk, hashed and declared before create: one write sends what
+        the agent lacks of the bytes that were hashed (kept, or read again and checked)."""
+        for attempt in range(MAX_RESYNCS + 1):
+            if offset > f.size:
+                raise SourceFailed(f"the agent has {offset} bytes, more than the "
+                                   f"{f.size} declared")
+            f.resumed_from = offset
+            if offset == f.size:
+                break  # all there, and the agent checked it against the declared hash
+            data = f.content
+            if data is None:
+                digest, data = await trio.to_thread.run_sync(_read_small, f)
+                if digest != f.declared:
+                    raise SourceFailed("changed since it was hashed (its SHA-256 differs)")
+            if self.limit is not None:
+                await self.limit.take(f.size - offset)
+            try:
+                await self.client.call("ImportProcess.write", self.pid, f.index, offset,
+                                       data[offset:] if offset else data)
+            except RpcError as e:
+                if e.name != "BadOffset":
+                    raise Fatal(f"{e.name}: {e.message}") from None
+                offset = int(await self.call("ImportProcess.getUploadOffset", self.pid,
+                                             f.index))
+                continue
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                raise Fatal(f"error: lost the connection to the agent ({e}); run the "
+                            "same command again to resume") from None
+            f.sent += f.size - offset
+            self.display.advance(f, f.size - offset)
+            break
+        else:
+            raise Fatal(f"BadOffset: {self.root}/{f.path}: writes refused "
+                        f"{MAX_RESYNCS + 1} times at the offset the agent named")
+        f.content = None
+        f.sha256 = f.declared
+        self.display.file_done(f)
 
     async def _one_file(self, f: Source, offset: int) -> None:
         fd = await trio.to_thread.run_sync(os.open, f.local, os.O_RDONLY | os.O_CLOEXEC)
@@ -487,8 +556,6 @@ class Upload:
         finally:
             os.close(fd)
         f.sha256 = hasher.hexdigest()
-        if f.declared is not None and f.sha256 != f.declared:
-            raise SourceFailed("changed since it was hashed (its SHA-256 differs)")
         self.display.file_done(f)
 
     async def _stream(self, f: Source, fd: int, offset: int, hasher) -> str | None:
