@@ -134,6 +134,15 @@ def measure(base: Path, log_level: str, method: str, src: Path, files: int,
         shutil.rmtree(base, ignore_errors=True)
 
 
+def measure_or_report(*args) -> dict | None:
+    """``measure``, or None after printing why the run broke (the bench goes on)."""
+    try:
+        return measure(*args)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"  BROKEN run ({args[2]}): {e}", flush=True)
+        return None
+
+
 def make_big(path: Path, mib: int) -> Path:
     if not (path.exists() and path.stat().st_size == mib << 20):
         with open(path, "wb") as f:
@@ -154,7 +163,10 @@ def warm(path: Path) -> None:
 def rows_for(name: str, results: dict[str, list[dict]], baseline: str, methods: list[str],
              target: str) -> list[tuple[str, ...]]:
     base_t = [r["seconds"] for r in results[baseline]]
-    rows = []
+    rows: list[tuple[str, ...]] = []
+    if not base_t:
+        return rows
+    methods = [m for m in methods if results[m]]
     for m in methods:
         t = [r["seconds"] for r in results[m]]
         ratio = statistics.median(t) / statistics.median(base_t)
@@ -211,8 +223,10 @@ def main() -> None:
                 order = methods[i % 3:] + methods[:i % 3]
                 for m in order:
                     run_no += 1
-                    r = measure(base / f"agent{run_no}", args.log_level, m, src, 1,
-                                args.timeout)
+                    r = measure_or_report(base / f"agent{run_no}", args.log_level, m, src,
+                                          1, args.timeout)
+                    if r is None:
+                        continue
                     results[m].append(r)
                     print(f"  A round {i + 1} {m}: {r['seconds']:.2f} s, agent CPU "
                           f"{r['agent_cpu']:.2f} s, client CPU {r['client_cpu']:.2f} s, "
@@ -229,8 +243,10 @@ def main() -> None:
             for i in range(args.runs):
                 for m in (methods if i % 2 == 0 else methods[::-1]):
                     run_no += 1
-                    r = measure(base / f"agent{run_no}", args.log_level, m, src,
-                                args.files, args.timeout)
+                    r = measure_or_report(base / f"agent{run_no}", args.log_level, m, src,
+                                          args.files, args.timeout)
+                    if r is None:
+                        continue
                     results[m].append(r)
                     print(f"  B round {i + 1} {m}: {r['seconds']:.2f} s, agent CPU "
                           f"{r['agent_cpu']:.2f} s, client CPU {r['client_cpu']:.2f} s, "
