@@ -409,3 +409,32 @@ def test_more_files_than_one_call_takes(agent, tmp_path):
     job = job_of(r.stdout)
     assert os.getxattr(agent.uploads / "wide" / "d4" / "f4099", "user.fsagent.job") == \
         job.encode()
+
+
+def test_over_tls_with_the_agents_ca(agent_factory, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    agent = agent_factory(config=(
+        f'rpc_tcp_listen = "127.0.0.1:0"\nrpc_token = "{TOKEN}"\n'
+        f'rpc_tls_cert = "{cert}"\nrpc_tls_key = "{key}"\n')).start()
+    port = agent.status()["rpc"]["tcp"][0].rsplit(":", 1)[1]
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    src = tmp_path / "over-tls.txt"
+    src.write_bytes(b"encrypted on the way\n")
+    r = run_upload("--connect", f"localhost:{port}", "--token-file", str(token), "--tls-ca",
+                   str(cert), str(src))
+    assert r.returncode == 0, r.stderr
+    assert sha256_of(agent.uploads / "over-tls" / "over-tls.txt") == \
+        hashlib.sha256(b"encrypted on the way\n").hexdigest()
+    # Without the CA the agent's certificate is not trusted: one line, exit 2.
+    r = run_upload("--connect", f"localhost:{port}", "--token-file", str(token),
+                   "--tls-ca", str(key), str(src))
+    assert r.returncode == 2
+    assert one_line(r.stderr).startswith("fsagent: error: cannot use --tls-ca ")
+    # Plain TCP to the TLS port gets nowhere: one line, exit 2.
+    r = run_upload("--connect", f"localhost:{port}", "--token-file", str(token), str(src))
+    assert r.returncode == 2
+    assert one_line(r.stderr).startswith("fsagent: error: ")
