@@ -75,7 +75,10 @@ def agent(agent_factory):
 # -- ImportProcess end to end ----------------------------------------------------------------
 
 
-def test_import_process_three_files_one_job_as_the_mount_shows_it(agent):
+def test_import_process_three_files_one_job_as_the_mount_shows_it(agent_factory):
+    # directory grouping with no quiet window: the collector would take each file the
+    # moment it completes, if the process did not hold them
+    agent = agent_factory(config=QUICK + "fileset_quiet_seconds = 0\n").start()
     files = {"a.tif": os.urandom(300_000), "sub/b.tif": os.urandom(70_001),
              "sub/deeper/c.txt": b"hello\n"}
     names = list(files)
@@ -90,6 +93,11 @@ def test_import_process_three_files_one_job_as_the_mount_shows_it(agent):
         assert call(agent, "ImportProcess.getUploadOffset", pid, i) == 0
         assert send(agent, pid, i, files[n]) == len(files[n])
         assert call(agent, "ImportProcess.getUploadOffset", pid, i) == len(files[n])
+    wait_for(lambda: all(f["state"] == "complete" for f in
+                         call(agent, "ImportProcess.getProcess", pid)["files"]),
+             what="the three files complete")
+    assert json.loads((agent.mount / "filesets.json").read_text()) == []
+    assert import_jobs(agent.mount) == []
     job = call(agent, "ImportProcess.verifyUpload", pid, [sha(files[n]) for n in names])
     assert call(agent, "ImportProcess.getHandle", pid) == job
     # the same verifyUpload again: the same job, nothing new
@@ -346,6 +354,10 @@ def test_bad_arguments_are_refused_by_name_and_change_nothing(small_agent):
     assert attrs["state"] == "failed" and wrong in attrs["error"]
     assert import_jobs(agent.mount) == []
     refused(agent, "NotVerified", "ImportProcess.getHandle", pid)
+    # the right hashes now: the same bytes verified against them, and imported
+    job = call(agent, "ImportProcess.verifyUpload", pid, [sha(a), sha(b)])
+    assert task_attrs(agent.uploads / "p" / "b")["state"] == "complete"
+    assert call(agent, "ImportProcess.getHandle", pid) == job
 
 
 def _name_of(agent, method, *params) -> str:
@@ -588,3 +600,27 @@ def test_pynvim_session_drives_upload_tasks_and_import_process(agent):
         s.close()
     assert (agent.uploads / "nvim" / "a.bin").read_bytes() == files[0]
     assert task_attrs(agent.uploads / "nvim" / "b.txt")["job"] == job
+
+
+def test_over_tcp_the_token_holder_uploads_as_the_agent(agent_factory):
+    token = "upload-token-0123456789abcdef"
+    agent = agent_factory(config=QUICK + f'rpc_tcp_listen = "127.0.0.1:0"\n'
+                          f'rpc_token = "{token}"\n').start()
+    host, port = agent.status()["rpc"]["tcp"][0].rsplit(":", 1)
+    data = os.urandom(123_456)
+
+    async def go():
+        async with open_client(tcp=(host, int(port)), token=token) as client:
+            pid = await client.call("ImportProcess.create", {
+                "root": "tcp", "files": [{"path": "t.bin", "size": len(data)}]})
+            offset = 0
+            while offset < len(data):
+                offset = await client.call("ImportProcess.write", pid, 0, offset,
+                                           data[offset:offset + 50_000])
+            job = await client.call("ImportProcess.verifyUpload", pid, [sha(data)])
+            return job, await client.call("ImportProcess.getProcess", pid)
+
+    job, process = trio.run(go)
+    assert process["owner"] == os.getuid() and process["job"] == job
+    assert os.stat(agent.uploads / "tcp" / "t.bin").st_uid == os.getuid()
+    assert (agent.uploads / "tcp" / "t.bin").read_bytes() == data

@@ -12,6 +12,8 @@ It adds ``MOUNT/uploads/`` (a passthrough tree over ``config.uploads_dir``) and
 * ``_manifests.py`` — MD5SUMS/SHA1SUMS/SHA256SUMS and NAME.md5/.sha1/.sha256;
 * ``_component.py`` — the component: write path, checkpoints, crash recovery,
   verification, the import hand-off and ``uploads.json``.
+* ``_service.py`` — ``UploadTasks.*`` and ``ImportProcess.*`` over msgpack-RPC;
+  ``_processes.py`` — import processes (one explicit fileset each) and their rows.
 """
 
 from ._cli import add_upload_commands

@@ -16,6 +16,8 @@ Design notes
   ``_declarations.py``      ``user.fsagent.*``: what a client declares, what it reads
   ``_completion.py``        completion rules, verification, rechecks, manifests
   ``_handoff.py``           the one route into the job engine (submit, cancel, state)
+  ``_service.py``           the same pipeline over msgpack-RPC (``UploadTasks``,
+                            ``ImportProcess``; ``_processes.py``: their records)
   ========================  ==========================================================
 
 * **What ``complete`` promises**: the recorded SHA-256 is the file's bytes' SHA-256,

@@ -233,12 +233,18 @@ class ImportHandOff:
         return the job's ID; ``on_recorded(job)`` is called in the staging step that
         records the job on the members (see the notes). Raises what the engine raised
         (nothing is retried here: the caller's client hears it and may call again)."""
+        busy = [t.path for t in members if t.job or t.task_id in self._importing
+                or t.state is not State.COMPLETE or not t.tracked or t.ended]
+        if busy:
+            # Checked with no await before _submit_set takes them: all or nothing.
+            raise RuntimeError(f"not ready to import: {', '.join(busy[:10])}")
         fileset = Fileset(key=("process", os.fsencode(key)), root=root,
                           started=trio.current_time())
         job = await self._submit_set(members, fileset, explicit=True, on_recorded=on_recorded)
-        if job is None or any(t.job != job for t in members):
-            raise RuntimeError("a file of the set changed while it was submitted; "
-                               "verify the upload again")
+        if job is None:
+            raise RuntimeError("the files changed while they were submitted")
+        # A member changed while the engine checked the spec keeps no job (record_job):
+        # the import skips it, as any fileset's import skips a file that changed.
         return job
 
     async def _submit_set(self, members: list[Task], fileset: Fileset | None, *,

@@ -193,7 +193,15 @@ class UploadService:
             now = time.monotonic()
             for w in list(self.writers.values()):
                 if not w.busy and now - w.last_used >= IDLE_SECONDS:
-                    await self._close_writer(w)
+                    await self._close_quietly(w)
+
+    async def _close_quietly(self, w: RpcWriter) -> None:
+        """Close a writer no request waits for: a failure is logged, never raised into
+        the component's nursery (it would stop the agent)."""
+        try:
+            await self._close_writer(w)
+        except Exception:
+            log.exception("closing the RPC writer of %s failed", w.task.path)
 
     # -- the kernel's caches ---------------------------------------------------------------
 
@@ -345,7 +353,7 @@ class UploadService:
         self._watched_peers.discard(peer.id)
         for w in list(self.writers.values()):
             if w.peer is peer and self.nursery is not None:
-                self.nursery.start_soon(self._close_writer, w)
+                self.nursery.start_soon(self._close_quietly, w)
 
     async def _close_writer(self, w: RpcWriter) -> None:
         """Close as a client's ``close(2)`` would: released, descriptor closed, closed."""
@@ -719,9 +727,12 @@ class UploadService:
             if t.present != size:
                 problems.append(f"{path}: {t.present} of {size} bytes received")
                 continue
-            if "sha256" not in t.client and not (t.shown is State.COMPLETE and
-                                                 t.computed.get("sha256") == expected):
-                # Not declared at create: the client's hash is what completion checks.
+            if (p.files[i].sha256 is None and t.client.get("sha256") != expected
+                    and not (t.shown is State.COMPLETE
+                             and t.computed.get("sha256") == expected)):
+                # Not declared at create: the hash given now is what completion checks
+                # (replacing one an earlier verifyUpload gave, so a client that sent a
+                # wrong hash can send the right one).
                 await self._declare(t, None, {"sha256": expected})
             members.append(t)
         if problems:
@@ -754,7 +765,9 @@ class UploadService:
         try:
             job = await self.u.handoff.submit_explicit(members, p.root_rel, p.pid, recorded)
         except Exception as e:
-            p.job = None
+            if p.job is not None:  # recorded, then taken back with the members' record
+                p.job = None
+                p.stage_job(self.u.agent.db)
             raise _error("ImportNotStarted", f"{type(e).__name__}: {e}") from None
         await self.u.agent.db.flush()
         self._finish_process(p)
