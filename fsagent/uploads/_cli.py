@@ -99,6 +99,10 @@ HASH_READ_BYTES = 8 * 2**20
 # How often a file whose writes keep being refused at the wrong offset starts over.
 MAX_RESYNCS = 3
 DEFAULT_INTERVAL = 10.0
+# SO_SNDBUF on the Unix socket: one chunk fits, so the client is not woken for every
+# ~200 KiB the agent reads (the kernel caps it at net.core.wmem_max, 4 MiB here).
+# Interleaved 1 GiB uploads on a loaded machine: client and agent CPU ~7-10% lower.
+UNIX_SEND_BUFFER = 4 * 2**20
 
 
 class UsageError(Exception):
@@ -838,7 +842,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
             nursery.start_soon(_on_signal, nursery.cancel_scope, outcome)
             nursery.start_soon(display.run)
             try:
-                async with open_agent(args) as client:
+                async with open_agent(args, unix_send_buffer=UNIX_SEND_BUFFER) as client:
                     outcome["code"] = await Upload(client, args, root, files,
                                                    display).run()
             except CannotConnect as e:
