@@ -151,6 +151,12 @@ def test_wait_follows_the_import_job(agent, tmp_path):
         hashlib.sha256(b"<scan/>").hexdigest()
     assert sha256_of(agent.uploads / "scan" / "scan.tif") == \
         hashlib.sha256(src.read_bytes()).hexdigest()
+    # The same command again: every file is complete, nothing is sent, and the job that
+    # imported them is the one named.
+    again = run_upload("--socket", str(agent.socket), "--wait", str(src), str(other))
+    assert again.returncode == 0, again.stderr
+    assert re.search(r"sent 0 bytes this run$", again.stdout, re.M), again.stdout
+    assert job_of(again.stdout) == job
 
 
 def _start_slow_upload(agent, src: Path, *extra: str) -> tuple[subprocess.Popen, str]:
