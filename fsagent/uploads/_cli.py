@@ -829,10 +829,12 @@ def cmd_upload(args: argparse.Namespace) -> int:
         print(f"fsagent upload: error: {e}", file=sys.stderr)
         return EXIT_CANNOT
     out = sys.stdout
+    display: _Display = LineDisplay(out, args.interval)
     if out.isatty():
-        display: _Display = BarDisplay(out, args.interval, args.jobs, CHUNK_CAP)
-    else:
-        display = LineDisplay(out, args.interval)
+        try:
+            display = BarDisplay(out, args.interval, args.jobs, CHUNK_CAP)
+        except ImportError:  # tqdm missing (an install older than this command): lines
+            pass
     for path in skipped:
         display.note(f"skipped: {path} (not a regular file or directory)")
     outcome: dict[str, Any] = {"interrupted": False}
