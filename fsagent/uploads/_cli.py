@@ -27,12 +27,14 @@ Design notes
   sizes, so a re-run declares exactly what the first run did.
 * **Resume is a re-run.** ``create`` is idempotent on the agent (same owner, root,
   paths, sizes and declared hashes as an unfinished process: the same ID), so the same
-  command after Ctrl-C, a lost network or an agent restart gets the same process. One
-  ``getProcess`` shows every file's offset; a file the agent holds part of asks
-  ``getUploadOffset`` (the durable offset) and continues from there, after re-reading
-  and hashing the prefix locally (the hash covers the whole file). A complete file is
-  only hashed. ``resume: PATH from N of M bytes`` says what was resumed, and the final
-  line says how many bytes this run sent.
+  command after Ctrl-C, a lost network or an agent restart gets the same process
+  (the agent knows it by the first call's files; ``addFiles`` then sends only the ones
+  it lacks). One ``getProcess`` shows every file's offset; a file the agent holds part
+  of asks ``getUploadOffset`` (the durable offset) and continues from there, after
+  re-reading and hashing the prefix locally (the hash covers the whole file). A
+  complete big file is only hashed; a complete small one not even that (the agent
+  checked it against the hash declared for it). ``resume: PATH from N of M bytes``
+  says what was resumed, and the final line says how many bytes this run sent.
 * **Throughput.** ``--jobs N`` files stream at once; each keeps up to ``DEPTH`` chunks
   in flight on the one connection (the client matches replies by msgid), chunks of
   ``min(maxWriteBytes, CHUNK_CAP)``. Reading and hashing run in worker threads
@@ -40,7 +42,8 @@ Design notes
   previous ones travel. Chunks of one file are put on the wire in offset order (each
   write task hands the turn to the next one just before it sends); a ``BadOffset``
   anyway (the agent lost what was in flight) makes that file ask ``getUploadOffset``
-  and start over from there, a few times at most.
+  and start over from there, a few times at most. On a Unix socket the client asks for
+  a send buffer of one chunk (``UNIX_SEND_BUFFER``).
 * **Errors.** Exit 2 with one line on stderr when nothing can be done: bad arguments,
   the agent unreachable, a bad token, and any refusal by the agent (``PermissionDenied``,
   ``NoSpace``, a lost connection ...; ``fsagent: NAME: message``). Exit 1 when the
