@@ -254,7 +254,15 @@ def test_a_changed_source_fails_verification_listing_the_file(agent, tmp_path):
     assert r.returncode == 1, (r.stdout, r.stderr)
     err = r.stderr.splitlines()
     assert err[0] == "fsagent: upload: verification failed:"
-    assert any("big/big.bin" in line for line in err[1:]), r.stderr
+    assert re.fullmatch(r"  big/big\.bin: expected [0-9a-f]{64}, got [0-9a-f]{64}", err[1]), err
+    assert "run the same command again to send them anew" in err[-1]
+    # As the message says: remove it through the mount and run again.
+    os.unlink(agent.uploads / "big" / "big.bin")
+    r = run_upload("--socket", str(agent.socket), str(src))
+    assert r.returncode == 0, r.stderr
+    assert re.search(rf"sent {BIG} bytes this run$", r.stdout, re.M), r.stdout
+    assert sha256_of(agent.uploads / "big" / "big.bin") == \
+        hashlib.sha256(src.read_bytes()).hexdigest()
 
 
 def test_over_tcp_with_a_token_and_a_bad_token(agent_factory, tmp_path):

@@ -634,6 +634,11 @@ class Upload:
             self.display.error("fsagent: upload: verification failed:")
             for line in e.message.splitlines() or [e.message]:
                 self.display.error(f"  {line}")
+            # What the agent holds is not what is here now (a source changed between
+            # runs, say): only sending those files again from the start mends it.
+            self.display.error("  (remove those files from uploads/, with rm through the "
+                               "mount or UploadTasks.delete, and run the same command "
+                               "again to send them anew)")
             return EXIT_FAILED
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             raise Fatal(f"error: lost the connection to the agent ({e}); run the same "
