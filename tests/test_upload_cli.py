@@ -102,17 +102,22 @@ def one_line(stderr: str) -> str:
 
 def test_a_tree_arrives_byte_identical_as_one_fileset(agent, tmp_path):
     tree = make_tree(tmp_path)
+    link = tree / "a" / "link-to-hello"
+    link.symlink_to("hello.txt")  # not a regular file: skipped, and said so
     r = run_upload("--socket", str(agent.socket), str(tree))
+    link.unlink()  # so that local_digests() below lists what was uploaded
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
     assert_plain(r.stdout)
     lines = r.stdout.splitlines()
-    assert lines[0].startswith("upload: 4 files, 3.1 MiB into uploads/run42/ (process ")
+    assert lines[0] == f"skipped: {link} (not a regular file or directory)"
+    assert lines[1].startswith("upload: 4 files, 3.1 MiB into uploads/run42/ (process ")
     assert re.search(r"^uploaded: 4 of 4 files, .*; sent 3215734 bytes this run$",
                      r.stdout, re.M), r.stdout
     assert "resume:" not in r.stdout
     assert_arrived(agent, tree, "run42")
     assert not (agent.uploads / "run42" / "empty").exists()
+    assert not os.path.lexists(agent.uploads / "run42" / "a" / "link-to-hello")
     job = job_of(r.stdout)
     # One import job for the whole fileset, named by every file of it.
     done = wait_for(lambda: (lambda rs: rs if len(rs) == 4 and all(
@@ -319,6 +324,14 @@ def test_unreachable_agent_and_bad_arguments_are_one_line_exit_2(tmp_path):
         f"fsagent upload: error: {tmp_path}/missing: No such file or directory"
     r = run_upload("--socket", str(tmp_path / "no.sock"), "--to", "../out", str(src))
     assert r.returncode == 2 and "'..'" in one_line(r.stderr)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / os.fsdecode(b"\xff.bin")).write_bytes(b"x")
+    r = run_upload("--socket", str(tmp_path / "no.sock"), str(odd))
+    assert r.returncode == 2
+    assert one_line(r.stderr) == ("fsagent upload: error: a source's name is not UTF-8 "
+                                  "(upload paths are text): "
+                                  + repr(os.fsencode(odd) + b"/\xff.bin"))
     r = subprocess.run(FSAGENT + ["uploads", "--socket", str(tmp_path / "no.sock")],
                        capture_output=True, text=True, timeout=PATIENCE)
     assert r.returncode == 2 and "cannot connect" in one_line(r.stderr)

@@ -216,12 +216,14 @@ def _rate(text: str) -> float:
 
 # -- sources -------------------------------------------------------------------------------
 
-def _check_name(path: str, what: str) -> None:
+def _check_name(path: str, what: str, shown: str | None = None) -> None:
+    """``UsageError`` unless ``path`` is UTF-8; the message shows ``shown`` (default
+    ``path``) as the bytes it is, since it cannot be printed as text."""
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:
-        raise UsageError(f"{what} is not UTF-8 (upload paths are text): "
-                         f"{path.encode('utf-8', 'surrogateescape')!r}") from None
+        raw = os.fsencode(path if shown is None else shown)
+        raise UsageError(f"{what} is not UTF-8 (upload paths are text): {raw!r}") from None
 
 
 def default_root(first_source: str) -> str:
@@ -252,7 +254,7 @@ def collect_sources(sources: list[str], to: str | None) -> tuple[str, list[Sourc
     skipped: list[str] = []
 
     def add(local: str, rel: str, size: int) -> None:
-        _check_name(rel, f"{local}: its name")
+        _check_name(rel, "a source's name", shown=local)
         if rel in found:
             raise UsageError(f"two sources give {root}/{rel}: {found[rel].local} and {local}")
         found[rel] = Source(index=-1, local=local, path=rel, size=size)
