@@ -25,7 +25,7 @@ SYSCONFDIR ?= /etc
 UNITDIR    ?= /etc/systemd/system
 DOCDIR     ?= /usr/share/doc/fsagent
 
-.PHONY: run test setup system-packages bench bench-filesets soak clean install
+.PHONY: run test setup system-packages bench bench-filesets bench-upload-rpc soak clean install
 
 run: setup
 	$(BIN)/fsagent run $(ARGS)
@@ -99,6 +99,15 @@ bench-filesets: setup
 	git archive HEAD | tar -x -C $(BENCH_CODE)
 	git rev-parse HEAD > $(BENCH_CODE)/COMMIT
 	$(BIN)/python $(BENCH_CODE)/bench/bench_filesets.py $(BENCH_ARGS)
+
+# `fsagent upload` over RPC against cp/rsync into the mount (issue 13,
+# bench/bench_upload_rpc.py), on a snapshot of HEAD like bench-filesets.
+# `make bench-upload-rpc BENCH_ARGS="--quick"` for a short run.
+bench-upload-rpc: setup
+	rm -rf $(BENCH_CODE) && mkdir -p $(BENCH_CODE)
+	git archive HEAD | tar -x -C $(BENCH_CODE)
+	git rev-parse HEAD > $(BENCH_CODE)/COMMIT
+	$(BIN)/python $(BENCH_CODE)/bench/bench_upload_rpc.py $(BENCH_ARGS)
 
 # The crash soak (issue 10): rounds of the model-based crash workload (tests/crash_model.py),
 # the agent killed or stopped at random moments; prints the rounds played and every violation

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_rpc_commands(sub)
     from .jobs import add_jobs_commands
     add_jobs_commands(sub)
+    from .uploads import add_upload_commands
+    add_upload_commands(sub)
     return parser
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any
@@ -100,12 +101,19 @@ async def open_client(socket_path: str | os.PathLike | None = None, *,
                       tcp: tuple[str, int] | None = None, token: str | None = None,
                       ssl_context: ssl.SSLContext | None = None,
                       server_hostname: str | None = None,
-                      notification_buffer: int = 1024) -> AsyncIterator[Client]:
-    """Connect to an agent: ``socket_path`` (Unix) or ``tcp=(host, port)``."""
+                      notification_buffer: int = 1024,
+                      unix_send_buffer: int | None = None) -> AsyncIterator[Client]:
+    """Connect to an agent: ``socket_path`` (Unix) or ``tcp=(host, port)``.
+
+    ``unix_send_buffer``: SO_SNDBUF for a Unix socket, for a client that streams large
+    requests (``fsagent upload``): the default (~200 KiB) makes it wait for the agent
+    every few chunks of a write. TCP tunes its own buffers and is left alone."""
     if (socket_path is None) == (tcp is None):
         raise ValueError("give exactly one of socket_path and tcp")
     if socket_path is not None:
         stream: trio.abc.Stream = await trio.open_unix_socket(os.fspath(socket_path))
+        if unix_send_buffer is not None:
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, unix_send_buffer)
     else:
         host, port = tcp
         stream = await trio.open_tcp_stream(host, port)

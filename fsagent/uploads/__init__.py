@@ -1,6 +1,7 @@
 """``uploads/``: every file written there is a durable, resumable, verified upload.
 
-Public surface: ``UploadsComponent`` (listed in ``fsagent.agent.build_components``).
+Public surface: ``UploadsComponent`` (listed in ``fsagent.agent.build_components``) and
+``add_upload_commands`` (``fsagent upload``/``uploads``, over RPC: ``_cli.py``).
 It adds ``MOUNT/uploads/`` (a passthrough tree over ``config.uploads_dir``) and
 ``MOUNT/uploads.json`` (the task list) to the mount. Inside:
 
@@ -15,6 +16,7 @@ It adds ``MOUNT/uploads/`` (a passthrough tree over ``config.uploads_dir``) and
   ``_processes.py`` — import processes (one explicit fileset each) and their rows.
 """
 
+from ._cli import add_upload_commands
 from ._component import UploadsComponent
 
-__all__ = ["UploadsComponent"]
+__all__ = ["UploadsComponent", "add_upload_commands"]
