@@ -422,9 +422,6 @@ def test_a_tree_of_small_files_resumes_after_ctrl_c(agent, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the RPC server caps msgpack arrays at 4,096 "
-                   "elements (rpc/_protocol.py DEFAULT_MAX_CONTAINER_LEN), so verifyUpload "
-                   "with more hashes closes the connection; reported to the lead")
 def test_more_files_than_one_call_takes(agent, tmp_path):
     tree = tmp_path / "wide"
     for i in range(4100):

@@ -337,6 +337,9 @@ def test_bad_arguments_are_refused_by_name_and_change_nothing(small_agent):
                                       pid, [sha(a)])
     assert "64 hex" in refused(agent, "BadArgument", "ImportProcess.verifyUpload",
                                pid, [sha(a), "nothex"])
+    # the digests as one bin (the extension past 4,096 files): 32 bytes per file, exactly
+    assert "2 32-byte digests" in refused(agent, "BadArgument", "ImportProcess.verifyUpload",
+                                          pid, bytes.fromhex(sha(a)))
     assert "TooLarge" == _name_of(agent, "ImportProcess.write", pid, 1, 0, b"b" * 2001)
     send(agent, pid, 0, a)
     send(agent, pid, 1, b[:1500])
@@ -355,9 +358,11 @@ def test_bad_arguments_are_refused_by_name_and_change_nothing(small_agent):
     assert import_jobs(agent.mount) == []
     refused(agent, "NotVerified", "ImportProcess.getHandle", pid)
     # the right hashes now: the same bytes verified against them, and imported
-    job = call(agent, "ImportProcess.verifyUpload", pid, [sha(a), sha(b)])
+    job = call(agent, "ImportProcess.verifyUpload", pid,
+               bytes.fromhex(sha(a)) + bytes.fromhex(sha(b)))
     assert task_attrs(agent.uploads / "p" / "b")["state"] == "complete"
     assert call(agent, "ImportProcess.getHandle", pid) == job
+    assert call(agent, "ImportProcess.verifyUpload", pid, [sha(a), sha(b)]) == job
 
 
 def _name_of(agent, method, *params) -> str:

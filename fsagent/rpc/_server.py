@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 
 Method = Callable[..., Awaitable[Any]]
 
+# One read from a connection: big enough that a multi-MiB write (``ImportProcess.write``)
+# is a few reads, not hundreds; the unpacker still holds at most one message's bytes.
+RECEIVE_BYTES = 1 << 20
 _current_peer: contextvars.ContextVar[Peer] = contextvars.ContextVar("fsagent_rpc_peer")
 _peer_ids = itertools.count(1)
 # How long a connection closed for a protocol error may still drain queued replies.
@@ -277,7 +280,7 @@ class RpcServer:
             event = conn.next_event()
             if event is NEED_DATA:
                 try:
-                    data = await stream.receive_some(65536)
+                    data = await stream.receive_some(RECEIVE_BYTES)
                 except (trio.BrokenResourceError, ssl.SSLError) as e:
                     return f"receive failed: {e}"
                 if not data:

@@ -402,7 +402,7 @@ class Upload:
     async def _run(self) -> int:
         settings = await self.call("ImportProcess.getImportSettings")
         self.chunk = max(4096, min(CHUNK_CAP, int(settings["maxWriteBytes"])))
-        per_call = max(1, int(settings.get("maxFilesPerCall", 4096)))
+        per_call = self.per_call = max(1, int(settings.get("maxFilesPerCall", 4096)))
         await self._declare_small_hashes()
         records = await self._create(per_call)
         offsets = await self._offsets(records)
@@ -628,6 +628,10 @@ class Upload:
 
     async def _verify(self) -> int:
         hashes = [f.sha256 for f in self.files]
+        if len(hashes) > self.per_call:
+            # More than a request's msgpack array may hold: the agent takes the 32-byte
+            # digests concatenated in one bin instead (ImportProcess.verifyUpload).
+            hashes = b"".join(bytes.fromhex(h) for h in hashes)
         try:
             job = await self.client.call("ImportProcess.verifyUpload", self.pid, hashes)
         except RpcError as e:

@@ -715,9 +715,13 @@ class UploadService:
     async def process_verify(self, pid: Any, hashes: Any) -> str:
         p = self._process(pid)
         self._check_owner(p.owner, f"import process {p.pid}", "verify")
-        if not isinstance(hashes, list) or len(hashes) != len(p.files):
+        if isinstance(hashes, bytes) and len(hashes) == 32 * len(p.files):
+            # The extension for processes of more than 4,096 files (a msgpack array in a
+            # request holds at most that many): the 32-byte digests, concatenated.
+            hashes = [hashes[i:i + 32].hex() for i in range(0, len(hashes), 32)]
+        elif not isinstance(hashes, list) or len(hashes) != len(p.files):
             raise bad(f"hashes must be a list of {len(p.files)} hex SHA-256 strings, one per "
-                      "file in order")
+                      f"file in order (or one bin of {len(p.files)} 32-byte digests)")
         hashes = [check_sha256(h, f"hashes[{n}]") for n, h in enumerate(hashes)]
         async with self._lock(p.pid):
             if p.job is not None:
