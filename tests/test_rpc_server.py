@@ -15,6 +15,7 @@ import trio
 
 from conftest import PATIENCE
 from fsagent.rpc import RpcError, open_client
+from fsagent.rpc._server import RECEIVE_BYTES
 from rpcutil import export_agent, rss_kib
 
 TOKEN = "correct-horse-battery-staple"
@@ -111,8 +112,10 @@ async def test_a_client_that_never_reads_cannot_grow_memory(agent_factory, tmp_p
     s.setblocking(False)
     sent = 0
     deadline = time.monotonic() + 8
-    # 4,000 requests asking for 1 GiB of replies; the agent must stop reading instead
-    frames = b"".join(pack([0, i, "FileServer.readBlock", request]) for i in range(4000))
+    # Requests asking for GiBs of replies, many more bytes of them than one read of the
+    # agent (RECEIVE_BYTES) and the socket's buffers hold; the agent must stop reading.
+    count = max(4000, 8 * RECEIVE_BYTES // len(pack([0, 0, "FileServer.readBlock", request])))
+    frames = b"".join(pack([0, i, "FileServer.readBlock", request]) for i in range(count))
     while sent < len(frames) and time.monotonic() < deadline:
         try:
             sent += s.send(frames[sent:sent + 65536])
