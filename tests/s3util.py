@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -40,9 +41,23 @@ READY_SECONDS = 60.0
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below the kernel's ephemeral range: a server of several
+    processes (SeaweedFS) connects to itself before it binds all its ports, and an
+    ephemeral port picked by the kernel for such a connection must not be one of them."""
+    low = 32768
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    for _ in range(1000):
+        port = random.randrange(10000, max(10001, low - 1))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def s3_client(endpoint: str, access: str = ADMIN_ACCESS, secret: str = ADMIN_SECRET):
@@ -106,12 +121,18 @@ class S3Server:
         raise TimeoutError(f"{self.name} did not answer on {self.endpoint}")
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 3 s (SeaweedFS takes 15 s or more to stop)."""
         if self.proc is None or self.proc.poll() is not None:
             return
         os.killpg(self.proc.pid, signal.SIGTERM)
         try:
-            self.proc.wait(15)
+            self.proc.wait(3)
         except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: the server crashes."""
+        if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(15)
 

@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 SMALL_BODY = 2**20     # bodies up to this are read once into memory
 READ_CHUNK = 2**20
 MAX_DIGEST_RETRIES = 5  # a body that never matches its digest: the file keeps changing
+MAX_UPLOAD_RESTARTS = 3  # a multipart upload the store forgot, started again this often
 
 
 class PushFailed(Exception):
@@ -75,6 +76,14 @@ class PushFailed(Exception):
         super().__init__(description)
         self.kind = kind
         self.description = description
+
+
+class _UploadGone(Exception):
+    """The store does not know the multipart upload any more (NoSuchUpload)."""
+
+    def __init__(self, upload_id: str):
+        super().__init__(upload_id)
+        self.upload_id = upload_id
 
 
 class PushJob(Protocol):
@@ -94,6 +103,22 @@ class PushMetrics:
     objects_pushed: Any
     errors: Any      # labelled by kind
     retries: Any
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """What ends a nursery of workers: the first error that is not a cancellation (the
+    others were cancelled because of it), so callers see a ``PushFailed``, not a group."""
+    leaves, stack = [], [group]
+    while stack:
+        e = stack.pop(0)
+        if isinstance(e, BaseExceptionGroup):
+            stack[:0] = list(e.exceptions)
+        else:
+            leaves.append(e)
+    for e in leaves:
+        if not isinstance(e, trio.Cancelled):
+            return e
+    return group
 
 
 # -- blocking work (worker threads) ---------------------------------------------------------
@@ -220,14 +245,24 @@ class Pusher:
 
     # -- one request, retried -------------------------------------------------------------
 
-    async def _attempt(self, job: PushJob, what: str, fn: Callable, *args: Any) -> Any:
+    async def _attempt(self, job: PushJob, what: str, fn: Callable, *args: Any,
+                       upload_id: str | None = None) -> Any:
+        """``fn(*args)`` in a worker thread, retried while it fails transiently.
+        ``upload_id``: the multipart upload it belongs to (NoSuchUpload: ``_UploadGone``)."""
         attempt = 0
         while True:
             try:
                 return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
             except StoreError as e:
+                if e.kind == "permission" and await trio.to_thread.run_sync(
+                        self.store.bucket_missing, limiter=self.limiter):
+                    e = StoreError("bucket", False, f"{self.store.where}: the bucket does not "
+                                   f"exist (NoSuchBucket; the store answered {e.code}); "
+                                   "create it or fix repository.bucket", "NoSuchBucket")
                 self.metrics.errors.labels(e.kind).inc()
                 self.last_error = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {what}: {e}"
+                if upload_id is not None and e.code == "NoSuchUpload":
+                    raise _UploadGone(upload_id) from None
                 if not e.transient or (e.kind == "digest" and attempt >= MAX_DIGEST_RETRIES):
                     raise PushFailed(e.kind, str(e)) from None
                 attempt += 1
@@ -321,6 +356,11 @@ class Pusher:
                 for _ in range(min(self.concurrency, len(todo))):
                     nursery.start_soon(self._worker, job, queue, checksums, uploads, parts,
                                        progress, etags)
+        except BaseExceptionGroup as group:
+            first = _first_error(group)
+            if first is group:
+                raise
+            raise first from None
         finally:
             self.active.pop(job.job_id, None)
         job.content.update(progress.content())
@@ -383,6 +423,26 @@ class Pusher:
 
     async def _push_multipart(self, job, plan: ObjectPlan, checksums: bool,
                               recorded_upload, parts_by_upload, progress: Progress) -> str:
+        for _ in range(MAX_UPLOAD_RESTARTS):
+            counted = [0, 0]   # parts, bytes this attempt added to the progress
+            try:
+                return await self._push_multipart_once(job, plan, checksums, recorded_upload,
+                                                       parts_by_upload, progress, counted)
+            except _UploadGone as gone:
+                # A store that keeps multipart uploads in memory forgets them when it
+                # restarts: nothing is left to resume, so the object starts again.
+                job.log(f"{self._name(plan)}: the store no longer has multipart upload "
+                        f"{gone.upload_id[:16]}...; starting it again")
+                await self._forget_upload(job, plan.key, gone.upload_id, abort=False)
+                recorded_upload = None
+                progress.parts_done -= counted[0]
+                progress.bytes_sent -= counted[1]
+        raise PushFailed("request", f"{self.store.where}: the multipart upload of "
+                         f"{plan.key!r} vanished {MAX_UPLOAD_RESTARTS} times")
+
+    async def _push_multipart_once(self, job, plan: ObjectPlan, checksums: bool,
+                                   recorded_upload, parts_by_upload, progress: Progress,
+                                   counted: list[int]) -> str:
         name = self._name(plan)
         real = str(self.uploads_dir / plan.path)
         part_size = effective_part_size(plan.size, self.part_size)
@@ -437,17 +497,21 @@ class Pusher:
         for n in done:
             progress.parts_done += 1
             progress.bytes_sent += by_number[n].size
+            counted[0] += 1
+            counted[1] += by_number[n].size
         self._report(job, progress)
 
         async def send(part: Part) -> None:
             etag, md5, sha = await self._attempt(
                 job, f"part {part.number} of {name}", _send_part, self.store, real, plan.key,
-                upload_id, part, checksums)
+                upload_id, part, checksums, upload_id=upload_id)
             done[part.number] = (etag, md5, sha)
             self._stage_part(upload_id, part, etag, md5, sha)
             self.metrics.bytes_pushed.inc(part.size)
             progress.parts_done += 1
             progress.bytes_sent += part.size
+            counted[0] += 1
+            counted[1] += part.size
             self._report(job, progress)
 
         todo = iter([p for p in parts if p.number not in done])
@@ -458,9 +522,15 @@ class Pusher:
 
         # ``concurrency`` workers per file (the limiter bounds the agent's requests):
         # no task per part for a file of thousands of parts.
-        async with trio.open_nursery() as nursery:
-            for _ in range(self.concurrency):
-                nursery.start_soon(part_worker)
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.concurrency):
+                    nursery.start_soon(part_worker)
+        except BaseExceptionGroup as group:
+            first = _first_error(group)
+            if first is group:
+                raise
+            raise first from None
         ordered = [(n, *done[n]) for n in sorted(done)]
         listing = [(n, etag, b64(sha) if (checksums and sha) else None)
                    for n, etag, _, sha in ordered]
@@ -469,8 +539,8 @@ class Pusher:
                              if checksums else None)
         try:
             await self._attempt(job, f"completing {name}", self.store.complete_multipart,
-                                plan.key, upload_id, listing)
-        except PushFailed:
+                                plan.key, upload_id, listing, upload_id=upload_id)
+        except _UploadGone:
             # A completion the store carried out but whose answer was lost is retried
             # into NoSuchUpload: the object itself says whether it is there.
             head = await self._attempt(job, f"checking {name}", self.store.head_object,

@@ -233,6 +233,17 @@ class S3Store:
                 "checksum_sha256": r.get("ChecksumSHA256"),
                 "metadata": r.get("Metadata") or {}}
 
+    def bucket_missing(self) -> bool:
+        """Whether the bucket does not exist (HEAD bucket answers 404): some stores
+        answer a write into a missing bucket with AccessDenied."""
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except botocore.exceptions.ClientError as e:
+            return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404
+        except (botocore.exceptions.BotoCoreError, ConnectionError):
+            return False
+        return False
+
     def delete_object(self, key: str) -> None:
         self._call(f"s3://{self.bucket}/{key}", "delete_object", Key=key)
 
