@@ -19,6 +19,15 @@ Design notes
   sign it. Bodies carry a signed Content-MD5 the store checks (and a SHA-256 checksum
   where supported), so the payload is sent as ``UNSIGNED-PAYLOAD``: the headers are
   signed, the body is covered by its digest.
+* **A lean path for small objects.** botocore spends about 1.2 ms of CPU on every
+  request (parameter checks, serialisation, endpoint rules, event hooks, response
+  parsing): for a fileset of thousands of 4 KiB files that is most of the push. A PUT
+  whose body is in memory and every HEAD go through ``_Lean``: botocore's own SigV4
+  signer (``S3SigV4Auth``, the same signature) on a request sent with urllib3 (the
+  pool botocore itself uses), its answer read from the headers. A refusal is turned
+  into the same ``StoreError`` as botocore's (the S3 XML error's code and message).
+  Multipart calls and streamed bodies keep the full client. With no ``endpoint``
+  (AWS's, which needs botocore's endpoint rules) everything uses the full client.
 * **Errors** become ``StoreError(kind, transient, message)``: ``connection``,
   ``timeout``, ``server`` (5xx), ``throttled`` and ``digest`` (the body did not match
   its digest) are transient; ``credentials``, ``bucket``, ``permission`` and
@@ -30,11 +39,17 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from typing import Any
+from urllib.parse import quote, urlsplit
 
+import botocore.auth
+import botocore.awsrequest
 import botocore.config
+import botocore.credentials
 import botocore.exceptions
 import botocore.session
+import urllib3
 
 from .. import longpaths
 
@@ -128,6 +143,55 @@ def open_for_reading(path: str) -> int:
         return os.open(short, os.O_RDONLY | os.O_CLOEXEC)
 
 
+_XML_CODE = re.compile(r"<Code>([^<]*)</Code>")
+_XML_MESSAGE = re.compile(r"<Message>([^<]*)</Message>")
+
+
+class _Lean:
+    """PUT (body in memory) and HEAD of one object: botocore's signer, urllib3's pool."""
+
+    def __init__(self, endpoint: str, bucket: str, region: str, path_style: bool,
+                 credentials: tuple[str, str, str | None], concurrency: int,
+                 connect_timeout: float, read_timeout: float):
+        parts = urlsplit(endpoint)
+        if path_style:
+            self.base = f"{parts.scheme}://{parts.netloc}/{quote(bucket)}/"
+        else:
+            self.base = f"{parts.scheme}://{bucket}.{parts.netloc}/"
+        self.signer = botocore.auth.S3SigV4Auth(
+            botocore.credentials.Credentials(*credentials), "s3", region)
+        self.context = {"client_config": botocore.config.Config(
+            s3={"payload_signing_enabled": False})}
+        self.pool = urllib3.PoolManager(
+            maxsize=concurrency + 2, retries=False,
+            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout))
+
+    def request(self, method: str, key: str, headers: dict[str, str],
+                body: bytes | None = None) -> urllib3.BaseHTTPResponse:
+        """One signed request. Raises urllib3's errors (connection, timeout)."""
+        # S3 signs the path as sent (no second encoding): quote it as botocore does.
+        request = botocore.awsrequest.AWSRequest(
+            method=method, url=self.base + quote(key, safe="/~"), headers=headers,
+            data=body)
+        request.context.update(self.context)
+        self.signer.add_auth(request)
+        prepared = request.prepare()
+        return self.pool.urlopen(method, prepared.url, body=prepared.body,
+                                 headers=dict(prepared.headers.items()),
+                                 preload_content=True, redirect=False)
+
+
+def _client_error(response, operation: str) -> botocore.exceptions.ClientError:
+    """A refusal as botocore would have raised it (code and message from the XML)."""
+    text = response.data.decode("utf-8", "replace") if response.data else ""
+    code = _XML_CODE.search(text)
+    message = _XML_MESSAGE.search(text)
+    return botocore.exceptions.ClientError(
+        {"Error": {"Code": code.group(1) if code else str(response.status),
+                   "Message": message.group(1) if message else response.reason or ""},
+         "ResponseMetadata": {"HTTPStatusCode": response.status}}, operation)
+
+
 class S3Store:
     """One bucket of one S3-compatible store. Every method blocks (worker threads)."""
 
@@ -156,6 +220,9 @@ class S3Store:
         self._client = session.create_client(
             "s3", endpoint_url=endpoint, aws_access_key_id=key,
             aws_secret_access_key=secret, aws_session_token=token, config=config)
+        self._lean = None if endpoint is None else _Lean(
+            endpoint, bucket, region, path_style, credentials, concurrency,
+            connect_timeout, read_timeout)
 
     # -- errors -------------------------------------------------------------------------
 
@@ -198,6 +265,10 @@ class S3Store:
             return StoreError("connection", True, _reason(e))
         if isinstance(e, botocore.exceptions.NoCredentialsError):
             return StoreError("credentials", False, str(e))
+        if isinstance(e, urllib3.exceptions.TimeoutError):
+            return StoreError("timeout", True, _reason(e))
+        if isinstance(e, urllib3.exceptions.HTTPError):
+            return StoreError("connection", True, _reason(e))
         raise e
 
     def _call(self, what: str, op: str, **kwargs: Any) -> dict:
@@ -211,6 +282,18 @@ class S3Store:
 
     def put_object(self, key: str, body, md5_b64: str, sha256_b64: str | None,
                    metadata: dict[str, str]) -> str:
+        if self._lean is not None and isinstance(body, bytes):
+            headers = {"Content-MD5": md5_b64, "Content-Length": str(len(body))}
+            if sha256_b64:
+                headers["x-amz-checksum-sha256"] = sha256_b64
+            headers.update((f"x-amz-meta-{k}", v) for k, v in metadata.items())
+            try:
+                r = self._lean.request("PUT", key, headers, body)
+                if r.status // 100 != 2:
+                    raise _client_error(r, "PutObject")
+            except (botocore.exceptions.ClientError, urllib3.exceptions.HTTPError) as e:
+                raise self._error(e, f"s3://{self.bucket}/{key}") from None
+            return r.headers.get("ETag", "")
         extra = {"ChecksumSHA256": sha256_b64} if sha256_b64 else {}
         r = self._call(f"s3://{self.bucket}/{key}", "put_object", Key=key, Body=body,
                        ContentLength=len(body), ContentMD5=md5_b64, Metadata=metadata,
@@ -219,6 +302,20 @@ class S3Store:
 
     def head_object(self, key: str) -> dict | None:
         """``{size, etag, checksum_sha256, metadata}``, or None if there is no object."""
+        if self._lean is not None:
+            try:
+                r = self._lean.request("HEAD", key, {"x-amz-checksum-mode": "ENABLED"})
+                if r.status == 404:
+                    return None
+                if r.status // 100 != 2:
+                    raise _client_error(r, "HeadObject")
+            except (botocore.exceptions.ClientError, urllib3.exceptions.HTTPError) as e:
+                raise self._error(e, f"s3://{self.bucket}/{key}") from None
+            h = r.headers
+            return {"size": int(h.get("Content-Length", -1)), "etag": h.get("ETag", ""),
+                    "checksum_sha256": h.get("x-amz-checksum-sha256"),
+                    "metadata": {k[11:]: v for k, v in h.items()
+                                 if k.lower().startswith("x-amz-meta-")}}
         try:
             r = self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
         except botocore.exceptions.ClientError as e:
