@@ -25,7 +25,7 @@ SYSCONFDIR ?= /etc
 UNITDIR    ?= /etc/systemd/system
 DOCDIR     ?= /usr/share/doc/fsagent
 
-.PHONY: run test setup system-packages bench bench-filesets bench-upload-rpc soak clean install
+.PHONY: run test setup system-packages bench bench-filesets bench-upload-rpc bench-repository soak clean install
 
 run: setup
 	$(BIN)/fsagent run $(ARGS)
@@ -108,6 +108,15 @@ bench-upload-rpc: setup
 	git archive HEAD | tar -x -C $(BENCH_CODE)
 	git rev-parse HEAD > $(BENCH_CODE)/COMMIT
 	$(BIN)/python $(BENCH_CODE)/bench/bench_upload_rpc.py $(BENCH_ARGS)
+
+# The S3 repository bench (issue 14, bench/bench_repository.py): the push of a 2 GiB file
+# and of 5,000 x 4 KiB files to a local S3 server against `rclone copy`, on a snapshot of
+# HEAD like bench-filesets. `make bench-repository BENCH_ARGS="--runs 5 --server seaweedfs"`.
+bench-repository: setup
+	rm -rf $(BENCH_CODE) && mkdir -p $(BENCH_CODE)
+	git archive HEAD | tar -x -C $(BENCH_CODE)
+	git rev-parse HEAD > $(BENCH_CODE)/COMMIT
+	$(BIN)/python $(BENCH_CODE)/bench/bench_repository.py $(BENCH_ARGS)
 
 # The crash soak (issue 10): rounds of the model-based crash workload (tests/crash_model.py),
 # the agent killed or stopped at random moments; prints the rounds played and every violation

@@ -50,6 +50,7 @@ from .fileserver import FileServer
 from .fs import Directory, DynamicFile, Filesystem, Node
 from .jobs import JobsComponent
 from .monitor import MonitorServer
+from .repository import RepositoryComponent
 from .rpc import RpcComponent
 from .service import liveness, metrics_http
 from .service.agent_metrics import last_checkpoint, record_checkpoint, register_agent_metrics
@@ -74,6 +75,7 @@ def build_components(agent: Agent) -> list[Component]:
         UploadsComponent(agent),
         FileServer(agent),
         MonitorServer(agent),
+        RepositoryComponent(agent),  # before jobs: imports push through it
         JobsComponent(agent),
         RpcComponent(agent),  # last: serves the rpc_methods() of everything above
     ]
@@ -118,6 +120,16 @@ class Agent:
             return self.component("jobs")
         except KeyError:
             return None
+
+    @property
+    def repository(self) -> RepositoryComponent | None:
+        """The repository component when imports push to an object store; None for the
+        local backend (or without one)."""
+        try:
+            repository = self.component("repository")
+        except KeyError:
+            return None
+        return repository if repository.pushes else None
 
     def upload_task(self, task_id: str) -> dict[str, Any] | None:
         """What the uploads component knows of upload task ``task_id`` now (import jobs

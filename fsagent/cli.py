@@ -92,11 +92,11 @@ def _toml_value(value) -> str:
 def cmd_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.setting:
-        value = getattr(config, args.setting)
+        value = getattr(config, args.setting.replace(".", "_"))
         print("" if value is None else value)
         return 0
     for s in SETTINGS:
-        value = getattr(config, s.name)
+        value = getattr(config, s.attr)
         print(f"# {s.name} = (unset)" if value is None else f"{s.name} = {_toml_value(value)}")
     return 0
 

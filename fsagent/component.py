@@ -81,6 +81,11 @@ class JobHandOff(Protocol):
         manifest row follows (staged with the upload's own record)."""
         ...
 
+    def unfinished_imports(self) -> list[tuple[str, str, dict]]:
+        """(job ID, state word, spec) of imports pending, running, paused or failed:
+        the repository's backlog."""
+        ...
+
 
 class Host(Protocol):
     """What the agent offers its components (``Component.agent``)."""
@@ -109,6 +114,12 @@ class Host(Protocol):
 
     def status(self) -> dict[str, Any]:
         """What ``MOUNT/status`` shows (JSON-serialisable)."""
+        ...
+
+    @property
+    def repository(self) -> Any:
+        """The repository component when imports push to an object store
+        (``repository.backend = "s3"``); None for the local backend."""
         ...
 
 

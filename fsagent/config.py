@@ -13,6 +13,15 @@ Design notes
   the working directory. Every path is made absolute once, here.
 * Every failure is a ``ConfigError`` whose ``str()`` is one line naming the setting;
   the CLI prints it and exits 2 before anything is mounted.
+* **Tables.** A setting named ``table.key`` is written in TOML as ``key`` inside a
+  ``[table]`` (``[repository]`` ``backend = "s3"``) or as the dotted key
+  ``table.key``; its ``Config`` attribute is ``table_key``. ``fsagent config`` prints
+  dotted keys, which are valid TOML, so its output loads back.
+* **Secrets are never settings.** The S3 repository's keys come from
+  ``repository.credentials_file`` (AWS's shared-credentials INI) or the standard AWS
+  environment variables; the config holds where they are, is checked for them at
+  load (so a missing key is a one-line error, exit 2), and ``fsagent config`` and the
+  logs never show a key.
 """
 
 from __future__ import annotations
@@ -21,12 +30,14 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Config", "ConfigError", "SETTINGS", "Setting", "load_config"]
+__all__ = ["Config", "ConfigError", "SETTINGS", "Setting", "load_config", "read_credentials"]
 
 
 class ConfigError(Exception):
@@ -171,6 +182,101 @@ def _optional_host_port(value: Any, base: Path) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
+def _endpoint(value: Any, base: Path) -> str | None:
+    from urllib.parse import urlsplit
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected a URL like http://127.0.0.1:8333, got {value!r}")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    if parts.username or parts.password:
+        raise ValueError("keys do not belong in the endpoint URL; use credentials_file "
+                         "or the AWS environment variables")
+    try:
+        parts.port  # noqa: B018  (raises on a bad port)
+    except ValueError:
+        raise ValueError(f"bad port in {value!r}") from None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"expected scheme://host[:port] only, got {value!r}")
+    return value.rstrip("/")
+
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def _bucket(value: Any, base: Path) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not _BUCKET.fullmatch(value) or ".." in value:
+        raise ValueError(f"expected an S3 bucket name (3-63 of a-z 0-9 . -), got {value!r}")
+    return value
+
+
+def _prefix(value: Any, base: Path) -> str:
+    """An object key prefix: ``a/b`` (no leading or trailing slash, no empty, ``.`` or
+    ``..`` component). Default: the host name, so agents sharing a bucket stay apart."""
+    if value is None:
+        value = socket.gethostname()
+    if not isinstance(value, str):
+        raise ValueError(f"expected a key prefix like 'lab1/scope2', got {value!r}")
+    stripped = value.strip("/")
+    parts = stripped.split("/")
+    if stripped and any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"empty, '.' or '..' components are refused, got {value!r}")
+    if len(stripped.encode()) > 512 or any(ord(c) < 32 for c in stripped):
+        raise ValueError(f"expected at most 512 bytes without control characters, got "
+                         f"{value!r}")
+    return stripped
+
+
+def _region(value: Any, base: Path) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9-]{1,64}", value):
+        raise ValueError(f"expected a region name like us-east-1, got {value!r}")
+    return value
+
+
+def _credentials_file(value: Any, base: Path) -> Path | None:
+    path = _optional_path(value, base)
+    if path is not None:
+        read_credentials(path)  # a ValueError names what is wrong (never the keys)
+    return path
+
+
+def read_credentials(path: Path | None) -> tuple[str, str, str | None]:
+    """(access key, secret key, session token) from AWS's shared-credentials INI file
+    (profile ``$AWS_PROFILE``, else ``default``), or without a file from
+    ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (``AWS_SESSION_TOKEN``).
+    ``ValueError`` says what is missing; it never contains a key."""
+    import configparser
+    if path is None:
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get(
+            "AWS_SECRET_ACCESS_KEY")
+        if not key or not secret:
+            raise ValueError("backend s3 needs credentials: set credentials_file, or "
+                             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the "
+                             "environment")
+        return key, secret, os.environ.get("AWS_SESSION_TOKEN") or None
+    profile = os.environ.get("AWS_PROFILE") or "default"
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    except (configparser.Error, UnicodeDecodeError):
+        raise ValueError(f"{path} is not an AWS credentials file (INI)") from None
+    if not parser.has_section(profile):
+        raise ValueError(f"{path} has no [{profile}] profile")
+    section = parser[profile]
+    key, secret = section.get("aws_access_key_id"), section.get("aws_secret_access_key")
+    if not key or not secret:
+        raise ValueError(f"[{profile}] in {path} lacks aws_access_key_id or "
+                         "aws_secret_access_key")
+    return key.strip(), secret.strip(), (section.get("aws_session_token") or "").strip() or None
+
+
 @dataclasses.dataclass(frozen=True)
 class Setting:
     name: str
@@ -178,6 +284,11 @@ class Setting:
     default: Any  # raw value, parsed like user input (relative to the working dir)
     doc: str
     type_doc: str
+
+    @property
+    def attr(self) -> str:
+        """The ``Config`` attribute: ``repository.backend`` -> ``repository_backend``."""
+        return self.name.replace(".", "_")
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -281,6 +392,39 @@ SETTINGS: tuple[Setting, ...] = (
             "holds for a client that is slow to read; beyond that they are dropped and "
             "recovered like an inotify overflow (System `Overflow`, then a rescan).",
             "integer"),
+    # -- the repository (fsagent/repository/): where verified uploads go --------------
+    Setting("repository.backend", _choice("local", "s3"), "local", "Where an import "
+            "puts a verified fileset: `local` (it stays in the state directory, recorded in "
+            "the manifest) or `s3` (each file is also pushed to `bucket` as one object and "
+            "verified there before the import succeeds; see \"Repository (S3)\").",
+            "string"),
+    Setting("repository.endpoint", _endpoint, None, "S3 endpoint URL, "
+            "`http(s)://host[:port]` (MinIO, Ceph RGW, SeaweedFS, Garage ...). Unset: AWS's "
+            "endpoint for `region`.", "URL"),
+    Setting("repository.bucket", _bucket, None, "The bucket objects go to; it must "
+            "exist (a missing bucket fails the import at once). Required with backend "
+            "`s3`.", "string"),
+    Setting("repository.prefix", _prefix, None, "Key prefix: a file `uploads/PATH` "
+            "becomes the object `PREFIX/PATH`. Default: this machine's host name, so "
+            "several agents share a bucket. Empty: keys are the paths themselves.",
+            "string"),
+    Setting("repository.region", _region, "us-east-1", "Region used to sign "
+            "requests (most self-hosted stores accept any).", "string"),
+    Setting("repository.path_style", _bool, True, "Path-style URLs "
+            "(`endpoint/bucket/key`, what self-hosted stores expect); false: virtual-host "
+            "style (`bucket.endpoint/key`).", "bool"),
+    Setting("repository.credentials_file", _credentials_file, None, "AWS "
+            "shared-credentials INI file (profile `$AWS_PROFILE`, else `default`: "
+            "`aws_access_key_id`, `aws_secret_access_key`, optional `aws_session_token`). "
+            "Unset: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` from the environment. Keys "
+            "are never settings, flags or log lines.", "path"),
+    Setting("repository.part_size", _int_at_least(5 * 2**20), 64 * 2**20, "Files up to "
+            "this size are one PUT; larger ones are multipart uploads of parts this size "
+            "(raised for files over 10,000 parts), resumed part by part after a restart. At "
+            "least 5 MiB (S3's minimum).", "bytes"),
+    Setting("repository.concurrency", _int_at_least(1), 4, "Requests (objects and parts) "
+            "in flight to the store at once, over every import; each has its own worker "
+            "thread, apart from `worker_threads`.", "integer"),
 )
 
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -325,6 +469,15 @@ class Config:
     fileset_quiet_seconds: float = 1.0
     fileset_max_files: int = 1000
     fileset_max_bytes: int = 100 * 2**30
+    repository_backend: str = "local"
+    repository_endpoint: str | None = None
+    repository_bucket: str | None = None
+    repository_prefix: str = ""
+    repository_region: str = "us-east-1"
+    repository_path_style: bool = True
+    repository_credentials_file: Path | None = None
+    repository_part_size: int = 64 * 2**20
+    repository_concurrency: int = 4
     config_file: Path | None = None
 
     @property
@@ -370,7 +523,7 @@ def load_config(
             raise ConfigError("config", f"cannot read {file_path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError("config", f"{file_path} is not valid TOML: {e}") from None
-        for key, value in data.items():
+        for key, value in _flatten(data):
             if key not in _BY_NAME:
                 raise ConfigError(key, f"unknown setting in {file_path}")
             raw[key] = (value, file_path.parent)
@@ -383,7 +536,7 @@ def load_config(
     for setting in SETTINGS:
         value, base = raw[setting.name]
         try:
-            values[setting.name] = setting.parse(value, base)
+            values[setting.attr] = setting.parse(value, base)
         except ValueError as e:
             raise ConfigError(setting.name, str(e)) from None
     config = Config(**values, config_file=file_path)
@@ -391,7 +544,30 @@ def load_config(
     return config
 
 
+_TABLES = {s.name.split(".")[0] for s in SETTINGS if "." in s.name}
+
+
+def _flatten(data: dict) -> list[tuple[str, Any]]:
+    """TOML keys as setting names: ``[repository] backend`` is ``repository.backend``."""
+    out = []
+    for key, value in data.items():
+        if key in _TABLES:
+            if not isinstance(value, dict):
+                raise ConfigError(key, f"expected a table [{key}], got {value!r}")
+            out.extend((f"{key}.{k}", v) for k, v in value.items())
+        else:
+            out.append((key, value))
+    return out
+
+
 def _check_consistency(config: Config) -> None:
+    if config.repository_backend == "s3":
+        if config.repository_bucket is None:
+            raise ConfigError("repository.bucket", "backend s3 needs a bucket")
+        try:
+            read_credentials(config.repository_credentials_file)
+        except ValueError as e:
+            raise ConfigError("repository.credentials_file", str(e)) from None
     if config.rpc_tcp_listen is not None and config.rpc_token is None:
         raise ConfigError("rpc_tcp_listen", "TCP needs rpc_token (clients must authenticate)")
     if (config.rpc_tls_cert is None) != (config.rpc_tls_key is None):

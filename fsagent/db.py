@@ -163,6 +163,49 @@ MIGRATIONS: dict[str, Sequence[str]] = {
         );
         """,
     ),
+    "repository": (
+        # 1: the S3 push's durable state (fsagent/repository/_pusher.py). `target` is
+        # endpoint + bucket, so a changed configuration never reuses another store's rows.
+        # repo_uploads: a multipart upload begun (its ID recorded before any part is
+        # sent); repo_parts: its parts the server acknowledged, with the ETag it returned
+        # and the part's MD5/SHA-256, so a resumed push sends only the others (checked
+        # against the server's ListParts). repo_objects: objects verified by a HEAD
+        # (size, checksum), so a re-run of an import skips them.
+        """
+        CREATE TABLE repo_uploads (
+            target TEXT NOT NULL,
+            key TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            part_size INTEGER NOT NULL,
+            upload_id TEXT NOT NULL,
+            checksums INTEGER NOT NULL,
+            job_id TEXT,
+            created REAL NOT NULL,
+            PRIMARY KEY (target, key)
+        );
+        CREATE TABLE repo_parts (
+            upload_id TEXT NOT NULL,
+            number INTEGER NOT NULL,
+            size INTEGER NOT NULL,
+            etag TEXT NOT NULL,
+            md5 TEXT NOT NULL,
+            sha256 TEXT,
+            PRIMARY KEY (upload_id, number)
+        );
+        CREATE TABLE repo_objects (
+            target TEXT NOT NULL,
+            key TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            etag TEXT,
+            task TEXT,
+            job_id TEXT,
+            verified REAL NOT NULL,
+            PRIMARY KEY (target, key)
+        );
+        """,
+    ),
     "ops": (
         # 1: one row per completed shutdown checkpoint (components' checkpoint() and the
         # final flush), so the next run can report how long a stop takes.

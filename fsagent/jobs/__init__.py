@@ -92,6 +92,13 @@ class JobsComponent(Component):
             return "skipped"
         return job.state.value
 
+    def unfinished_imports(self) -> list[tuple[str, str, dict]]:
+        """(job ID, state word, spec) of every import not ended in success or
+        cancelled: what the repository still has to push (``failure``: after a retry)."""
+        return [(j.id, j.state.value, j.spec) for j in self.engine.jobs.values()
+                if j.kind == "import" and j.state.value in (
+                    "pending", "running", "paused", "failure")]
+
     async def release_import(self, job_id: str, task: str) -> None:
         """Upload ``task`` leaves import ``job_id``: a job that has not started and
         imports nothing else is cancelled; any other skips the upload when it runs."""

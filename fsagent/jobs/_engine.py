@@ -170,6 +170,12 @@ class Job:
             return self.ctx.message
         return self.message
 
+    def live_content(self) -> dict[str, Any]:
+        # A running job's Content is its context's (an import's push progress).
+        if self.state is State.RUNNING and self.ctx is not None and self.ctx.content:
+            return dict(self.ctx.content)
+        return self.content
+
     def info(self) -> dict[str, Any]:
         """The Orthanc-style record of ``info.json`` and ``jobs.json``."""
         return {
@@ -185,7 +191,7 @@ class Job:
             "CompletionTime": orthanc_time(self.completed),
             "EffectiveRuntime": self.effective_runtime(),
             "Timestamp": orthanc_time(self.updated),
-            "Content": self.content,
+            "Content": self.live_content(),
             "Outputs": self.outputs,
             "Spec": self.spec,
         }
@@ -669,6 +675,7 @@ class Engine:
 
         ctx = RunContext(job_id=job.id, spec=job.spec, config=self.config, db=self.db,
                          owner_uid=job.owner_uid, upload_task=self.agent.upload_task,
+                         repository=getattr(self.agent, "repository", None),
                          make_outputs_dir=make_outputs_dir, log=entry,
                          to_thread=self.agent.to_thread)
         self._apply(job, "start")

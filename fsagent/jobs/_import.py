@@ -57,6 +57,7 @@ import time
 import trio
 
 from .. import longpaths
+from ..repository import PushFailed
 from ._kinds import JobFailed, Kind, RunContext, SpecError, confine, only_keys, register
 from ._states import ErrorCode
 
@@ -66,6 +67,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHA256_ANY_CASE = re.compile(r"[0-9a-fA-F]{64}")
 MAX_FILESET_FILES = 100_000   # a spec beyond this is refused (the collector caps far lower)
 SKIPPED_LOG_LINES = 100       # per-file lines in the log for skipped files; then a count
+MAX_PUSH_ROUNDS = 8           # pushes of members that moved during the last one; then fail
 
 
 def _int(value, key: str, minimum: int | None = None) -> int:
@@ -194,39 +196,38 @@ class Import(Kind):
     async def run(self, ctx: RunContext) -> None:
         spec = ctx.spec
         members = _members(spec)
-        # Where each upload is now (or why it cannot be imported), and its stat. The
-        # stats run in a thread: if an upload moved meanwhile, look again. From the last
-        # ``_where`` to the rows staged below nothing awaits, so nothing moves.
-        stats: dict[int, tuple[str, os.stat_result | str]] = {}
-        while True:
-            where = [_where(ctx, m) for m in members]
-            todo = [(i, path) for i, (path, _, _) in enumerate(where)
-                    if path is not None and (i not in stats or stats[i][0] != path)]
-            if not todo:
+        fileset = "files" in spec
+        repository = ctx.repository
+        pushed: dict[str, str] = {}      # task -> the path its object was pushed at
+        listing_pushed: bytes | None = None
+        for _ in range(MAX_PUSH_ROUNDS):
+            recorded, skipped = await _locate(ctx, members)
+            if not fileset and skipped:
+                raise JobFailed(skipped[0][1], skipped[0][2])
+            if not recorded:
+                raise JobFailed(skipped[0][1], f"none of the {len(members)} files could "
+                                f"be imported; the first: {skipped[0][2]}")
+            if repository is None:
                 break
-            found = await ctx.to_thread(_stat_all, ctx.uploads_dir, [p for _, p in todo])
-            for (i, path), st in zip(todo, found):
-                stats[i] = (path, st)
-        recorded, skipped = [], []   # (member, path, mtime_ns) / (member, code, reason)
-        for i, m in enumerate(members):
-            path, code, reason = where[i]
-            if path is not None:
-                st = stats[i][1]
-                if isinstance(st, str):
-                    code, reason = ErrorCode.BAD_INPUT, st
-                elif st.st_size != m[2]:
-                    code, reason = ErrorCode.CHANGED, (
-                        f"{path!r} is {st.st_size} bytes now, {m[2]} when its upload was "
-                        "verified")
-                else:
-                    recorded.append((m, path, st.st_mtime_ns if path != m[1] else m[4]))
+            # Push what is not in the store at its path yet. Pushing takes a while and
+            # uploads may move or change meanwhile: look again, until a look finds
+            # nothing new to push (then no await separates it from the rows below).
+            todo = [r for r in recorded if pushed.get(r[0][0]) != r[1]]
+            if todo:
+                if await self._push(ctx, repository, todo, None, None):
+                    pushed.update((m[0], path) for m, path, _ in todo)
+                continue
+            if fileset:
+                doc = _listing(ctx, spec, recorded, skipped, repository)
+                body = _json_bytes(doc)
+                if body != listing_pushed:
+                    if await self._push(ctx, repository, [], spec["root"], body):
+                        listing_pushed = body
                     continue
-            skipped.append((m, code, reason))
-        if "files" not in spec and skipped:
-            raise JobFailed(skipped[0][1], skipped[0][2])
-        if not recorded:
-            raise JobFailed(skipped[0][1], f"none of the {len(members)} files could be "
-                            f"imported; the first: {skipped[0][2]}")
+            break
+        else:
+            raise JobFailed(ErrorCode.REPOSITORY, f"the files kept moving or changing while "
+                            f"they were pushed ({MAX_PUSH_ROUNDS} rounds); retry the job")
         now = time.time()
         for m, path, mtime_ns in recorded:
             # Staged right after the last ``_where`` (no await between): a rename of an
@@ -235,6 +236,15 @@ class Import(Kind):
             # imports at one path in one flush both run, in order.
             ctx.db.stage(("manifest", ctx.job_id, m[0]), _RECORD,
                          (path, m[2], m[3], mtime_ns, m[0], ctx.job_id, now))
+        if repository is not None:
+            # Objects pushed for a member that moved or changed since: the store keeps
+            # only what the manifest records.
+            now_at = {m[0]: path for m, path, _ in recorded}
+            stale = [path for task, path in pushed.items() if now_at.get(task) != path]
+            if stale:
+                ctx.log(f"removing {len(stale)} objects of files that moved or changed "
+                        "during the push")
+                await repository.remove_objects(ctx, [repository.key_for(p) for p in stale])
         command = ctx.config.import_command
         if command:
             # The command acts on the outside world: the records are durable before it runs.
@@ -247,7 +257,10 @@ class Import(Kind):
         if "files" not in spec:
             m, path, _ = recorded[0]
             ctx.log(f"recorded {path} ({m[2]} bytes, sha256 {m[3]})")
-            ctx.content = {"Path": path, "Size": m[2], "SHA256": m[3], "Task": m[0]}
+            ctx.content = {**ctx.content, "Path": path, "Size": m[2], "SHA256": m[3],
+                           "Task": m[0]}
+            if repository is not None:
+                ctx.content["Key"] = repository.key_for(path)
             if command:
                 await self._run_command(ctx, command, _per_file_values(ctx, m, path))
             ctx.message = f"imported {path}"
@@ -259,13 +272,10 @@ class Import(Kind):
             ctx.log(f"skipped task {m[0]}: {reason} (error {int(code)})")
         if len(skipped) > SKIPPED_LOG_LINES:
             ctx.log(f"... and {len(skipped) - SKIPPED_LOG_LINES} more skipped")
-        ctx.content = {"Root": spec["root"], "Files": len(members), "Bytes": total,
-                       "Imported": len(recorded), "Skipped": [m[0] for m, _, _ in skipped]}
-        doc = {"job": ctx.job_id, "root": spec["root"],
-               "files": [{"path": path, "size": m[2], "sha256": m[3], "task": m[0],
-                          "imported": True} for m, path, _ in recorded]
-               + [{"path": m[1], "size": m[2], "sha256": m[3], "task": m[0],
-                   "imported": False, "reason": reason} for m, _, reason in skipped]}
+        ctx.content = {**ctx.content, "Root": spec["root"], "Files": len(members),
+                       "Bytes": total, "Imported": len(recorded),
+                       "Skipped": [m[0] for m, _, _ in skipped]}
+        doc = _listing(ctx, spec, recorded, skipped, repository)
         listing = (await ctx.make_outputs_dir()) / "fileset.json"
         await ctx.to_thread(_write_json, listing, doc)
         if command:
@@ -280,6 +290,20 @@ class Import(Kind):
                     ctx.set_progress(len(recorded) + n + 1, 2 * len(recorded))
         ctx.message = (f"imported {len(recorded)} files" + (
             f", skipped {len(skipped)} (changed or removed)" if skipped else ""))
+
+    async def _push(self, ctx: RunContext, repository, todo: list, root: str | None,
+                    listing: bytes | None) -> bool:
+        """Push members (or the listing); False if a file could not be read (it moved
+        or vanished between the look and the read: the next round looks again)."""
+        try:
+            await repository.push_fileset(ctx, todo, fileset="files" in ctx.spec, root=root,
+                                          listing=listing)
+        except PushFailed as e:
+            raise JobFailed(ErrorCode.REPOSITORY, e.description) from None
+        except OSError as e:
+            ctx.log(f"reading a file to push failed ({e}); looking again")
+            return False
+        return True
 
     async def _run_command(self, ctx: RunContext, command: tuple[str, ...],
                            values: dict[str, str]) -> None:
@@ -305,6 +329,60 @@ class Import(Kind):
                    else f"exited with status {result.returncode}")
             raise JobFailed(ErrorCode.COMMAND_FAILED, f"import_command {how}")
         ctx.log("import_command exited with status 0")
+
+
+async def _locate(ctx: RunContext, members: list[list]) -> tuple[list, list]:
+    """Where each member's upload is now, or why it cannot be imported:
+    ``(recorded, skipped)`` as ``[(member, path, mtime_ns)]`` and ``[(member, code,
+    reason)]``. The stats run in a thread: if an upload moved meanwhile, look again.
+    The last ``_where`` runs after the last await, so a caller that stages rows without
+    awaiting after this returns stages them for where the uploads are."""
+    stats: dict[int, tuple[str, os.stat_result | str]] = {}
+    while True:
+        where = [_where(ctx, m) for m in members]
+        todo = [(i, path) for i, (path, _, _) in enumerate(where)
+                if path is not None and (i not in stats or stats[i][0] != path)]
+        if not todo:
+            break
+        found = await ctx.to_thread(_stat_all, ctx.uploads_dir, [p for _, p in todo])
+        for (i, path), st in zip(todo, found):
+            stats[i] = (path, st)
+    recorded, skipped = [], []
+    for i, m in enumerate(members):
+        path, code, reason = where[i]
+        if path is not None:
+            st = stats[i][1]
+            if isinstance(st, str):
+                code, reason = ErrorCode.BAD_INPUT, st
+            elif st.st_size != m[2]:
+                code, reason = ErrorCode.CHANGED, (
+                    f"{path!r} is {st.st_size} bytes now, {m[2]} when its upload was "
+                    "verified")
+            else:
+                recorded.append((m, path, st.st_mtime_ns if path != m[1] else m[4]))
+                continue
+        skipped.append((m, code, reason))
+    return recorded, skipped
+
+
+def _listing(ctx: RunContext, spec: dict, recorded: list, skipped: list,
+             repository) -> dict:
+    """``fileset.json``: the job's outputs and, with a store, the object beside the files."""
+    doc = {"job": ctx.job_id, "root": spec["root"],
+           "files": [{"path": path, "size": m[2], "sha256": m[3], "task": m[0],
+                      "imported": True} for m, path, _ in recorded]
+           + [{"path": m[1], "size": m[2], "sha256": m[3], "task": m[0],
+               "imported": False, "reason": reason} for m, _, reason in skipped]}
+    if repository is not None:
+        doc["repository"] = repository.describe()
+        for entry in doc["files"]:
+            if entry["imported"]:
+                entry["key"] = repository.key_for(entry["path"])
+    return doc
+
+
+def _json_bytes(doc) -> bytes:
+    return (json.dumps(doc, indent=1) + "\n").encode("utf-8")
 
 
 def _per_file_values(ctx: RunContext, m: list, path: str) -> dict[str, str]:

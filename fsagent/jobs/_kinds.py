@@ -88,7 +88,8 @@ class RunContext:
     def __init__(self, *, job_id: str, spec: dict, config, db,
                  make_outputs_dir: Callable[[], Path], log: JobLog,
                  to_thread: Callable[..., Awaitable[Any]], owner_uid: int | None = None,
-                 upload_task: Callable[[str], dict[str, Any] | None] | None = None):
+                 upload_task: Callable[[str], dict[str, Any] | None] | None = None,
+                 repository: Any = None):
         self.job_id = job_id
         self.owner_uid = owner_uid
         self.spec = spec
@@ -106,6 +107,10 @@ class RunContext:
         # (``{"path", "state", "size", "sha256"}``, ``{"state": "removed"}`` for one that
         # ended, None for an ID it never had); see ``Agent.upload_task``.
         self.upload_task = upload_task or (lambda task_id: None)
+        # The repository component when imports push to an object store
+        # (``repository.backend = "s3"``), else None (``Host.repository``).
+        self.repository = repository
+        self.repository_progress = None  # the push's progress over this run (repository)
         self.progress = 0
         self.message = ""
         self.content: dict[str, Any] = {}

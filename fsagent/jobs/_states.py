@@ -118,3 +118,4 @@ class ErrorCode(enum.IntEnum):
     CHANGED = 3           # the uploaded file no longer matches what the upload verified
     COMMAND_FAILED = 4    # import_command exited non-zero
     COMMAND_NOT_FOUND = 5  # import_command's executable does not exist
+    REPOSITORY = 6        # the repository refused the push, or an object did not verify

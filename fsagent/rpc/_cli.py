@@ -164,6 +164,14 @@ def format_status(st: dict) -> str:
     lines.append(f"rpc:      {clients} client{'' if clients == 1 else 's'} on "
                  f"{rpc.get('socket')}" + (f", TCP {', '.join(rpc['tcp'])}"
                                            if rpc.get("tcp") else ""))
+    repo = st.get("repository") or {}
+    if repo.get("backend") == "s3":
+        lines.append(f"repository: s3 {repo.get('endpoint') or 'AWS'} bucket "
+                     f"{repo.get('bucket')} prefix {repo.get('prefix')!r}; waiting "
+                     f"{repo.get('waiting_files', 0)} files "
+                     f"({_bytes(repo.get('waiting_bytes'))})"
+                     + (f", {repo['failed_files']} in failed imports"
+                        if repo.get("failed_files") else ""))
     if st.get("metrics_listen"):
         lines.append(f"metrics:  http://{st['metrics_listen']}/metrics")
     return "\n".join(lines)

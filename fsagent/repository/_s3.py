@@ -1,0 +1,404 @@
+"""The S3 adapter: botocore behind the repository's ``ObjectStore`` contract.
+
+Design notes
+------------
+* **Blocking, on purpose.** Every method is one (or a few) HTTP requests and blocks;
+  the pusher calls them in worker threads under the repository's capacity limit,
+  never on the event loop. botocore clients are thread-safe, so one client serves
+  every thread (its connection pool is sized to the concurrency).
+* **Our retries, not botocore's.** botocore's own retries are off
+  (``total_max_attempts=1``): the pusher retries with its own backoff so that every
+  attempt is visible (the job's message, ``fsagent_repository_retries_total``).
+* **No surprise traffic.** Credentials are given explicitly (``config.read_credentials``:
+  the shared-credentials file or the AWS environment variables), so botocore never
+  walks its provider chain to the instance-metadata address. Its newer default of
+  adding CRC checksums to every request is off (``when_required``): many S3-compatible
+  stores reject them; we send the checksums we mean (Content-MD5 on every body,
+  ``x-amz-checksum-sha256`` where the store verifies it).
+* **Payload signing.** Over http botocore would SHA-256 every body a second time to
+  sign it. Bodies carry a signed Content-MD5 the store checks (and a SHA-256 checksum
+  where supported), so the payload is sent as ``UNSIGNED-PAYLOAD``: the headers are
+  signed, the body is covered by its digest.
+* **A lean path for small objects.** botocore spends about 1.2 ms of CPU on every
+  request (parameter checks, serialisation, endpoint rules, event hooks, response
+  parsing): for a fileset of thousands of 4 KiB files that is most of the push. A PUT
+  whose body is in memory and every HEAD go through ``_Lean``: botocore's own SigV4
+  signer (``S3SigV4Auth``, the same signature) on a request sent with urllib3 (the
+  pool botocore itself uses), its answer read from the headers. A refusal is turned
+  into the same ``StoreError`` as botocore's (the S3 XML error's code and message).
+  Multipart calls and streamed bodies keep the full client. With no ``endpoint``
+  (AWS's, which needs botocore's endpoint rules) everything uses the full client.
+* **Errors** become ``StoreError(kind, transient, message)``: ``connection``,
+  ``timeout``, ``server`` (5xx), ``throttled`` and ``digest`` (the body did not match
+  its digest) are transient; ``credentials``, ``bucket``, ``permission`` and
+  ``request`` (any other refusal) are not. Messages name the endpoint and bucket,
+  never a key.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import botocore.auth
+import botocore.awsrequest
+import botocore.config
+import botocore.credentials
+import botocore.exceptions
+import botocore.session
+import urllib3
+
+from .. import longpaths
+
+__all__ = ["S3Store", "StoreError", "RangeReader"]
+
+_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                "InvalidToken", "InvalidSecurity", "TokenRefreshRequired",
+                "AuthorizationHeaderMalformed"}
+_PERMISSION = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "Forbidden", "403"}
+_BUCKET = {"NoSuchBucket"}
+_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+              "TooManyRequests", "ServiceUnavailable", "503"}
+_TIMEOUT = {"RequestTimeout", "RequestTimeoutException"}
+_DIGEST = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch",
+           "XAmzContentChecksumMismatch"}
+
+
+class StoreError(Exception):
+    """A request the store did not carry out. ``kind`` labels the metric; ``transient``
+    says whether trying again may work."""
+
+    def __init__(self, kind: str, transient: bool, message: str, code: str = ""):
+        super().__init__(message)
+        self.kind = kind
+        self.transient = transient
+        self.code = code
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost OS error's words (``connection refused``), else the exception's."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return (os.strerror(e.errno) or str(e)).lower()
+        inner = getattr(e, "kwargs", {}).get("error") if hasattr(e, "kwargs") else None
+        for nxt in (inner, e.__cause__, e.__context__, *getattr(e, "args", ())):
+            if isinstance(nxt, BaseException):
+                stack.append(nxt)
+    text = str(exc)
+    for word in ("Connection refused", "Connection reset", "timed out", "Broken pipe"):
+        if word.lower() in text.lower():
+            return word.lower()
+    return text
+
+
+class RangeReader:
+    """A read-only, seekable file over ``length`` bytes of a file from ``offset``: the
+    body of a PUT or a part, streamed from disk (no copy of the part in memory)."""
+
+    def __init__(self, fd: int, offset: int, length: int):
+        self._fd, self._start, self._len, self._pos = fd, offset, length, 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._len - self._pos
+        if n is None or n < 0 or n > left:
+            n = left
+        if n <= 0:
+            return b""
+        data = os.pread(self._fd, n, self._start + self._pos)
+        if not data:
+            raise OSError(errno.EIO, "the file is shorter than when the push began")
+        self._pos += len(data)
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._len}[whence]
+        self._pos = max(0, min(self._len, base + pos))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+
+def open_for_reading(path: str) -> int:
+    """A read-only descriptor of ``path`` (any length; ``longpaths``)."""
+    with longpaths.at(path) as short:
+        return os.open(short, os.O_RDONLY | os.O_CLOEXEC)
+
+
+_XML_CODE = re.compile(r"<Code>([^<]*)</Code>")
+_XML_MESSAGE = re.compile(r"<Message>([^<]*)</Message>")
+
+
+class _Lean:
+    """PUT (body in memory) and HEAD of one object: botocore's signer, urllib3's pool."""
+
+    def __init__(self, endpoint: str, bucket: str, region: str, path_style: bool,
+                 credentials: tuple[str, str, str | None], concurrency: int,
+                 connect_timeout: float, read_timeout: float):
+        parts = urlsplit(endpoint)
+        if path_style:
+            self.base = f"{parts.scheme}://{parts.netloc}/{quote(bucket)}/"
+        else:
+            self.base = f"{parts.scheme}://{bucket}.{parts.netloc}/"
+        self.signer = botocore.auth.S3SigV4Auth(
+            botocore.credentials.Credentials(*credentials), "s3", region)
+        self.context = {"client_config": botocore.config.Config(
+            s3={"payload_signing_enabled": False})}
+        self.pool = urllib3.PoolManager(
+            maxsize=concurrency + 2, retries=False,
+            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout))
+
+    def request(self, method: str, key: str, headers: dict[str, str],
+                body: bytes | None = None) -> urllib3.BaseHTTPResponse:
+        """One signed request. Raises urllib3's errors (connection, timeout)."""
+        # S3 signs the path as sent (no second encoding): quote it as botocore does.
+        request = botocore.awsrequest.AWSRequest(
+            method=method, url=self.base + quote(key, safe="/~"), headers=headers,
+            data=body)
+        request.context.update(self.context)
+        self.signer.add_auth(request)
+        prepared = request.prepare()
+        return self.pool.urlopen(method, prepared.url, body=prepared.body,
+                                 headers=dict(prepared.headers.items()),
+                                 preload_content=True, redirect=False)
+
+
+def _client_error(response, operation: str) -> botocore.exceptions.ClientError:
+    """A refusal as botocore would have raised it (code and message from the XML)."""
+    text = response.data.decode("utf-8", "replace") if response.data else ""
+    code = _XML_CODE.search(text)
+    message = _XML_MESSAGE.search(text)
+    return botocore.exceptions.ClientError(
+        {"Error": {"Code": code.group(1) if code else str(response.status),
+                   "Message": message.group(1) if message else response.reason or ""},
+         "ResponseMetadata": {"HTTPStatusCode": response.status}}, operation)
+
+
+class S3Store:
+    """One bucket of one S3-compatible store. Every method blocks (worker threads)."""
+
+    def __init__(self, *, endpoint: str | None, bucket: str, region: str, path_style: bool,
+                 credentials: tuple[str, str, str | None], concurrency: int,
+                 connect_timeout: float = 5.0, read_timeout: float = 60.0):
+        self.endpoint = endpoint
+        self.bucket = bucket
+        self.where = f"{endpoint or 'AWS ' + region} bucket {bucket!r}"
+        key, secret, token = credentials
+        session = botocore.session.Session()
+        # Nothing from ~/.aws/config may change what the settings say.
+        session.set_config_variable("config_file", os.devnull)
+        session.set_config_variable("credentials_file", os.devnull)
+        config = botocore.config.Config(
+            region_name=region,
+            s3={"addressing_style": "path" if path_style else "virtual",
+                "payload_signing_enabled": False},
+            retries={"total_max_attempts": 1},
+            connect_timeout=connect_timeout, read_timeout=read_timeout,
+            max_pool_connections=max(10, concurrency + 2),
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            user_agent_extra="fsagent",
+        )
+        self._client = session.create_client(
+            "s3", endpoint_url=endpoint, aws_access_key_id=key,
+            aws_secret_access_key=secret, aws_session_token=token, config=config)
+        self._lean = None if endpoint is None else _Lean(
+            endpoint, bucket, region, path_style, credentials, concurrency,
+            connect_timeout, read_timeout)
+
+    # -- errors -------------------------------------------------------------------------
+
+    def _error(self, e: Exception, what: str) -> StoreError:
+        if isinstance(e, botocore.exceptions.ClientError):
+            err = e.response.get("Error", {})
+            code = str(err.get("Code") or "")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            text = f"{code}: {err.get('Message') or code}" if code else f"HTTP {status}"
+            if code in _CREDENTIALS:
+                return StoreError("credentials", False,
+                                  f"{self.where} refused the credentials ({text}); check "
+                                  "repository.credentials_file or AWS_ACCESS_KEY_ID/"
+                                  "AWS_SECRET_ACCESS_KEY", code)
+            if code in _BUCKET:
+                return StoreError("bucket", False,
+                                  f"{self.where}: the bucket does not exist ({text}); create "
+                                  "it or fix repository.bucket", code)
+            if code in _PERMISSION or status == 403:
+                return StoreError("permission", False,
+                                  f"{self.where}: access denied to {what} ({text}); the "
+                                  "credentials may not write there", code)
+            if code in _THROTTLED or status in (429, 503):
+                return StoreError("throttled", True, f"{text} (the store is busy)", code)
+            if code in _TIMEOUT or status == 408:
+                return StoreError("timeout", True, text, code)
+            if code in _DIGEST:
+                return StoreError("digest", True, f"{text} (the body did not match its "
+                                  "digest: changed while read, or damaged on the way)", code)
+            if status >= 500:
+                return StoreError("server", True, f"{text} (HTTP {status})", code)
+            return StoreError("request", False, f"{self.where} refused {what} ({text}, "
+                              f"HTTP {status})", code)
+        if isinstance(e, (botocore.exceptions.ConnectTimeoutError,
+                          botocore.exceptions.ReadTimeoutError)):
+            return StoreError("timeout", True, _reason(e))
+        if isinstance(e, (botocore.exceptions.HTTPClientError,
+                          botocore.exceptions.EndpointConnectionError,
+                          ConnectionError)):
+            return StoreError("connection", True, _reason(e))
+        if isinstance(e, botocore.exceptions.NoCredentialsError):
+            return StoreError("credentials", False, str(e))
+        if isinstance(e, urllib3.exceptions.TimeoutError):
+            return StoreError("timeout", True, _reason(e))
+        if isinstance(e, urllib3.exceptions.HTTPError):
+            return StoreError("connection", True, _reason(e))
+        raise e
+
+    def _call(self, what: str, op: str, **kwargs: Any) -> dict:
+        try:
+            return getattr(self._client, op)(Bucket=self.bucket, **kwargs)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError,
+                ConnectionError) as e:
+            raise self._error(e, what) from None
+
+    # -- the ObjectStore contract ---------------------------------------------------------
+
+    def put_object(self, key: str, body, md5_b64: str, sha256_b64: str | None,
+                   metadata: dict[str, str]) -> str:
+        if self._lean is not None and isinstance(body, bytes):
+            headers = {"Content-MD5": md5_b64, "Content-Length": str(len(body))}
+            if sha256_b64:
+                headers["x-amz-checksum-sha256"] = sha256_b64
+            headers.update((f"x-amz-meta-{k}", v) for k, v in metadata.items())
+            try:
+                r = self._lean.request("PUT", key, headers, body)
+                if r.status // 100 != 2:
+                    raise _client_error(r, "PutObject")
+            except (botocore.exceptions.ClientError, urllib3.exceptions.HTTPError) as e:
+                raise self._error(e, f"s3://{self.bucket}/{key}") from None
+            return r.headers.get("ETag", "")
+        extra = {"ChecksumSHA256": sha256_b64} if sha256_b64 else {}
+        r = self._call(f"s3://{self.bucket}/{key}", "put_object", Key=key, Body=body,
+                       ContentLength=len(body), ContentMD5=md5_b64, Metadata=metadata,
+                       **extra)
+        return r.get("ETag", "")
+
+    def head_object(self, key: str) -> dict | None:
+        """``{size, etag, checksum_sha256, metadata}``, or None if there is no object."""
+        if self._lean is not None:
+            try:
+                r = self._lean.request("HEAD", key, {"x-amz-checksum-mode": "ENABLED"})
+                if r.status == 404:
+                    return None
+                if r.status // 100 != 2:
+                    raise _client_error(r, "HeadObject")
+            except (botocore.exceptions.ClientError, urllib3.exceptions.HTTPError) as e:
+                raise self._error(e, f"s3://{self.bucket}/{key}") from None
+            h = r.headers
+            return {"size": int(h.get("Content-Length", -1)), "etag": h.get("ETag", ""),
+                    "checksum_sha256": h.get("x-amz-checksum-sha256"),
+                    "metadata": {k[11:]: v for k, v in h.items()
+                                 if k.lower().startswith("x-amz-meta-")}}
+        try:
+            r = self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+        except botocore.exceptions.ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404 or e.response.get("Error", {}).get("Code") in ("NoSuchKey",
+                                                                             "NotFound"):
+                return None
+            raise self._error(e, f"s3://{self.bucket}/{key}") from None
+        except (botocore.exceptions.BotoCoreError, ConnectionError) as e:
+            raise self._error(e, f"s3://{self.bucket}/{key}") from None
+        return {"size": r.get("ContentLength"), "etag": r.get("ETag", ""),
+                "checksum_sha256": r.get("ChecksumSHA256"),
+                "metadata": r.get("Metadata") or {}}
+
+    def bucket_missing(self) -> bool:
+        """Whether the bucket does not exist (HEAD bucket answers 404): some stores
+        answer a write into a missing bucket with AccessDenied."""
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except botocore.exceptions.ClientError as e:
+            return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404
+        except (botocore.exceptions.BotoCoreError, ConnectionError):
+            return False
+        return False
+
+    def delete_object(self, key: str) -> None:
+        self._call(f"s3://{self.bucket}/{key}", "delete_object", Key=key)
+
+    def create_multipart(self, key: str, metadata: dict[str, str], checksums: bool) -> str:
+        extra = {"ChecksumAlgorithm": "SHA256"} if checksums else {}
+        r = self._call(f"s3://{self.bucket}/{key}", "create_multipart_upload", Key=key,
+                       Metadata=metadata, **extra)
+        return r["UploadId"]
+
+    def upload_part(self, key: str, upload_id: str, number: int, body, md5_b64: str,
+                    sha256_b64: str | None) -> str:
+        extra = {"ChecksumSHA256": sha256_b64} if sha256_b64 else {}
+        r = self._call(f"part {number} of s3://{self.bucket}/{key}", "upload_part", Key=key,
+                       UploadId=upload_id, PartNumber=number, Body=body,
+                       ContentLength=len(body), ContentMD5=md5_b64, **extra)
+        return r.get("ETag", "")
+
+    def list_parts(self, key: str, upload_id: str) -> dict[int, tuple[int, str]] | None:
+        """number -> (size, ETag) of the parts the server holds; None if the upload is
+        gone (completed, aborted, or forgotten by a store that keeps them in memory)."""
+        parts: dict[int, tuple[int, str]] = {}
+        marker = 0
+        while True:
+            try:
+                r = self._client.list_parts(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                            PartNumberMarker=marker)
+            except botocore.exceptions.ClientError as e:
+                if e.response.get("Error", {}).get("Code") == "NoSuchUpload" or \
+                        e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                    return None
+                raise self._error(e, f"s3://{self.bucket}/{key}") from None
+            except (botocore.exceptions.BotoCoreError, ConnectionError) as e:
+                raise self._error(e, f"s3://{self.bucket}/{key}") from None
+            for p in r.get("Parts", []):
+                parts[int(p["PartNumber"])] = (int(p["Size"]), p.get("ETag", ""))
+            if not r.get("IsTruncated"):
+                return parts
+            nxt = int(r.get("NextPartNumberMarker") or 0)
+            if nxt <= marker:
+                return parts
+            marker = nxt
+
+    def complete_multipart(self, key: str, upload_id: str,
+                           parts: list[tuple[int, str, str | None]]) -> str:
+        listing = []
+        for number, etag, sha in parts:
+            entry = {"PartNumber": number, "ETag": etag}
+            if sha:
+                entry["ChecksumSHA256"] = sha
+            listing.append(entry)
+        r = self._call(f"s3://{self.bucket}/{key}", "complete_multipart_upload", Key=key,
+                       UploadId=upload_id, MultipartUpload={"Parts": listing})
+        return r.get("ETag", "")
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        try:
+            self._call(f"s3://{self.bucket}/{key}", "abort_multipart_upload", Key=key,
+                       UploadId=upload_id)
+        except StoreError as e:
+            if e.code != "NoSuchUpload":
+                raise

