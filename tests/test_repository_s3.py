@@ -156,8 +156,9 @@ def test_small_and_multipart_files_are_pushed_and_verified(agent_factory, tmp_pa
     done = wait_job(agent, job_id)
     assert done["State"] == "Success", done
     content = done["Content"]
-    # Two files and the fileset's listing; the big one in three parts.
-    assert (content["ObjectsDone"], content["ObjectsTotal"]) == (3, 3), content
+    # Two files and the fileset's listing (fileset.json and .fileset-JOB.json); the big
+    # one in three parts.
+    assert (content["ObjectsDone"], content["ObjectsTotal"]) == (4, 4), content
     assert (content["PartsDone"], content["PartsTotal"]) == (3, 3), content
     assert content["BytesSent"] == content["BytesTotal"] > len(small) + len(big)
 
@@ -182,6 +183,7 @@ def test_small_and_multipart_files_are_pushed_and_verified(agent_factory, tmp_pa
                     hashlib.md5(big[o:o + 5 * MiB]).digest()
                     for o in range(0, len(big), 5 * MiB))
     listing = json.loads(get(server, bucket, f"lab1/exp1/.fileset-{job_id}.json"))
+    assert json.loads(get(server, bucket, "lab1/exp1/fileset.json")) == listing
     assert {f["path"]: f["key"] for f in listing["files"]} == {
         "exp1/small.txt": "lab1/exp1/small.txt", "exp1/big.bin": "lab1/exp1/big.bin"}
     assert listing["repository"]["bucket"] == bucket
@@ -193,7 +195,7 @@ def test_small_and_multipart_files_are_pushed_and_verified(agent_factory, tmp_pa
                                          "and size are)")
     assert (status["waiting_files"], status["waiting_bytes"]) == (0, 0)
     assert metric(agent, "fsagent_repository_pushed_bytes_total") >= len(small) + len(big)
-    assert metric(agent, "fsagent_repository_objects_pushed_total") == 3
+    assert metric(agent, "fsagent_repository_objects_pushed_total") == 4
     text = cli("status", "--socket", str(agent.socket))
     assert text.returncode == 0, text.stderr
     assert f"repository: s3 {server.endpoint} bucket {bucket} prefix 'lab1'; waiting 0 " \
@@ -340,9 +342,10 @@ def test_a_fileset_of_1000_small_files(agent_factory, tmp_path, seaweed):
     done = wait_job(agent, job_id, timeout=3 * PATIENCE)
     assert done["State"] == "Success", done
     assert done["Content"]["Imported"] == 1000
-    assert (done["Content"]["ObjectsDone"], done["Content"]["ObjectsTotal"]) == (1001, 1001)
+    assert (done["Content"]["ObjectsDone"], done["Content"]["ObjectsTotal"]) == (1002, 1002)
     stored = keys(seaweed, bucket, "lab1/plate/")
-    assert len(stored) == 1001 and f"lab1/plate/.fileset-{job_id}.json" in stored
+    assert len(stored) == 1002 and f"lab1/plate/.fileset-{job_id}.json" in stored
+    assert "lab1/plate/fileset.json" in stored
     assert get(seaweed, bucket, "lab1/plate/well-0500.txt") == b"500\n" * 100
     assert agent.status()["repository"]["waiting_files"] == 0
 

@@ -106,9 +106,11 @@ class RepositoryComponent(Component):
                                     metadata=object_metadata(m[3], mtime_ns, m[0], fileset)))
         if listing is not None:
             sha = hashlib.sha256(listing).hexdigest()
-            plans.append(ObjectPlan(key=fileset_key(prefix, root or "", job.job_id),
-                                    path=None, size=len(listing), sha256=sha, body=listing,
-                                    metadata=object_metadata(sha, None, None, fileset)))
+            for key in (fileset_key(prefix, root or "", job.job_id),
+                        fileset_key(prefix, root or "", None)):
+                plans.append(ObjectPlan(key=key, path=None, size=len(listing), sha256=sha,
+                                        body=listing,
+                                        metadata=object_metadata(sha, None, None, fileset)))
         # One progress record per job run, over every call (members, then the listing).
         progress = getattr(job, "repository_progress", None)
         if progress is None:

@@ -12,8 +12,9 @@ Design notes
   relative to ``uploads/``), with user metadata ``sha256`` (hex, the upload's verified
   digest), ``mtime`` (seconds since the epoch with nanoseconds, rclone's convention,
   so ``rclone copy`` back restores it), ``task`` and ``fileset`` (the import job). A
-  fileset's listing is ``PREFIX/ROOT/.fileset-JOB.json``: per job, so two sets
-  collected in one directory do not overwrite each other's.
+  fileset's listing is ``PREFIX/ROOT/fileset.json`` (beside its files, where a person
+  looks; the latest set of that directory) and ``PREFIX/ROOT/.fileset-JOB.json`` (per
+  job, so two sets collected in one directory keep both).
 * **Parts.** A file up to ``part_size`` is one PUT. A larger one is a multipart upload
   of ``part_size`` parts, raised (to whole MiB) when the file would need more than
   S3's 10,000 parts. The part size is recorded with the upload ID, so a resumed push
@@ -103,8 +104,10 @@ def object_key(prefix: str, path: str) -> str:
     return f"{prefix}/{path}" if prefix else path
 
 
-def fileset_key(prefix: str, root: str, job_id: str) -> str:
-    name = f".fileset-{job_id}.json"
+def fileset_key(prefix: str, root: str, job_id: str | None) -> str:
+    """The key of a fileset's listing: ``ROOT/.fileset-JOB.json`` (kept per job), or
+    with no job ``ROOT/fileset.json`` (the latest set's, what a person looks for)."""
+    name = f".fileset-{job_id}.json" if job_id is not None else "fileset.json"
     return object_key(prefix, f"{root.strip('/')}/{name}" if root.strip("/") else name)
 
 
