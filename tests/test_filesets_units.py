@@ -306,7 +306,7 @@ def test_a_directory_renamed_away_and_back_while_the_import_stats_it_skips_nothi
         sha = hashlib.sha256(data).hexdigest()
         entries.append([f"t{i}", f"d0/f{i}", len(data), sha, 1])
         tasks[f"t{i}"] = {"path": f"d0/f{i}", "state": "complete", "size": len(data),
-                          "sha256": sha}
+                          "sha256": sha, "job": "j"}
     if form == "one file":
         t, path, size, sha, mtime_ns = entries[0]
         spec = {"task": t, "path": path, "size": size, "sha256": sha, "mtime_ns": mtime_ns}
@@ -323,3 +323,28 @@ def test_a_directory_renamed_away_and_back_while_the_import_stats_it_skips_nothi
     assert sorted((m[0], path) for m, path, _ in recorded) == [
         ("t0", "d0/f0"), ("t1", "d0/f1"), ("t2", "d0/f2"), ("t4", "elsewhere/f4")]
     assert [(m[0], code) for m, code, _ in skipped] == [("t3", ErrorCode.BAD_INPUT)]
+
+
+def test_the_same_bytes_written_back_after_leaving_the_import_are_not_imported_by_it(
+        tmp_path):
+    """A member that changed after its fileset was submitted (it left the import: its
+    ``user.fsagent.job`` was cleared) and was then written back with the very bytes the
+    spec names is a new version with an import of its own: the old import must skip it,
+    or those bytes are imported twice. A member still naming the job is imported."""
+    import hashlib
+
+    from fsagent.jobs._states import ErrorCode
+
+    entries, tasks = [], {}
+    for i, job in enumerate(["j", None, "k"]):
+        data = os.urandom(50 + i)
+        (tmp_path / f"f{i}").write_bytes(data)
+        sha = hashlib.sha256(data).hexdigest()
+        entries.append([f"t{i}", f"f{i}", len(data), sha, 1])
+        tasks[f"t{i}"] = {"path": f"f{i}", "state": "complete", "size": len(data),
+                          "sha256": sha, "job": job}
+    recorded, skipped = _locate_with_renames(tmp_path, {"root": "", "files": entries}, [],
+                                             tasks)
+    assert [m[0] for m, _, _ in recorded] == ["t0"]
+    assert [(m[0], code) for m, code, _ in skipped] == [("t1", ErrorCode.CHANGED),
+                                                        ("t2", ErrorCode.CHANGED)]

@@ -20,8 +20,11 @@ Design notes
   its directory moved) between its verification and the job's run, so ``run`` asks
   the uploads component for each task by ID (``ctx.upload_task``) and imports it at
   the path it has *now*. The version must still be the one verified: a task that is
-  no longer ``complete`` with the spec's SHA-256 (rewritten meanwhile) is ``CHANGED``,
-  one that was removed ``BAD_INPUT``. A one-file import fails with that code; a
+  no longer ``complete`` with the spec's SHA-256 (rewritten meanwhile), or no longer
+  naming this job as its import (``user.fsagent.job``: it left the import when it
+  changed, and the same bytes written back are a new version with an import of their
+  own, else they would be imported twice), is ``CHANGED``; one that was removed
+  ``BAD_INPUT``. A one-file import fails with that code; a
   fileset's import records the others, lists the file as skipped in ``fileset.json``
   and ``Content.Skipped`` (task IDs), and fails only if it could record none. The
   uploads component starts a new import when a version comes back ``complete`` and its
@@ -430,4 +433,10 @@ def _where(ctx: RunContext, m: list) -> tuple[str | None, ErrorCode | None, str 
         return None, ErrorCode.CHANGED, (
             f"{task['path']!r} changed since it was verified (it is {task['state']} now); "
             "its new version gets its own import")
+    if task.get("job", ctx.job_id) != ctx.job_id:
+        # The same bytes, but as a version that left this import (changed while it was
+        # submitted or afterwards, then written back): its own import has it, or will.
+        return None, ErrorCode.CHANGED, (
+            f"{task['path']!r} left this import (changed since it was verified, then "
+            f"back to the same bytes); its import is {task['job'] or 'to come'}")
     return task["path"], None, None
