@@ -353,7 +353,8 @@ def test_a_member_written_back_with_its_bytes_after_leaving_the_import_is_import
     wait_for(started.exists, what="d0's import to start")
     subprocess.run(["rsync", "-a", f"{tmp_path / 'src'}/d1", f"{agent.uploads}/"], check=True)
     target = agent.uploads / "d1/f002.tif"
-    d1_job = wait_for(lambda: task_attrs(target).get("job"), what="d1's fileset to be submitted")
+    d1_job = wait_for(lambda: task_attrs(target).get("job"),
+                      what="d1's fileset to be submitted")
     original, other = files["d1/f002.tif"], os.urandom(777)
     target.write_bytes(other)
     wait_for(lambda: task_attrs(target).get("sha256") == sha(other)
