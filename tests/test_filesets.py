@@ -335,6 +335,41 @@ def test_members_changed_before_the_import_runs_are_skipped_and_imported_again(
     assert task_attrs(agent.uploads / "d1/f002.tif")["job"] != d1_job
 
 
+def test_a_member_written_back_with_its_bytes_after_leaving_the_import_is_imported_once(
+        agent_factory, tmp_path):
+    """d1's fileset waits behind d0's gated import; one of its files is rewritten with
+    other bytes (it leaves d1's import, its new version gets its own) and then with its
+    original bytes again (a new version once more, with its own import). d1's import,
+    when it runs, finds the very bytes its spec names, but the file is not its any
+    more: it must skip it, or those bytes are imported twice (once by d1's job, once by
+    the file's own)."""
+    gate, started = tmp_path / "gate", tmp_path / "started"
+    argv = ["sh", "-c", 'touch "$1"; [ "${2##*/}" != d0 ] || while [ ! -e "$0" ]; do '
+            'sleep 0.05; done', str(gate), str(started), "{root}"]
+    config = QUICK + "max_concurrent_jobs = 1\n" + f"import_command = {json.dumps(argv)}\n"
+    agent = agent_factory(config=config).start()
+    files = make_tree(tmp_path / "src", 2, 5)
+    subprocess.run(["rsync", "-a", f"{tmp_path / 'src'}/d0", f"{agent.uploads}/"], check=True)
+    wait_for(started.exists, what="d0's import to start")
+    subprocess.run(["rsync", "-a", f"{tmp_path / 'src'}/d1", f"{agent.uploads}/"], check=True)
+    target = agent.uploads / "d1/f002.tif"
+    d1_job = wait_for(lambda: task_attrs(target).get("job"),
+                      what="d1's fileset to be submitted")
+    original, other = files["d1/f002.tif"], os.urandom(777)
+    target.write_bytes(other)
+    wait_for(lambda: task_attrs(target).get("sha256") == sha(other)
+             and task_attrs(target).get("state") == "complete", what="the other bytes")
+    target.write_bytes(original)
+    wait_for(lambda: task_attrs(target).get("sha256") == sha(original)
+             and task_attrs(target).get("state") == "complete"
+             and task_attrs(target).get("job") not in (None, "", d1_job),
+             what="the original bytes back, with an import of their own")
+    gate.touch()
+    found = check_imported_once(agent, files)
+    job = next(j for j in found if j["ID"] == d1_job)
+    assert job["Content"]["Imported"] == 4 and len(job["Content"]["Skipped"]) == 1
+
+
 # -- crashes -----------------------------------------------------------------------------------
 
 

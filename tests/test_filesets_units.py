@@ -5,6 +5,7 @@ every upload taken once, caps held)."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -250,3 +251,100 @@ def test_a_big_manifest_set_is_not_checked_in_full_on_every_completion():
         ready += c.take_ready(now, lookup)
     assert names(ready) == [sorted([t.path for t in files] + ["run/SHA256SUMS"])]
     assert lookups < 30 * 10_001, f"{lookups} look-ups for 10,000 completions"
+
+
+# -- the import's look at its members (fsagent/jobs/_import.py) ---------------------------
+
+
+def _locate_with_renames(tmp_path, spec: dict, renames: list[tuple[str, str]],
+                         tasks: dict[str, dict]):
+    """Run the import's ``_locate`` for ``spec`` over real files in ``tmp_path``, with
+    ``renames`` (pairs of paths under it) applied while each worker-thread stat runs and
+    undone before the event loop looks again: a directory renamed away and back, which
+    the mount's event loop does between two looks of a job when renames come every few
+    ms. ``tasks``: what the uploads component says of each task (``upload_task``)."""
+    import types
+
+    import trio
+
+    from fsagent.jobs._import import _locate, _members
+    from fsagent.jobs._kinds import RunContext
+
+    async def to_thread(fn, *args):
+        for old, new in renames:
+            os.rename(tmp_path / old, tmp_path / new)
+        try:
+            return await trio.to_thread.run_sync(fn, *args)
+        finally:
+            for old, new in reversed(renames):
+                os.rename(tmp_path / new, tmp_path / old)
+
+    ctx = RunContext(job_id="j", spec=spec, config=types.SimpleNamespace(uploads_dir=tmp_path),
+                     db=None, make_outputs_dir=lambda: tmp_path, log=lambda line: None,
+                     to_thread=to_thread, upload_task=tasks.get)
+    return trio.run(_locate, ctx, _members(spec))
+
+
+@pytest.mark.parametrize("form", ["fileset", "one file"])
+def test_a_directory_renamed_away_and_back_while_the_import_stats_it_skips_nothing(
+        tmp_path, form):
+    """The stats of an import's members run in a worker thread; a directory renamed away
+    during one and back before the job looks again leaves every path as it was, but the
+    stat found nothing there. Those members are the verified versions, unchanged: the
+    import must record them, not skip them (skipped, nothing would import them again:
+    "imported 0 times" under load, test_filesets.py, the d0<->d1 renames). A file that
+    is really missing is still skipped, and a file that really moved is followed."""
+    import hashlib
+
+    from fsagent.jobs._states import ErrorCode
+
+    (tmp_path / "d0").mkdir()
+    entries, tasks = [], {}
+    for i in range(5):
+        data = os.urandom(100 + i)
+        (tmp_path / "d0" / f"f{i}").write_bytes(data)
+        sha = hashlib.sha256(data).hexdigest()
+        entries.append([f"t{i}", f"d0/f{i}", len(data), sha, 1])
+        tasks[f"t{i}"] = {"path": f"d0/f{i}", "state": "complete", "size": len(data),
+                          "sha256": sha, "job": "j"}
+    if form == "one file":
+        t, path, size, sha, mtime_ns = entries[0]
+        spec = {"task": t, "path": path, "size": size, "sha256": sha, "mtime_ns": mtime_ns}
+        recorded, skipped = _locate_with_renames(tmp_path, spec, [("d0", "d1")], tasks)
+        assert skipped == [] and [(m[0], path) for m, path, _ in recorded] == [(t, path)]
+        return
+    # t3's file is gone behind the agent's back; t4's moved for good (its task says so).
+    (tmp_path / "d0" / "f3").unlink()
+    (tmp_path / "elsewhere").mkdir()
+    os.rename(tmp_path / "d0" / "f4", tmp_path / "elsewhere" / "f4")
+    tasks["t4"] = {**tasks["t4"], "path": "elsewhere/f4"}
+    spec = {"root": "d0", "files": entries}
+    recorded, skipped = _locate_with_renames(tmp_path, spec, [("d0", "d1")], tasks)
+    assert sorted((m[0], path) for m, path, _ in recorded) == [
+        ("t0", "d0/f0"), ("t1", "d0/f1"), ("t2", "d0/f2"), ("t4", "elsewhere/f4")]
+    assert [(m[0], code) for m, code, _ in skipped] == [("t3", ErrorCode.BAD_INPUT)]
+
+
+def test_the_same_bytes_written_back_after_leaving_the_import_are_not_imported_by_it(
+        tmp_path):
+    """A member that changed after its fileset was submitted (it left the import: its
+    ``user.fsagent.job`` was cleared) and was then written back with the very bytes the
+    spec names is a new version with an import of its own: the old import must skip it,
+    or those bytes are imported twice. A member still naming the job is imported."""
+    import hashlib
+
+    from fsagent.jobs._states import ErrorCode
+
+    entries, tasks = [], {}
+    for i, job in enumerate(["j", None, "k"]):
+        data = os.urandom(50 + i)
+        (tmp_path / f"f{i}").write_bytes(data)
+        sha = hashlib.sha256(data).hexdigest()
+        entries.append([f"t{i}", f"f{i}", len(data), sha, 1])
+        tasks[f"t{i}"] = {"path": f"f{i}", "state": "complete", "size": len(data),
+                          "sha256": sha, "job": job}
+    recorded, skipped = _locate_with_renames(tmp_path, {"root": "", "files": entries}, [],
+                                             tasks)
+    assert [m[0] for m, _, _ in recorded] == ["t0"]
+    assert [(m[0], code) for m, code, _ in skipped] == [("t1", ErrorCode.CHANGED),
+                                                        ("t2", ErrorCode.CHANGED)]

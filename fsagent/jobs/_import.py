@@ -20,13 +20,25 @@ Design notes
   its directory moved) between its verification and the job's run, so ``run`` asks
   the uploads component for each task by ID (``ctx.upload_task``) and imports it at
   the path it has *now*. The version must still be the one verified: a task that is
-  no longer ``complete`` with the spec's SHA-256 (rewritten meanwhile) is ``CHANGED``,
-  one that was removed ``BAD_INPUT``. A one-file import fails with that code; a
+  no longer ``complete`` with the spec's SHA-256 (rewritten meanwhile), or no longer
+  naming this job as its import (``user.fsagent.job``: it left the import when it
+  changed, and the same bytes written back are a new version with an import of their
+  own, else they would be imported twice), is ``CHANGED``; one that was removed
+  ``BAD_INPUT``. A one-file import fails with that code; a
   fileset's import records the others, lists the file as skipped in ``fileset.json``
   and ``Content.Skipped`` (task IDs), and fails only if it could record none. The
   uploads component starts a new import when a version comes back ``complete`` and its
   job did not import it, so each version is imported exactly once. A task the agent
   does not know (an import submitted by hand) is taken at its path, as given.
+* **A failed stat is not a verdict.** The paths are stat-ed in a worker thread while
+  renames through the mount run on the event loop: a directory renamed away and back
+  during that stat leaves a member's path the same before and after, yet the stat
+  found nothing there, and nothing would ever import that unchanged version again
+  (found under load: a fileset renamed every few ms, 531 of 600 files skipped). So a
+  stat that failed is taken again on the event loop right after the last look at the
+  task (no await between), where no rename can interleave (the FUSE handler moves the
+  file and its task in one step): only that stat may skip a member the agent still
+  knows as the verified version.
 * **Outputs.** A fileset's import publishes ``fileset.json``: root, and each file's
   path, size, SHA-256, task, and whether it was imported (with the reason if not).
   ``Content`` carries ``Root``, ``Files``, ``Bytes``, ``Imported`` and ``Skipped``; a
@@ -334,14 +346,24 @@ class Import(Kind):
 async def _locate(ctx: RunContext, members: list[list]) -> tuple[list, list]:
     """Where each member's upload is now, or why it cannot be imported:
     ``(recorded, skipped)`` as ``[(member, path, mtime_ns)]`` and ``[(member, code,
-    reason)]``. The stats run in a thread: if an upload moved meanwhile, look again.
-    The last ``_where`` runs after the last await, so a caller that stages rows without
-    awaiting after this returns stages them for where the uploads are."""
+    reason)]``. The stats run in a thread: if an upload moved meanwhile, look again; a
+    stat that failed is taken again on the event loop (a rename away and back during the
+    thread's stat is not a missing file). The last ``_where`` runs after the last await,
+    so a caller that stages rows without awaiting after this returns stages them for
+    where the uploads are."""
     stats: dict[int, tuple[str, os.stat_result | str]] = {}
+    failures_retried = False
     while True:
         where = [_where(ctx, m) for m in members]
         todo = [(i, path) for i, (path, _, _) in enumerate(where)
                 if path is not None and (i not in stats or stats[i][0] != path)]
+        if not todo and not failures_retried:
+            # Stats that failed get one more round in the thread (the renames that
+            # failed them are usually over by now); what still fails is stat-ed on the
+            # event loop below, so that round keeps the loop's share small.
+            failures_retried = True
+            todo = [(i, path) for i, (path, _, _) in enumerate(where)
+                    if path is not None and isinstance(stats[i][1], str)]
         if not todo:
             break
         found = await ctx.to_thread(_stat_all, ctx.uploads_dir, [p for _, p in todo])
@@ -352,6 +374,13 @@ async def _locate(ctx: RunContext, members: list[list]) -> tuple[list, list]:
         path, code, reason = where[i]
         if path is not None:
             st = stats[i][1]
+            if isinstance(st, str):
+                # The thread's stat may have run while a rename had the file elsewhere
+                # (away and back: the path is the same again, see the notes). On the
+                # event loop, after the last look, a stat sees the file where its task
+                # says it is. Only after a failure (a race, or a file gone behind the
+                # agent's back): ~30 us each, a few syscalls, never a file's bytes.
+                st = _stat_all(ctx.uploads_dir, [path])[0]
             if isinstance(st, str):
                 code, reason = ErrorCode.BAD_INPUT, st
             elif st.st_size != m[2]:
@@ -404,4 +433,10 @@ def _where(ctx: RunContext, m: list) -> tuple[str | None, ErrorCode | None, str 
         return None, ErrorCode.CHANGED, (
             f"{task['path']!r} changed since it was verified (it is {task['state']} now); "
             "its new version gets its own import")
+    if task.get("job", ctx.job_id) != ctx.job_id:
+        # The same bytes, but as a version that left this import (changed while it was
+        # submitted or afterwards, then written back): its own import has it, or will.
+        return None, ErrorCode.CHANGED, (
+            f"{task['path']!r} left this import (changed since it was verified, then "
+            f"back to the same bytes); its import is {task['job'] or 'to come'}")
     return task["path"], None, None

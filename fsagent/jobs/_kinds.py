@@ -104,8 +104,8 @@ class RunContext:
         self._outputs_dir: Path | None = None
         self._outputs_lock = threading.Lock()
         # Event loop only. What the uploads component knows of an upload task right now
-        # (``{"path", "state", "size", "sha256"}``, ``{"state": "removed"}`` for one that
-        # ended, None for an ID it never had); see ``Agent.upload_task``.
+        # (``{"path", "state", "size", "sha256", "job"}``, ``{"state": "removed"}`` for
+        # one that ended, None for an ID it never had); see ``Agent.upload_task``.
         self.upload_task = upload_task or (lambda task_id: None)
         # The repository component when imports push to an object store
         # (``repository.backend = "s3"``), else None (``Host.repository``).

@@ -189,7 +189,7 @@ class UploadsComponent(Component):
         if not t.tracked:
             return {"state": "removed"}  # renamed to a temporary name: not an upload now
         return {"path": t.path, "state": t.state.value, "size": t.present,
-                "sha256": t.computed.get("sha256")}
+                "sha256": t.computed.get("sha256"), "job": t.job}
 
     # -- events from the nodes: data ------------------------------------------------------
 

@@ -86,6 +86,10 @@ class ImportHandOff:
         self._submitting: list[Fileset] = []  # taken from the collector, not yet a job
         self._reading: collections.Counter[bytes] = collections.Counter()  # manifests
         self._importing: set[str] = set()
+        # Renames of uploads being submitted (in ``_importing``): the engine checks the
+        # spec's paths in a worker thread, and a directory renamed away and back meanwhile
+        # fails that check with every path as it was (see ``_submit_set``).
+        self._importing_moves = 0
         # task_id -> (trio time of the next attempt, the delay that led to it, the task)
         self._retry: dict[str, tuple[float, float, Task]] = {}
         self._retry_changed = trio.Event()
@@ -123,6 +127,8 @@ class ImportHandOff:
 
     def moved(self, t: Task) -> None:
         """``t`` has a new path: its import's manifest row follows (staged)."""
+        if t.task_id in self._importing:
+            self._importing_moves += 1
         jobs = self._jobs()
         if t.job is not None and jobs is not None:
             jobs.import_moved(t.task_id, t.job, t.path)
@@ -284,6 +290,7 @@ class ImportHandOff:
                 on_recorded(job)
 
         paths = [t.path for t in members]  # as the spec names them
+        moves = self._importing_moves
         try:
             st = self._paths.lstat(members[0].rel)
             if fileset is None:
@@ -303,11 +310,14 @@ class ImportHandOff:
                     self._tasks.save(t)
             if not isinstance(e, Exception) or explicit:
                 raise
-            if any(t.path != path or t.ended or t.state is not State.COMPLETE
-                   for t, path in zip(members, paths)):
+            if self._importing_moves != moves or any(
+                    t.path != path or t.ended or t.state is not State.COMPLETE
+                    for t, path in zip(members, paths)):
                 # A rename or removal (of a member or its directory) or a rewrite raced
                 # the engine's check of the paths: not a failure; the members still
-                # complete are collected again as they are now.
+                # complete are collected again as they are now. A rename counts even
+                # when the paths are the same again (away and back while the engine's
+                # thread looked): the check failed on a path that is there now.
                 log.debug("uploads renamed while their fileset was submitted; collecting "
                           "them again (%s)", e)
                 for t in members:
