@@ -461,6 +461,7 @@ class UploadFile(_Entry):
         return super().stat()
 
     async def truncate(self, size: int, fh) -> None:
+        await self.uploads.need_local(self.rel)  # an evicted copy comes back whole first
         await self.uploads.changing(self.rel)  # a complete task leaves complete first
         if isinstance(fh, FileHandle):
             os.ftruncate(fh.fd, size)
@@ -470,6 +471,8 @@ class UploadFile(_Entry):
         self.uploads.truncated(self.rel, size)
 
     async def open(self, flags: int, ctx) -> Handle:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            await self.uploads.need_local(self.rel)  # an evicted copy comes back first
         with backing_errors():
             fd = self.uploads.paths.open(self.rel, flags & _OPEN_FLAGS_KEPT & ~os.O_EXCL)
         return await self.opened(fd, flags, created=False)
@@ -484,6 +487,7 @@ class UploadFile(_Entry):
             os.close(fd)
             raise
         handle = FileHandle(self, fd, task, writable)
+        handle.cached = self.uploads.copy_opened(self.rel)
         if self.handles is _NO_HANDLES:
             self.handles = set()
         self.handles.add(handle)
@@ -491,6 +495,10 @@ class UploadFile(_Entry):
 
 
 class FileHandle(Handle):
+    # An evicted upload's record (fsagent/repository/_cache.py): while it says evicted,
+    # reads come from the store, not from the punched backing file.
+    cached = None
+
     def __init__(self, node: UploadFile, fd: int, task, writable: bool):
         super().__init__(node)
         self.fd = fd
@@ -498,6 +506,9 @@ class FileHandle(Handle):
         self.writable = writable
 
     async def read(self, offset: int, size: int) -> bytes:
+        cached = self.cached
+        if cached is not None and cached.evicted:
+            return await self.node.uploads.read_back(self, offset, size)
         await self.node.uploads.drain(self.task or self.node.writing_task())
         with backing_errors():
             return await self.node.uploads.agent.to_thread(os.pread, self.fd, size, offset)
