@@ -12,17 +12,21 @@ import hashlib
 import os
 import sqlite3
 import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import wait_for
+from conftest import run_fsagent, wait_for
 from s3util import RcloneS3
 from test_repository_s3 import (
     get, job_of, keys, metric, new_bucket, repo_config, wait_job, write_upload,
 )
 
 MiB = 2**20
+# What a punched file may still hold on the disk: its unaligned last block, an extent
+# block (ext4 keeps a few).
+FREED_SLACK = 64 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +75,8 @@ def test_verified_copies_are_evicted_and_read_back_byte_identical(agent_factory,
 
     for rel, data in (("exp/big.bin", big), ("exp/small.txt", small)):
         local = os.stat(backing(agent, rel))
-        assert local.st_size == len(data) and local.st_blocks <= 8, local  # blocks freed
+        assert local.st_size == len(data), local
+        assert local.st_blocks * 512 <= FREED_SLACK, local   # its blocks are freed
         seen = os.stat(agent.uploads / rel)
         assert (seen.st_size, seen.st_mtime_ns, seen.st_mode, seen.st_uid) == (
             before[rel].st_size, before[rel].st_mtime_ns, before[rel].st_mode,
@@ -94,7 +99,7 @@ def test_verified_copies_are_evicted_and_read_back_byte_identical(agent_factory,
                     str(half)], check=True)
     assert half.read_bytes() == big
     # Reading did not bring the copies back; it came from the store.
-    assert os.stat(backing(agent, "exp/big.bin")).st_blocks <= 8
+    assert os.stat(backing(agent, "exp/big.bin")).st_blocks * 512 <= FREED_SLACK
     assert metric(agent, "fsagent_repository_read_back_bytes_total") >= 2 * len(big)
     assert metric(agent, "fsagent_repository_evictions_total") == 2
     assert metric(agent, "fsagent_repository_evicted_files") == 2
@@ -128,11 +133,14 @@ def test_writing_an_evicted_file_fetches_it_back_first(agent_factory, tmp_path, 
     changed = data[:MiB] + b"CHANGED" + data[MiB + 7:]
     assert (agent.uploads / "w/data.bin").read_bytes() == changed
     assert os.stat(backing(agent, "w/data.bin")).st_blocks * 512 >= len(data)  # local again
-    # A truncate by path of the other.
+    # A truncate by path of the other, then its tail written again (an append).
     os.truncate(agent.uploads / "w/other.bin", 1000)
     assert (agent.uploads / "w/other.bin").read_bytes() == other[:1000]
-    # Both settle into complete uploads of their new bytes, as any rewrite does.
-    for rel, now in (("w/data.bin", changed), ("w/other.bin", other[:1000])):
+    assert xattr(agent.uploads / "w/other.bin", "user.fsagent.state") != "complete"
+    with open(agent.uploads / "w/other.bin", "ab") as f:
+        f.write(other[1000:])
+    # Both settle into complete uploads of their bytes, as any rewrite does.
+    for rel, now in (("w/data.bin", changed), ("w/other.bin", other)):
         wait_for(lambda: xattr(agent.uploads / rel, "user.fsagent.state") == "complete"
                  and xattr(agent.uploads / rel, "user.fsagent.sha256") == sha(now),
                  what=f"{rel} complete with its new hash")
@@ -192,7 +200,7 @@ def test_a_full_store_evicts_verified_copies_instead_of_refusing_writes(agent_fa
                 f.write(second[i:i + MiB])
         assert (agent.uploads / "full/second.bin").read_bytes() == second
         assert cache_status(agent)["evicted_files"] == 1
-        assert os.stat(backing(agent, "full/first.bin")).st_blocks <= 8
+        assert os.stat(backing(agent, "full/first.bin")).st_blocks * 512 <= FREED_SLACK
         assert hashlib.sha256((agent.uploads / "full/first.bin").read_bytes()).hexdigest() \
             == sha(first)
     finally:
@@ -259,7 +267,38 @@ def test_a_copy_left_half_punched_or_half_fetched_is_served_from_the_store(
         assert (agent.uploads / rel).read_bytes() == data, rel
         assert xattr(agent.uploads / rel, "user.fsagent.state") == "complete"
         assert xattr(agent.uploads / rel, "user.fsagent.sha256") == sha(data)
-        assert os.stat(backing(agent, rel)).st_blocks <= 8   # a clean hole again
+        assert os.stat(backing(agent, rel)).st_blocks * 512 <= FREED_SLACK   # a clean hole again
         assert os.stat(agent.uploads / rel).st_mtime_ns == mtimes[rel]  # times put back
     assert cache_status(agent)["evicted_files"] == 2
     assert "was being evicted when the agent stopped" in agent.log()
+
+
+@pytest.mark.parametrize("table, message", [
+    ("cache_bytes = -1", "repository.cache_bytes: must be at least 0, got -1"),
+    ('cache_bytes = "lots"', "repository.cache_bytes: expected an integer, got 'lots'"),
+    ("cache_free_floor_bytes = true",
+     "repository.cache_free_floor_bytes: expected an integer, got True"),
+    ('keep_deleted = "maybe"', "repository.keep_deleted: expected true or false"),
+])
+def test_bad_cache_settings_are_one_line_and_exit_2(tmp_path, table, message):
+    config = tmp_path / "fsagent.toml"
+    config.write_text(f"[repository]\n{table}\n")
+    r = subprocess.run([sys.executable, "-m", "fsagent", "config", "--config", str(config)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2, r
+    assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_cache_settings_resolve_and_round_trip(tmp_path):
+    config = tmp_path / "fsagent.toml"
+    config.write_text("[repository]\ncache_bytes = 1073741824\ncache_free_floor_bytes = 5\n"
+                      "keep_deleted = true\n")
+    r = run_fsagent("config", "--config", str(config))
+    assert r.returncode == 0, r.stderr
+    assert "repository.cache_bytes = 1073741824" in r.stdout
+    assert "repository.keep_deleted = true" in r.stdout
+    again = tmp_path / "resolved.toml"
+    again.write_text(r.stdout)
+    assert run_fsagent("config", "--config", str(again)).stdout == r.stdout
+    default = run_fsagent("config")
+    assert default.returncode == 0 and "repository.cache_free_floor_bytes = 0" in default.stdout

@@ -68,6 +68,22 @@ class RepositoryComponent(Component):
                 "verified in the store", collect=lambda: self.backlog()[0])
         m.gauge("fsagent_repository_waiting_bytes", "Bytes of unfinished imports not yet "
                 "verified in the store", collect=lambda: self.backlog()[1])
+        cache_metrics = {
+            "evictions": m.counter("fsagent_repository_evictions_total",
+                                   "Local copies of verified uploads evicted (read back "
+                                   "from the store from then on)"),
+            "fetched_back": m.counter("fsagent_repository_fetched_back_total",
+                                      "Evicted uploads fetched back whole before a "
+                                      "write"),
+            "read_back": m.counter("fsagent_repository_read_back_bytes_total",
+                                   "Bytes of evicted uploads read back from the store"),
+            "deleted": m.counter("fsagent_repository_objects_deleted_total",
+                                 "Objects deleted (or moved under deleted/) because "
+                                 "their file was removed from uploads/"),
+            "delete_errors": m.counter("fsagent_repository_delete_errors_total",
+                                       "Failed deletes of removed files' objects "
+                                       "(tried again later)"),
+        }
         self._spec_sums: dict[str, tuple[int, int]] = {}
         self.pusher: Pusher | None = None
         self.cache: Cache | None = None
@@ -84,22 +100,6 @@ class RepositoryComponent(Component):
                                  part_size=cfg.repository_part_size,
                                  concurrency=cfg.repository_concurrency,
                                  metrics=self.metrics, target=target)
-            cache_metrics = {
-                "evictions": m.counter("fsagent_repository_evictions_total",
-                                       "Local copies of verified uploads evicted (read back "
-                                       "from the store from then on)"),
-                "fetched_back": m.counter("fsagent_repository_fetched_back_total",
-                                          "Evicted uploads fetched back whole before a "
-                                          "write"),
-                "read_back": m.counter("fsagent_repository_read_back_bytes_total",
-                                       "Bytes of evicted uploads read back from the store"),
-                "deleted": m.counter("fsagent_repository_objects_deleted_total",
-                                     "Objects deleted (or moved under deleted/) because "
-                                     "their file was removed from uploads/"),
-                "delete_errors": m.counter("fsagent_repository_delete_errors_total",
-                                           "Failed deletes of removed files' objects "
-                                           "(tried again later)"),
-            }
             self.cache = Cache(host=agent, store=store, target=target,
                                prefix=cfg.repository_prefix,
                                cache_bytes=cfg.repository_cache_bytes,
