@@ -16,6 +16,9 @@ Design notes
   the ctime, so the upload's recorded fingerprint is refreshed (``copy_changed``) and
   the task stays ``complete`` with its SHA-256. ``stat`` through the mount shows the same
   size (``st_blocks`` is the local disk's truth: about 0).
+* **Not while its import runs.** A copy is evicted only once the import that pushed
+  it has succeeded (or is gone from the history): the import's ``import_command`` and
+  a re-run read the backing file directly.
 * **Which, and when** (least recently used first: the newest of the file's atime, mtime
   and the last open through the mount this run): while the local copies of verified
   uploads exceed ``repository.cache_bytes``, while the store's free space is below
@@ -73,6 +76,7 @@ CHUNK = 4 * 2**20          # one ranged GET of a reader
 READ_AHEAD = 2             # chunks fetched ahead of a sequential reader
 FETCH_CHUNK = 8 * 2**20    # one ranged GET of a fetch-back
 KEEP_SECONDS = 10.0        # the keeper's period (it is also woken after each push)
+HELD_BACK_SECONDS = 1.0    # ... while copies wait for their import to end
 GET_ATTEMPTS = 5           # a transient error on a read-back is tried this often
 DELETE_BACKOFF_MAX = 300.0
 
@@ -204,8 +208,8 @@ def _finish_fetch(fd: int, copy: CachedCopy) -> None:
         os.close(fd)
 
 
-_SELECT_VERIFIED = ("SELECT task, key, sha256, size FROM repo_objects WHERE target = ? AND "
-                    "task IS NOT NULL ORDER BY verified")
+_SELECT_VERIFIED = ("SELECT task, key, sha256, size, job_id FROM repo_objects WHERE "
+                    "target = ? AND task IS NOT NULL ORDER BY verified")
 _UPSERT_COPY = ("INSERT OR REPLACE INTO repo_cache (task, target, key, sha256, size, ino, "
                 "atime_ns, mtime_ns, state, since) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _DELETE_COPY = "DELETE FROM repo_cache WHERE task = ?"
@@ -231,6 +235,7 @@ class Cache:
         self._evicting = trio.Lock()     # one eviction pass at a time
         self.touched: dict[str, float] = {}
         self.local_bytes = 0             # local copies of verified uploads (last pass)
+        self.held_back = 0               # copies whose import has not ended (last pass)
         self.deletes_pending = 0
         self._wake = trio.Event()
         self._wake_deleter = trio.Event()
@@ -429,11 +434,17 @@ class Cache:
         await self.db.flush()   # objects the push verified are staged, not yet written
         rows = await self.db.run(lambda conn: conn.execute(
             _SELECT_VERIFIED, (self.target,)).fetchall())
-        latest = {task: (key, sha, size) for task, key, sha, size in rows}
+        latest = {task: (key, sha, size, job) for task, key, sha, size, job in rows}
         uploads = self.uploads
+        jobs = self.host.jobs
         items = []
-        for task, (key, sha, size) in latest.items():
+        self.held_back = 0
+        for task, (key, sha, size, job) in latest.items():
             if task in self.copies:
+                continue
+            if job and jobs is not None and jobs.job_state(job) not in (None, "success"):
+                # Its import has not finished: its command may still read the file.
+                self.held_back += 1
                 continue
             local = uploads.local_copy(task)
             if local is None or (local[1], local[2]) != (size, sha):
@@ -503,13 +514,20 @@ class Cache:
         """The store runs short by ``need`` bytes: evict least recently used verified
         copies until that much is freed (or none is left); the bytes freed."""
         freed = 0
-        async with self._evicting:
-            for _, local, item in await self._candidates():
-                if freed >= need:
-                    break
-                if local:
-                    freed += await self.evict(*item[:4])
+        try:
+            async with self._evicting:
+                for _, local, item in await self._candidates():
+                    if freed >= need:
+                        break
+                    if local:
+                        freed += await self.evict(*item[:4])
+        except Exception:   # the write is refused as before, not failed with EIO
+            log.exception("cache: evicting to make room failed")
         return freed
+
+    @property
+    def limited(self) -> bool:
+        return self.cache_bytes is not None or bool(self.free_floor)
 
     async def _keep(self) -> None:
         async with self._evicting:
@@ -535,6 +553,13 @@ class Cache:
         return f"{self.prefix}/deleted/{rest}" if self.prefix else f"deleted/{rest}"
 
     async def _record_deletes(self, task: str) -> None:
+        try:
+            await self._record_deletes_of(task)
+        except Exception:
+            log.exception("cache: recording the objects of removed upload %s failed; "
+                          "they stay in the store", task)
+
+    async def _record_deletes_of(self, task: str) -> None:
         def record(conn):
             keys = [k for (k,) in conn.execute(
                 "SELECT key FROM repo_objects WHERE target = ? AND task = ?",
@@ -573,25 +598,11 @@ class Cache:
     async def _deleter(self) -> None:
         failures = 0
         while True:
-            rows = await self.db.run(lambda conn: conn.execute(
-                "SELECT key, task, keep FROM repo_deletes WHERE target = ? ORDER BY "
-                "recorded", (self.target,)).fetchall())
-            self.deletes_pending = len(rows)
-            failed = False
-            for key, task, keep in rows:
-                try:
-                    await self._delete_one(key, task, bool(keep))
-                except StoreError as e:
-                    failed = True
-                    self.metrics["delete_errors"].inc()
-                    log.warning("cache: removing %s from the store failed (%s); tried "
-                                "again later", key, e)
-                    continue
-                self.db.stage(("repo-delete", self.target, key),
-                              "DELETE FROM repo_deletes WHERE target = ? AND key = ?",
-                              (self.target, key))
-                self.deletes_pending -= 1
-            await self.db.flush()
+            try:
+                failed = await self._delete_pass()
+            except Exception:
+                log.exception("cache: a pass of the deleter failed")
+                failed = True
             failures = failures + 1 if failed else 0
             self._wake_deleter = trio.Event()
             if failures:
@@ -599,6 +610,29 @@ class Cache:
                     await trio.sleep_forever()
             else:
                 await self._wake_deleter.wait()
+
+    async def _delete_pass(self) -> bool:
+        """Delete every recorded key once; whether any failed."""
+        rows = await self.db.run(lambda conn: conn.execute(
+            "SELECT key, task, keep FROM repo_deletes WHERE target = ? ORDER BY "
+            "recorded", (self.target,)).fetchall())
+        self.deletes_pending = len(rows)
+        failed = False
+        for key, task, keep in rows:
+            try:
+                await self._delete_one(key, task, bool(keep))
+            except StoreError as e:
+                failed = True
+                self.metrics["delete_errors"].inc()
+                log.warning("cache: removing %s from the store failed (%s); tried "
+                            "again later", key, e)
+                continue
+            self.db.stage(("repo-delete", self.target, key),
+                          "DELETE FROM repo_deletes WHERE target = ? AND key = ?",
+                          (self.target, key))
+            self.deletes_pending -= 1
+        await self.db.flush()
+        return failed
 
     # -- the task ------------------------------------------------------------------------------
 
@@ -611,7 +645,9 @@ class Cache:
                     await self._keep()
                 except Exception:
                     log.exception("cache: the keeper's pass failed")
-                with trio.move_on_after(KEEP_SECONDS):
+                # Copies held back only until their import ends: look again soon.
+                soon = self.limited and self.held_back
+                with trio.move_on_after(HELD_BACK_SECONDS if soon else KEEP_SECONDS):
                     await self._wake.wait()
                 self._wake = trio.Event()
 
@@ -646,14 +682,15 @@ class _Reader:
             data = await self.cache.get(self.copy, index * CHUNK, CHUNK)
             self.chunks[index] = data
         finally:
-            del self.pending[index]
+            if self.pending.get(index) is event:
+                del self.pending[index]
             event.set()
 
     async def _ahead(self, index: int) -> None:
         try:
             await self._load(index)
-        except (FUSEError, OSError):
-            pass   # the reader reads it itself when it gets there
+        except Exception:   # never the agent's end: the reader reads it itself
+            log.debug("cache: reading ahead %s failed", self.copy.key, exc_info=True)
 
     async def read(self, offset: int, size: int) -> bytes:
         end = min(offset + size, self.copy.size)
@@ -661,8 +698,10 @@ class _Reader:
             return b""
         sequential = offset == self.expected
         first, last = offset // CHUNK, (end - 1) // CHUNK
-        for old in [i for i in self.chunks if i < first or i > last + READ_AHEAD]:
-            del self.chunks[old]   # bounded: what this read and the read ahead need
+        # Bounded: what this read, the read ahead and a read just behind (the kernel
+        # sends several reads at once, not always in order) need.
+        for old in [i for i in self.chunks if i < first - 1 or i > last + READ_AHEAD + 1]:
+            del self.chunks[old]
         out = []
         for index in range(first, last + 1):
             data = await self._chunk(index)
