@@ -39,10 +39,12 @@ Design notes
   the row only after the bytes were written, synced and hashed. So after a kill -9 at any
   moment a file is either whole and unrecorded, or recorded. At start-up, before the
   uploads component decides which complete uploads to trust (``recover``, called from its
-  recovery), every recorded file that is still the one recorded (same inode and size) is
-  punched again (a half-punched or half-fetched file is made a clean hole), gets its
-  recorded times back, and its fingerprint is refreshed: it stays ``complete`` and is read
-  from the store. Its local bytes are never read as the upload's.
+  recovery), every recorded file (found by its inode and size: at its recorded path, or
+  wherever a rename whose record was lost put it) is punched again (a half-punched or
+  half-fetched file is made a clean hole), gets its recorded times back, and its
+  fingerprint is refreshed: it stays ``complete`` and is read from the store. Its local
+  bytes are never read as the upload's. (An ``evicting`` record whose punch never
+  happened costs a needless punch, never a wrong byte.)
 * **Unlink** of a pushed file (``rm`` through the mount) deletes its object(s), or with
   ``repository.keep_deleted`` copies each to ``PREFIX/deleted/PATH`` first. The unlink
   never waits for the store: the keys are recorded durably (``repo_deletes``) and a
@@ -147,23 +149,40 @@ def _punch_checked(paths, rel: bytes, st: os.stat_result) -> int:
         os.close(fd)
 
 
-def _repunch(paths, rel: bytes, copy: CachedCopy) -> os.stat_result | None:
-    """Start-up: make a recorded file a clean hole with its recorded times again; its
-    new stat, or None if the file there is not the recorded one."""
+def _find(paths, rel: bytes, copy: CachedCopy) -> bytes | None:
+    """Where the recorded file is: at ``rel``, else (a rename whose record was lost in
+    the crash) wherever a file has its inode and size."""
     try:
         st = paths.lstat(rel)
+        if st.st_ino == copy.ino and st.st_size == copy.size:
+            return rel
     except OSError:
+        pass
+    for other, st in paths.walk_files().items():
+        if st.st_ino == copy.ino and st.st_size == copy.size:
+            return other
+    return None
+
+
+def _repunch(paths, rel: bytes, copy: CachedCopy) -> tuple[bytes, os.stat_result] | None:
+    """Start-up: make a recorded file a clean hole with its recorded times again; (its
+    path, its new stat), or None if the recorded file is nowhere."""
+    rel = _find(paths, rel, copy)
+    if rel is None:
         return None
-    if st.st_ino != copy.ino or st.st_size != copy.size:
-        return None
-    fd = paths.open(rel, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        if os.fstat(fd).st_blocks:
-            punch(fd, copy.size)
-        os.utime(fd, ns=(copy.atime_ns, copy.mtime_ns))
-        return os.fstat(fd)
-    finally:
-        os.close(fd)
+        fd = paths.open(rel, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_blocks:
+                punch(fd, copy.size)
+            os.utime(fd, ns=(copy.atime_ns, copy.mtime_ns))
+        finally:
+            os.close(fd)
+    except OSError as e:
+        # Still recorded, so still read from the store: its local bytes are never used.
+        log.error("cache: cannot punch %s again (%s); it is read from the store",
+                  os.fsdecode(rel), e)
+    return rel, paths.lstat(rel)
 
 
 def _lru(paths, rels: list[tuple[Any, bytes]], touched: dict[str, float]) -> list[tuple]:
@@ -276,17 +295,18 @@ class Cache:
         fresh: dict[str, os.stat_result] = {}
         for copy in recorded:
             row = by_task.get(copy.task)
-            st = None
+            found = None
             if row is not None:
-                st = await self.host.to_thread(_repunch, paths, row.rel, copy)
-            if st is None:
+                found = await self.host.to_thread(_repunch, paths, row.rel, copy)
+            if found is None:
                 log.warning("cache: the evicted copy of upload %s is not where it was "
                             "left; forgetting the record", copy.task)
                 self.db.stage(("repo-cache", copy.task), _DELETE_COPY, (copy.task,))
                 continue
+            rel, st = found
             if copy.state != "evicted":
                 log.info("cache: %s was being evicted when the agent stopped; it is read "
-                         "from the store", os.fsdecode(row.rel))
+                         "from the store", os.fsdecode(rel))
                 copy.state = "evicted"
                 self._stage(copy)
             self.copies[copy.task] = copy
@@ -501,6 +521,8 @@ class Cache:
             self.db.stage(("repo-cache", task), _DELETE_COPY, (task,))
             await self.db.flush()
             return 0
+        if self.copies.get(task) is not copy:
+            return freed   # removed meanwhile (``unlinked``): nothing left to record
         uploads.copy_changed(task)
         copy.state = "evicted"
         self._stage(copy)

@@ -36,6 +36,12 @@ Design notes
   failed (``_writes.py``): the handle that saw it drops the kernel's attributes of
   that file (``FileHandle``). A lookup's ``lstat`` is also its answer's attributes
   (``looked_up``): one stat per lookup, not two.
+* **Evicted files** (repository backend ``s3``, ``fsagent/repository/_cache.py``): the
+  backing file of an upload verified in the store may be a hole of the right size. The
+  nodes only ask: an open for writing and a truncate call ``need_local`` first (the
+  component has the cache fetch the bytes back whole), an open notes the cache's record
+  on its handle (``copy_opened``), and a read through a handle whose record says
+  evicted is ``read_back`` from the store instead of ``pread``. Nothing else changes.
 * **Errors** from the backing filesystem are passed to the client with their errno
   (ENOSPC, EEXIST, ENOTEMPTY, ...): ``backing_errors`` turns ``OSError`` into
   ``FUSEError``. Only ``user.*`` xattrs are stored (ENOTSUP otherwise); the
