@@ -302,3 +302,31 @@ def test_cache_settings_resolve_and_round_trip(tmp_path):
     assert run_fsagent("config", "--config", str(again)).stdout == r.stdout
     default = run_fsagent("config")
     assert default.returncode == 0 and "repository.cache_free_floor_bytes = 0" in default.stdout
+
+
+def test_unlink_while_the_store_is_down_succeeds_and_the_delete_is_retried(agent_factory,
+                                                                           tmp_path):
+    """The unlink never waits on the store: with the store stopped, ``rm`` succeeds, the
+    delete is recorded and retried (across a restart of the agent too) until the store
+    is back."""
+    server = RcloneS3(tmp_path / "own-rclone").start()
+    try:
+        bucket = new_bucket(server)
+        agent = agent_factory(config=repo_config(tmp_path, server.endpoint, bucket,
+                                                 grouping="file")).start()
+        write_upload(agent, "d/gone.txt", b"gone\n" * 100)
+        assert wait_job(agent, job_of(agent, "d/gone.txt"))["State"] == "Success"
+        server.stop()
+        os.unlink(agent.uploads / "d/gone.txt")   # returns at once, store or not
+        assert not (agent.uploads / "d/gone.txt").exists()
+        wait_for(lambda: metric(agent, "fsagent_repository_delete_errors_total") >= 1,
+                 what="a failed delete")
+        assert cache_status(agent)["deletes_pending"] == 1
+        agent.stop()
+        agent.start()
+        server.start()
+        wait_for(lambda: "lab1/d/gone.txt" not in keys(server, bucket),
+                 what="the delete, retried")
+        wait_for(lambda: cache_status(agent)["deletes_pending"] == 0, what="nothing pending")
+    finally:
+        server.stop()
