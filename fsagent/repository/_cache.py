@@ -301,8 +301,12 @@ class Cache:
             if row is not None:
                 found = await self.host.to_thread(_repunch, paths, row.rel, copy)
             if found is None:
-                log.warning("cache: the evicted copy of upload %s is not where it was "
-                            "left; forgetting the record", copy.task)
+                if row is None:
+                    log.info("cache: upload %s is gone (removed or replaced); forgetting "
+                             "its eviction record", copy.task)
+                else:
+                    log.warning("cache: the evicted copy of upload %s is nowhere in the "
+                                "store; forgetting the record", copy.task)
                 self.db.stage(("repo-cache", copy.task), _DELETE_COPY, (copy.task,))
                 continue
             rel, st = found
@@ -553,7 +557,17 @@ class Cache:
     def limited(self) -> bool:
         return self.cache_bytes is not None or bool(self.free_floor)
 
+    def _forget_gone(self) -> None:
+        """Records of uploads that ended without an unlink (replaced by a rename over
+        them): their file is gone, so is the record."""
+        uploads = self.uploads
+        for task in [t for t in self.copies if uploads.path_of(t) is None
+                     and t not in self._locks]:
+            self.copies.pop(task).evicted = False
+            self.db.stage(("repo-cache", task), _DELETE_COPY, (task,))
+
     async def _keep(self) -> None:
+        self._forget_gone()
         async with self._evicting:
             candidates = await self._candidates()
             self.local_bytes = sum(local for _, local, _ in candidates)
