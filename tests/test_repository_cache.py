@@ -330,3 +330,26 @@ def test_unlink_while_the_store_is_down_succeeds_and_the_delete_is_retried(agent
         wait_for(lambda: cache_status(agent)["deletes_pending"] == 0, what="nothing pending")
     finally:
         server.stop()
+
+
+def test_archive_and_verify_jobs_read_evicted_files_whole(agent_factory, tmp_path, rclone):
+    """Archive and verify read uploads' backing files directly: evicted ones come back
+    first (an archive of holes would be zeros under the right names)."""
+    import zipfile
+
+    from jobs_util import read, submit
+    bucket = new_bucket(rclone)
+    agent = agent_factory(config=repo_config(tmp_path, rclone.endpoint, bucket)
+                          + "cache_bytes = 1\n").start()
+    a, b = os.urandom(2 * MiB + 7), b"second file\n" * 50
+    write_upload(agent, "arc/a.bin", a)
+    write_upload(agent, "arc/sub/b.txt", b)
+    assert wait_job(agent, job_of(agent, "arc/a.bin"))["State"] == "Success"
+    wait_evicted(agent, 2)
+    job = submit(agent, "zip", {"type": "archive", "paths": ["arc"], "compression": "store"})
+    assert read(job / "wait") == "success\n"
+    with zipfile.ZipFile(job / "outputs" / "archive.zip") as zf:
+        assert zf.read("arc/a.bin") == a and zf.read("arc/sub/b.txt") == b
+    job = submit(agent, "check", {"type": "verify", "paths": ["arc"]})
+    assert read(job / "wait") == "success\n", (job / "log").read_text()
+    assert metric(agent, "fsagent_repository_fetched_back_total") == 2

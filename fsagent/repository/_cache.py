@@ -16,9 +16,11 @@ Design notes
   the ctime, so the upload's recorded fingerprint is refreshed (``copy_changed``) and
   the task stays ``complete`` with its SHA-256. ``stat`` through the mount shows the same
   size (``st_blocks`` is the local disk's truth: about 0).
-* **Not while its import runs.** A copy is evicted only once the import that pushed
-  it has succeeded (or is gone from the history): the import's ``import_command`` and
-  a re-run read the backing file directly.
+* **Not while something reads the backing file.** A copy is evicted only once the
+  import that pushed it has succeeded (or is gone from the history): the import's
+  ``import_command`` and a re-run read the backing file directly. Jobs that read
+  uploads directly (archive, verify) run inside ``local_copies``: evicted files they
+  name come back first, and nothing they name is evicted until they end.
 * **Which, and when** (least recently used first: the newest of the file's atime, mtime
   and the last open through the mount this run): while the local copies of verified
   uploads exceed ``repository.cache_bytes``, while the store's free space is below
@@ -57,6 +59,7 @@ Design notes
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -255,6 +258,7 @@ class Cache:
         self._locks: dict[str, trio.Lock] = {}
         self._evicting = trio.Lock()     # one eviction pass at a time
         self.touched: dict[str, float] = {}
+        self.pinned: dict[str, int] = {}  # task -> jobs reading its backing file now
         self.local_bytes = 0             # local copies of verified uploads (last pass)
         self.held_back = 0               # copies whose import has not ended (last pass)
         self.deletes_pending = 0
@@ -340,6 +344,26 @@ class Cache:
                     await self._fetch_back(copy)
         finally:
             self._unlock_done(task)
+
+    @contextlib.asynccontextmanager
+    async def local_copies(self, paths: list[str]):
+        """``async with cache.local_copies(paths)``: for a job that reads the backing files
+        of ``paths`` (files, or directories: everything under them) directly (archive,
+        verify): the evicted ones are fetched back first, and none is evicted until the
+        block ends."""
+        tasks = self.uploads.tasks_under(paths)
+        for task in tasks:
+            self.pinned[task] = self.pinned.get(task, 0) + 1
+        try:
+            for task in tasks:
+                await self.ensure_local(task)
+            yield
+        finally:
+            for task in tasks:
+                if self.pinned[task] > 1:
+                    self.pinned[task] -= 1
+                else:
+                    del self.pinned[task]
 
     def unlinked(self, task: str) -> None:
         """``task``'s file was removed through the mount: its objects go (recorded now,
@@ -509,7 +533,8 @@ class Cache:
             return 0
         # No await from here to the record: nobody opened it meanwhile, and from the
         # record on every read of it goes to the store.
-        if uploads.local_copy(task) != local or task in self.copies or \
+        if uploads.local_copy(task) != local or task in self.copies or task in self.pinned \
+                or \
                 (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != local[3]:
             return 0
         copy = CachedCopy(task=task, key=key, sha256=sha256, size=size, ino=st.st_ino,

@@ -23,6 +23,7 @@ Design notes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from typing import Any
@@ -160,6 +161,13 @@ class RepositoryComponent(Component):
         cfg = self.agent.config
         return {"endpoint": cfg.repository_endpoint, "bucket": cfg.repository_bucket,
                 "prefix": cfg.repository_prefix}
+
+    def local_copies(self, paths: list[str]):
+        """``async with``: the backing files of ``paths`` are whole (evicted ones fetched
+        back) and stay so until the block ends (``Cache.local_copies``)."""
+        if self.cache is None:
+            return contextlib.nullcontext()
+        return self.cache.local_copies(paths)
 
     async def remove_objects(self, job, keys: list[str]) -> None:
         for key in keys:

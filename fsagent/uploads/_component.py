@@ -349,6 +349,14 @@ class UploadsComponent(Component):
         sha = t.computed.get("sha256")
         return None if sha is None else (t.rel, t.present, sha, t.fingerprint)
 
+    def tasks_under(self, paths: list[str]) -> list[str]:
+        """IDs of the uploads at or under ``paths`` (relative to uploads/)."""
+        tops = [os.fsencode(p.strip("/")) for p in paths]
+        if b"" in tops:
+            return [t.task_id for t in self.tasks.tracked()]
+        return [t.task_id for t in self.tasks.tracked()
+                if any(t.rel == p or t.rel.startswith(p + b"/") for p in tops)]
+
     def _open(self, rel: bytes) -> bool:
         node = self.root
         for name in rel.split(b"/"):
