@@ -353,3 +353,29 @@ def test_archive_and_verify_jobs_read_evicted_files_whole(agent_factory, tmp_pat
     job = submit(agent, "check", {"type": "verify", "paths": ["arc"]})
     assert read(job / "wait") == "success\n", (job / "log").read_text()
     assert metric(agent, "fsagent_repository_fetched_back_total") == 2
+
+
+def test_the_free_space_floor_evicts_verified_copies(agent_factory, tmp_path, rclone):
+    """``cache_free_floor_bytes``: on a 48 MiB store with a floor of 40 MiB, a pushed
+    20 MiB upload leaves less free than the floor, so the keeper evicts it."""
+    bucket = new_bucket(rclone)
+    state = tmp_path / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(state)],
+                   check=True)
+    agent = None
+    try:
+        agent = agent_factory(config="store_reserve_bytes = 0\n" + repo_config(
+            tmp_path, rclone.endpoint, bucket, grouping="file")
+            + f"cache_free_floor_bytes = {40 * MiB}\n", state=state)
+        agent.start()
+        data = os.urandom(20 * MiB)
+        write_upload(agent, "floor/a.bin", data)
+        assert wait_job(agent, job_of(agent, "floor/a.bin"))["State"] == "Success"
+        wait_evicted(agent, 1)
+        assert os.statvfs(state).f_bavail * os.statvfs(state).f_frsize > 40 * MiB
+        assert (agent.uploads / "floor/a.bin").read_bytes() == data
+    finally:
+        if agent is not None:
+            agent.cleanup()
+        subprocess.run(["umount", "-l", str(state)], check=False)
