@@ -119,7 +119,10 @@ class Host(Protocol):
     @property
     def repository(self) -> Any:
         """The repository component when imports push to an object store
-        (``repository.backend = "s3"``); None for the local backend."""
+        (``repository.backend = "s3"``); None for the local backend. Its ``cache``
+        (``fsagent/repository/_cache.py``) is what the uploads component asks about
+        evicted files (read back, fetch back before a write, recovery, unlink); the
+        cache reaches the uploads component through ``components``."""
         ...
 
 

@@ -84,6 +84,15 @@ def _int_at_least(minimum: int) -> Callable[[Any, Path], int]:
     return parse
 
 
+def _optional_int_at_least(minimum: int) -> Callable[[Any, Path], int | None]:
+    parse_int = _int_at_least(minimum)
+
+    def parse(value: Any, base: Path) -> int | None:
+        return None if value is None or value == "" else parse_int(value, base)
+
+    return parse
+
+
 def _number_at_least(minimum: float) -> Callable[[Any, Path], float]:
     def parse(value: Any, base: Path) -> float:
         if isinstance(value, bool):
@@ -425,6 +434,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("repository.concurrency", _int_at_least(1), 4, "Requests (objects and parts) "
             "in flight to the store at once, over every import; each has its own worker "
             "thread, apart from `worker_threads`.", "integer"),
+    Setting("repository.cache_bytes", _optional_int_at_least(0), None, "With backend "
+            "`s3`: the local copies of uploads verified in the store are a cache of at "
+            "most this many bytes; beyond it the least recently used are evicted (the "
+            "file stays in `uploads/`, read back from the store). Unset: no size limit "
+            "(copies are still evicted when the store runs short).", "bytes"),
+    Setting("repository.cache_free_floor_bytes", _int_at_least(0), 0, "With backend "
+            "`s3`: verified copies are evicted (least recently used first) while the "
+            "store's free space is below this. 0: only when a write would not fit.",
+            "bytes"),
+    Setting("repository.keep_deleted", _bool, False, "With backend `s3`: removing a "
+            "pushed file from `uploads/` moves its object under `PREFIX/deleted/` "
+            "instead of deleting it.", "bool"),
 )
 
 _BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -478,6 +499,9 @@ class Config:
     repository_credentials_file: Path | None = None
     repository_part_size: int = 64 * 2**20
     repository_concurrency: int = 4
+    repository_cache_bytes: int | None = None
+    repository_cache_free_floor_bytes: int = 0
+    repository_keep_deleted: bool = False
     config_file: Path | None = None
 
     @property

@@ -205,6 +205,34 @@ MIGRATIONS: dict[str, Sequence[str]] = {
             PRIMARY KEY (target, key)
         );
         """,
+        # 2: the local disk as a cache (fsagent/repository/_cache.py). repo_cache: an
+        # upload whose local copy is being evicted ("evicting", written durably before
+        # the first byte is punched) or was ("evicted"): its bytes are read from `key`,
+        # and start-up never trusts the local bytes of such a file. The times and inode
+        # are the file's before the punch (restored after it). repo_deletes: objects of
+        # files removed from uploads/ still to be deleted (or moved under deleted/).
+        """
+        CREATE TABLE repo_cache (
+            task TEXT PRIMARY KEY,
+            target TEXT NOT NULL,
+            key TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            ino INTEGER NOT NULL,
+            atime_ns INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            since REAL NOT NULL
+        );
+        CREATE TABLE repo_deletes (
+            target TEXT NOT NULL,
+            key TEXT NOT NULL,
+            task TEXT,
+            keep INTEGER NOT NULL,
+            recorded REAL NOT NULL,
+            PRIMARY KEY (target, key)
+        );
+        """,
     ),
     "ops": (
         # 1: one row per completed shutdown checkpoint (components' checkpoint() and the

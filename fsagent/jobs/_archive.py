@@ -25,8 +25,8 @@ import zipfile
 from .. import longpaths
 
 from ._kinds import (
-    JobFailed, Kind, RunContext, SpecError, collect_files, confine, only_keys, path_list,
-    register,
+    JobFailed, Kind, RunContext, SpecError, collect_files, confine, local_copies, only_keys,
+    path_list, register,
 )
 from ._states import ErrorCode
 
@@ -57,7 +57,9 @@ class Archive(Kind):
         return {"paths": paths, "compression": compression}
 
     async def run(self, ctx: RunContext) -> None:
-        await ctx.to_thread(build_archive, ctx)
+        # Evicted uploads (repository cache) come back first and stay while it reads.
+        async with local_copies(ctx, ctx.spec["paths"]):
+            await ctx.to_thread(build_archive, ctx)
 
 
 def build_archive(ctx: RunContext) -> None:

@@ -34,6 +34,7 @@ Design notes
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import functools
 import os
@@ -196,6 +197,14 @@ def _real_root(uploads_dir: str) -> str:
     # The store's own path does not move while the agent runs (it holds the state dir's
     # lock); resolving it once spares a stat per component for every file confined.
     return os.path.realpath(uploads_dir)
+
+
+def local_copies(ctx: RunContext, paths: list[str]):
+    """``async with local_copies(ctx, paths)``: around a kind that reads uploads' backing
+    files directly. With the S3 repository's cache, evicted uploads under ``paths`` are
+    fetched back first and none is evicted until the block ends; otherwise nothing."""
+    repo = ctx.repository
+    return contextlib.nullcontext() if repo is None else repo.local_copies(paths)
 
 
 def confine(uploads_dir: Path, rel: str, *, must_exist: bool = True) -> Path:

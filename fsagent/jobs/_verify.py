@@ -22,8 +22,8 @@ import json
 from .. import longpaths
 
 from ._kinds import (
-    JobFailed, Kind, RunContext, SpecError, collect_files, confine, only_keys, path_list,
-    register,
+    JobFailed, Kind, RunContext, SpecError, collect_files, confine, local_copies, only_keys,
+    path_list, register,
 )
 from ._states import ErrorCode
 
@@ -73,7 +73,9 @@ class Verify(Kind):
 
     async def run(self, ctx: RunContext) -> None:
         recorded = await ctx.db.run(manifest_under, ctx.spec["paths"])
-        await ctx.to_thread(check_files, ctx, recorded)
+        # Evicted uploads (repository cache) come back first and stay while it reads.
+        async with local_copies(ctx, ctx.spec["paths"]):
+            await ctx.to_thread(check_files, ctx, recorded)
 
 
 def _sha256(ctx: RunContext, path, progress: list[int], total: int) -> str:

@@ -11,7 +11,9 @@ Public surface:
 
 Inside: ``_push`` (the plan, a pure core: keys, parts, resume decisions, what the
 store must report, backoff), ``_s3`` (the botocore adapter and its error kinds),
-``_pusher`` (the resumable, concurrent push and its durable state), ``_component``.
+``_pusher`` (the resumable, concurrent push and its durable state), ``_cache`` (the
+local disk as a cache: eviction, read-back, fetch-back, deletes on unlink),
+``_component``.
 """
 
 from ._component import RepositoryComponent

@@ -23,6 +23,7 @@ Design notes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from typing import Any
@@ -31,6 +32,7 @@ import trio
 
 from ..component import Component, Host
 from ..config import read_credentials
+from ._cache import Cache
 from ._push import ObjectPlan, Progress, fileset_key, object_key, object_metadata
 from ._pusher import Pusher, PushFailed, PushMetrics
 from ._s3 import S3Store
@@ -67,8 +69,25 @@ class RepositoryComponent(Component):
                 "verified in the store", collect=lambda: self.backlog()[0])
         m.gauge("fsagent_repository_waiting_bytes", "Bytes of unfinished imports not yet "
                 "verified in the store", collect=lambda: self.backlog()[1])
+        cache_metrics = {
+            "evictions": m.counter("fsagent_repository_evictions_total",
+                                   "Local copies of verified uploads evicted (read back "
+                                   "from the store from then on)"),
+            "fetched_back": m.counter("fsagent_repository_fetched_back_total",
+                                      "Evicted uploads fetched back whole before a "
+                                      "write"),
+            "read_back": m.counter("fsagent_repository_read_back_bytes_total",
+                                   "Bytes of evicted uploads read back from the store"),
+            "deleted": m.counter("fsagent_repository_objects_deleted_total",
+                                 "Objects deleted (or moved under deleted/) because "
+                                 "their file was removed from uploads/"),
+            "delete_errors": m.counter("fsagent_repository_delete_errors_total",
+                                       "Failed deletes of removed files' objects "
+                                       "(tried again later)"),
+        }
         self._spec_sums: dict[str, tuple[int, int]] = {}
         self.pusher: Pusher | None = None
+        self.cache: Cache | None = None
         if self.backend == "s3":
             store = S3Store(endpoint=cfg.repository_endpoint, bucket=cfg.repository_bucket,
                             region=cfg.repository_region,
@@ -82,6 +101,23 @@ class RepositoryComponent(Component):
                                  part_size=cfg.repository_part_size,
                                  concurrency=cfg.repository_concurrency,
                                  metrics=self.metrics, target=target)
+            self.cache = Cache(host=agent, store=store, target=target,
+                               prefix=cfg.repository_prefix,
+                               cache_bytes=cfg.repository_cache_bytes,
+                               free_floor=cfg.repository_cache_free_floor_bytes,
+                               keep_deleted=cfg.repository_keep_deleted,
+                               concurrency=cfg.repository_concurrency,
+                               metrics=cache_metrics)
+            self.pusher.before_read = self.cache.ensure_local
+            self.pusher.pushed = self.cache.wake
+        cache_status = (lambda key: 0) if self.cache is None else \
+            (lambda key: self.cache.status()[key])
+        m.gauge("fsagent_repository_cache_bytes", "Bytes of local copies of uploads "
+                "verified in the store (evictable)", collect=lambda: cache_status("local_bytes"))
+        m.gauge("fsagent_repository_evicted_bytes", "Bytes of uploads evicted from the local "
+                "disk (read back from the store)", collect=lambda: cache_status("evicted_bytes"))
+        m.gauge("fsagent_repository_evicted_files", "Uploads evicted from the local disk",
+                collect=lambda: cache_status("evicted_files"))
 
     # -- what the import kind calls ------------------------------------------------------
 
@@ -127,6 +163,13 @@ class RepositoryComponent(Component):
         cfg = self.agent.config
         return {"endpoint": cfg.repository_endpoint, "bucket": cfg.repository_bucket,
                 "prefix": cfg.repository_prefix}
+
+    def local_copies(self, paths: list[str]):
+        """``async with``: the backing files of ``paths`` are whole (evicted ones fetched
+        back) and stay so until the block ends (``Cache.local_copies``)."""
+        if self.cache is None:
+            return contextlib.nullcontext()
+        return self.cache.local_copies(paths)
 
     async def remove_objects(self, job, keys: list[str]) -> None:
         for key in keys:
@@ -185,7 +228,7 @@ class RepositoryComponent(Component):
                 "waiting_files": files, "waiting_bytes": size,
                 "failed_files": failed_files, "failed_bytes": failed_bytes,
                 "pushing": {job: p.content() for job, p in self.pusher.active.items()},
-                "last_error": self.pusher.last_error}
+                "last_error": self.pusher.last_error, "cache": self.cache.status()}
 
     def counts(self) -> dict[str, int]:
         if self.pusher is None:
@@ -199,6 +242,9 @@ class RepositoryComponent(Component):
                      cfg.repository_endpoint or "AWS", cfg.repository_bucket,
                      cfg.repository_prefix, cfg.repository_part_size,
                      cfg.repository_concurrency)
+            task_status.started()
+            await self.cache.serve()
+            return
         task_status.started()
 
 

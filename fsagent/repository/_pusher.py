@@ -242,6 +242,10 @@ class Pusher:
         self._probe_lock = trio.Lock()
         self.last_error: str | None = None
         self.active: dict[str, Progress] = {}   # job ID -> progress of its running push
+        # The cache (``_cache.py``): an evicted upload is fetched back before its bytes
+        # are read for a push; it is told when objects were verified (it may evict).
+        self.before_read: Callable[[str], Any] | None = None
+        self.pushed: Callable[[], None] | None = None
 
     # -- one request, retried -------------------------------------------------------------
 
@@ -350,6 +354,10 @@ class Pusher:
             job.log(f"{len(objects) - len(todo)} of {len(objects)} objects were verified "
                     "in the store by an earlier run; not sent again")
         self._report(job, progress)
+        if self.before_read is not None:
+            for o in todo:
+                if o.path is not None and o.task is not None:
+                    await self.before_read(o.task)
         queue = iter(todo)
         try:
             async with trio.open_nursery() as nursery:
@@ -364,6 +372,8 @@ class Pusher:
         finally:
             self.active.pop(job.job_id, None)
         job.content.update(progress.content())
+        if self.pushed is not None:
+            self.pushed()
         return etags
 
     async def _worker(self, job, queue, checksums, uploads, parts, progress, etags):

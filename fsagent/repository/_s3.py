@@ -395,6 +395,44 @@ class S3Store:
                        UploadId=upload_id, MultipartUpload={"Parts": listing})
         return r.get("ETag", "")
 
+    def get_range(self, key: str, offset: int, length: int) -> tuple[bytes, int, dict]:
+        """``length`` bytes of the object from ``offset`` (fewer at its end): (the bytes,
+        the object's whole size, its user metadata). A missing object is a ``request``
+        error (``NoSuchKey``)."""
+        last = offset + max(length, 1) - 1
+        if self._lean is not None:
+            try:
+                r = self._lean.request("GET", key, {"Range": f"bytes={offset}-{last}"})
+                if r.status // 100 != 2:
+                    raise _client_error(r, "GetObject")
+            except (botocore.exceptions.ClientError, urllib3.exceptions.HTTPError) as e:
+                raise self._error(e, f"s3://{self.bucket}/{key}") from None
+            h = r.headers
+            metadata = {k[11:].lower(): v for k, v in h.items()
+                        if k.lower().startswith("x-amz-meta-")}
+            body = r.data
+        else:
+            resp = self._call(f"s3://{self.bucket}/{key}", "get_object", Key=key,
+                              Range=f"bytes={offset}-{last}")
+            h = {"Content-Range": resp.get("ContentRange", ""),
+                 "Content-Length": str(resp.get("ContentLength", ""))}
+            metadata = {k.lower(): v for k, v in (resp.get("Metadata") or {}).items()}
+            try:
+                body = resp["Body"].read()
+            except (botocore.exceptions.BotoCoreError, ConnectionError,
+                    urllib3.exceptions.HTTPError) as e:
+                raise self._error(e, f"s3://{self.bucket}/{key}") from None
+        total = h.get("Content-Range", "").rpartition("/")[2]
+        size = int(total) if total.isdigit() else int(h.get("Content-Length") or len(body))
+        return body[:length], size, metadata
+
+    def copy_object(self, source: str, key: str) -> None:
+        """Server-side copy of ``source`` to ``key``, user metadata kept (objects up to
+        5 GiB: S3's limit for one CopyObject)."""
+        self._call(f"s3://{self.bucket}/{key}", "copy_object", Key=key,
+                   CopySource={"Bucket": self.bucket, "Key": source},
+                   MetadataDirective="COPY")
+
     def abort_multipart(self, key: str, upload_id: str) -> None:
         try:
             self._call(f"s3://{self.bucket}/{key}", "abort_multipart_upload", Key=key,

@@ -172,6 +172,13 @@ def format_status(st: dict) -> str:
                      f"({_bytes(repo.get('waiting_bytes'))})"
                      + (f", {repo['failed_files']} in failed imports"
                         if repo.get("failed_files") else ""))
+        cache = repo.get("cache") or {}
+        if cache:
+            lines.append(f"  cache: {cache.get('evicted_files', 0)} files evicted "
+                         f"({_bytes(cache.get('evicted_bytes'))}), "
+                         f"{_bytes(cache.get('local_bytes'))} local and evictable"
+                         + (f", {cache['deletes_pending']} deletes pending"
+                            if cache.get("deletes_pending") else ""))
     if st.get("metrics_listen"):
         lines.append(f"metrics:  http://{st['metrics_listen']}/metrics")
     return "\n".join(lines)

@@ -47,7 +47,7 @@ from ._declarations import FSAGENT_XATTR, declare, task_xattrs, undeclare
 from ._handoff import ImportHandOff
 from ._names import Names, trackable
 from ._nodes import FileHandle, UploadDir
-from ._recovery import cut_back, plan_recovery
+from ._recovery import cut_back, fingerprint, plan_recovery
 from ._service import UploadService
 from ._space import SpaceAccounting
 from ._store import TaskTable, load_tasks
@@ -123,6 +123,8 @@ class UploadsComponent(Component):
         async with trio.open_nursery() as nursery:
             self.writes.nursery = self.completion.nursery = nursery
             await self._recover()
+            if self.cache is not None:
+                self.space.evictor = self.cache.evict_for  # a full store frees itself
             nursery.start_soon(self.checkpoints.run, nursery)
             nursery.start_soon(self.completion.settler)
             nursery.start_soon(self.handoff.retrier)
@@ -299,7 +301,11 @@ class UploadsComponent(Component):
             self.tasks.save(t)
 
     async def unlinked(self, rel: bytes) -> None:
+        t = self.tasks.get(rel)
         await self.names.unlinked(rel)
+        cache = self.cache
+        if cache is not None and t is not None:
+            cache.unlinked(t.task_id)  # its object goes too (fsagent/repository/_cache.py)
 
     async def renamed(self, old_rel: bytes, new_rel: bytes, is_dir: bool) -> None:
         await self.names.renamed(old_rel, new_rel, is_dir)
@@ -320,6 +326,71 @@ class UploadsComponent(Component):
         t = self.tasks.get(rel)
         if undeclare(t, name[len(FSAGENT_XATTR):]):
             self.tasks.save(t)
+
+    # -- the repository's cache (fsagent/repository/_cache.py; s3 backend only) -------------
+
+    @property
+    def cache(self):
+        """The cache of verified uploads' local copies; None for the local backend."""
+        repo = self.agent.repository
+        return None if repo is None else repo.cache
+
+    def path_of(self, task_id: str) -> bytes | None:
+        t = self.tasks.get_id(task_id)
+        return None if t is None or t.ended else t.rel
+
+    def local_copy(self, task_id: str) -> tuple[bytes, int, str, tuple] | None:
+        """(path, size, SHA-256, fingerprint) of upload ``task_id`` if its local copy may
+        be evicted: complete, its proof recorded, no writer and no handle open."""
+        t = self.tasks.get_id(task_id)
+        if t is None or not t.tracked or t.ended or t.state is not State.COMPLETE \
+                or t.writers or t.fingerprint is None or self._open(t.rel):
+            return None
+        sha = t.computed.get("sha256")
+        return None if sha is None else (t.rel, t.present, sha, t.fingerprint)
+
+    def tasks_under(self, paths: list[str]) -> list[str]:
+        """IDs of the uploads at or under ``paths`` (relative to uploads/)."""
+        tops = [os.fsencode(p.strip("/")) for p in paths]
+        if b"" in tops:
+            return [t.task_id for t in self.tasks.tracked()]
+        return [t.task_id for t in self.tasks.tracked()
+                if any(t.rel == p or t.rel.startswith(p + b"/") for p in tops)]
+
+    def _open(self, rel: bytes) -> bool:
+        node = self.root
+        for name in rel.split(b"/"):
+            node = getattr(node, "_cache", {}).get(name)
+            if node is None:
+                return False
+        return bool(getattr(node, "handles", ()))
+
+    def copy_changed(self, task_id: str) -> None:
+        """The cache punched or restored the file's blocks (its bytes are still the
+        upload's, by hash): the recorded proof follows the new ctime."""
+        t = self.tasks.get_id(task_id)
+        if t is not None and t.state is State.COMPLETE and t.fingerprint is not None:
+            try:
+                t.fingerprint = fingerprint(self.paths.lstat(t.rel))
+            except OSError:
+                t.fingerprint = None  # recovery hashes it again: never a false proof
+            self.tasks.save(t)
+
+    async def need_local(self, rel: bytes) -> None:
+        """Before ``rel``'s bytes change: an evicted copy is fetched back whole."""
+        cache = self.cache
+        t = self.tasks.get(rel) if cache is not None else None
+        if t is not None:
+            await cache.ensure_local(t.task_id)
+
+    def copy_opened(self, rel: bytes):
+        """A handle of ``rel`` was opened: the cache's record when it is evicted."""
+        cache = self.cache
+        t = self.tasks.get(rel) if cache is not None else None
+        return None if t is None else cache.opened(t.task_id)
+
+    async def read_back(self, handle: FileHandle, offset: int, size: int) -> bytes:
+        return await self.cache.read(handle, offset, size)
 
     # -- uploads.json ---------------------------------------------------------------------
 
@@ -347,6 +418,13 @@ class UploadsComponent(Component):
         """Make the rows and the files one story (``_recovery.py``), then act on it."""
         db = self.agent.db
         rows = await db.run(load_tasks)
+        if self.cache is not None:
+            # Evicted copies first: their punched bytes are not the hash, by design.
+            fresh = await self.cache.recover(rows, self.paths)
+            for t in rows:
+                st = fresh.get(t.task_id)
+                if st is not None and t.state is State.COMPLETE:
+                    t.fingerprint = fingerprint(st)
         files = await self.agent.to_thread(self.paths.walk_files)
         plan = plan_recovery(rows, files, clean=db.previous_run_clean, trackable=trackable)
         for t in plan.forgotten:

@@ -36,6 +36,12 @@ Design notes
   failed (``_writes.py``): the handle that saw it drops the kernel's attributes of
   that file (``FileHandle``). A lookup's ``lstat`` is also its answer's attributes
   (``looked_up``): one stat per lookup, not two.
+* **Evicted files** (repository backend ``s3``, ``fsagent/repository/_cache.py``): the
+  backing file of an upload verified in the store may be a hole of the right size. The
+  nodes only ask: an open for writing and a truncate call ``need_local`` first (the
+  component has the cache fetch the bytes back whole), an open notes the cache's record
+  on its handle (``copy_opened``), and a read through a handle whose record says
+  evicted is ``read_back`` from the store instead of ``pread``. Nothing else changes.
 * **Errors** from the backing filesystem are passed to the client with their errno
   (ENOSPC, EEXIST, ENOTEMPTY, ...): ``backing_errors`` turns ``OSError`` into
   ``FUSEError``. Only ``user.*`` xattrs are stored (ENOTSUP otherwise); the
@@ -461,6 +467,7 @@ class UploadFile(_Entry):
         return super().stat()
 
     async def truncate(self, size: int, fh) -> None:
+        await self.uploads.need_local(self.rel)  # an evicted copy comes back whole first
         await self.uploads.changing(self.rel)  # a complete task leaves complete first
         if isinstance(fh, FileHandle):
             os.ftruncate(fh.fd, size)
@@ -470,6 +477,8 @@ class UploadFile(_Entry):
         self.uploads.truncated(self.rel, size)
 
     async def open(self, flags: int, ctx) -> Handle:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            await self.uploads.need_local(self.rel)  # an evicted copy comes back first
         with backing_errors():
             fd = self.uploads.paths.open(self.rel, flags & _OPEN_FLAGS_KEPT & ~os.O_EXCL)
         return await self.opened(fd, flags, created=False)
@@ -484,6 +493,7 @@ class UploadFile(_Entry):
             os.close(fd)
             raise
         handle = FileHandle(self, fd, task, writable)
+        handle.cached = self.uploads.copy_opened(self.rel)
         if self.handles is _NO_HANDLES:
             self.handles = set()
         self.handles.add(handle)
@@ -491,6 +501,10 @@ class UploadFile(_Entry):
 
 
 class FileHandle(Handle):
+    # An evicted upload's record (fsagent/repository/_cache.py): while it says evicted,
+    # reads come from the store, not from the punched backing file.
+    cached = None
+
     def __init__(self, node: UploadFile, fd: int, task, writable: bool):
         super().__init__(node)
         self.fd = fd
@@ -498,6 +512,9 @@ class FileHandle(Handle):
         self.writable = writable
 
     async def read(self, offset: int, size: int) -> bytes:
+        cached = self.cached
+        if cached is not None and cached.evicted:
+            return await self.node.uploads.read_back(self, offset, size)
         await self.node.uploads.drain(self.task or self.node.writing_task())
         with backing_errors():
             return await self.node.uploads.agent.to_thread(os.pread, self.fd, size, offset)

@@ -20,6 +20,11 @@ Design notes
   reserve; only a store too full for that bound takes the exact walk. The bound is
   never below the truth: a declared size only grows through ``declare``/``restore``,
   which count it, and the walk re-counts what shrank or ended.
+* **A full store frees itself first** (repository backend ``s3``): before a write is
+  refused, ``make_room`` asks the ``evictor`` (the repository's cache,
+  ``fsagent/repository/_cache.py``) to evict local copies of uploads verified in the
+  store, least recently used first, in worker threads while the write waits; only if
+  that frees too little is the answer still no. Without an evictor nothing changes.
 * **No FUSE here.** Callers turn a "no" into ENOSPC; this module answers with numbers
   and booleans, so it is tested without a mount.
 """
@@ -27,7 +32,7 @@ Design notes
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ._task import State, Task
 
@@ -45,6 +50,8 @@ class SpaceAccounting:
         self.declared: dict[Task, int] = {}
         self._declared_total = 0
         self.writing: set[Task] = set()    # uploads with a write-behind queue
+        # Frees at least N bytes if it can (evicts verified copies); the bytes freed.
+        self.evictor: Callable[[int], Awaitable[int]] | None = None
 
     def _count(self, t: Task, size: int) -> None:
         self._declared_total += size - self.declared.get(t, 0)
@@ -85,6 +92,16 @@ class SpaceAccounting:
         if growth <= free - self._declared_total:  # room even if nothing were written yet
             return True
         return growth <= free - self.reserved_by_others(t)
+
+    async def make_room(self, t: Task, growth: int) -> bool:
+        """``fits``, after evicting what is missing when it does not (see "A full store
+        frees itself first")."""
+        if self.fits(t, growth):
+            return True
+        if self.evictor is None:
+            return False
+        await self.evictor(growth - self.room_for(t))
+        return self.fits(t, growth)
 
     def declare(self, t: Task, size: int) -> bool:
         """Reserve room for ``t`` to reach ``size`` bytes; False (nothing changed) if the

@@ -62,7 +62,8 @@ class WritePath:
         writer = t.writer
         if writer is not None and writer.error is not None:
             self._failed(t, fd)  # a queued write failed: this write reports it
-        if not self._space.fits(t, offset + len(data) - t.present):
+        growth = offset + len(data) - t.present
+        if not self._space.fits(t, growth) and not await self._space.make_room(t, growth):
             raise FUSEError(errno.ENOSPC)
         hasher = t.hasher
         if hasher is not None:
