@@ -66,8 +66,9 @@ def credentials_file(tmp_path, access=ACCESS, secret=SECRET):
 
 
 def repo_config(tmp_path, endpoint: str, bucket: str, *, prefix="lab1", part_size=5 * MiB,
-                concurrency=4, grouping="directory", access=ACCESS, secret=SECRET) -> str:
-    return (f'import_grouping = "{grouping}"\nfileset_quiet_seconds = 0.3\n'
+                concurrency=4, grouping="directory", access=ACCESS, secret=SECRET,
+                quiet=0.3) -> str:
+    return (f'import_grouping = "{grouping}"\nfileset_quiet_seconds = {quiet}\n'
             f"settle_seconds = 0.2\n\n[repository]\nbackend = \"s3\"\n"
             f'endpoint = "{endpoint}"\nbucket = "{bucket}"\nprefix = "{prefix}"\n'
             f'credentials_file = "{credentials_file(tmp_path, access, secret)}"\n'
@@ -146,7 +147,10 @@ def b64sha(data: bytes) -> str:
 def test_small_and_multipart_files_are_pushed_and_verified(agent_factory, tmp_path, server,
                                                            cli):
     bucket = new_bucket(server)
-    agent = agent_factory(config=repo_config(tmp_path, server.endpoint, bucket)).start()
+    # Two files, one fileset: a quiet window longer than writing and verifying the
+    # 12 MiB file after the small one completed takes on a loaded machine.
+    agent = agent_factory(config=repo_config(tmp_path, server.endpoint, bucket,
+                                             quiet=3)).start()
     small = b"a small file\n" * 10
     big = os.urandom(12 * MiB + 12345)   # three 5 MiB parts
     write_upload(agent, "exp1/small.txt", small)
@@ -331,8 +335,10 @@ def test_two_agents_with_their_own_prefix_share_a_bucket(agent_factory, tmp_path
 
 def test_a_fileset_of_1000_small_files(agent_factory, tmp_path, seaweed):
     bucket = new_bucket(seaweed)
+    # A quiet window longer than any pause of a loaded machine's cp between two of
+    # the 1,000 files: one fileset (with 0.3 s it was once split 1 + 999).
     agent = agent_factory(config=repo_config(tmp_path, seaweed.endpoint, bucket,
-                                             concurrency=8)).start()
+                                             concurrency=8, quiet=3)).start()
     src = tmp_path / "src" / "plate"
     src.mkdir(parents=True)
     for i in range(1000):
