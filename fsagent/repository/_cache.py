@@ -162,7 +162,7 @@ def _find(paths, rel: bytes, copy: CachedCopy) -> bytes | None:
         if st.st_ino == copy.ino and st.st_size == copy.size:
             return rel
     except OSError:
-        pass
+        pass  # gone from there (renamed, and its record with it): look by inode below
     for other, st in paths.walk_files().items():
         if st.st_ino == copy.ino and st.st_size == copy.size:
             return other

@@ -318,7 +318,7 @@ class Pusher:
                     await trio.to_thread.run_sync(self.store.delete_object, key,
                                                   limiter=self.limiter)
                 except StoreError:
-                    pass
+                    pass  # a probe object left behind is harmless; the next probe replaces it
 
     # -- a push ---------------------------------------------------------------------------------
 

@@ -703,7 +703,7 @@ class _Display:
         print(line, file=sys.stderr, flush=True)
 
     def file_started(self, f: Source, offset: int) -> None:
-        pass
+        """Plain lines report totals only (the periodic line), not each file's start."""
 
     def advance(self, f: Source, n: int) -> None:
         self.done_bytes += n
@@ -712,7 +712,7 @@ class _Display:
         self.files_done += 1
 
     def file_failed(self, f: Source, why: str) -> None:
-        pass
+        """Said at the end with the other failures (``error``), not as a progress line."""
 
     def sent(self) -> int:
         return self.done_bytes - self.present
@@ -738,7 +738,7 @@ class _Display:
                   f"{self.sent()} bytes this run")
 
     def close(self) -> None:
-        pass
+        """Nothing to take down: plain lines leave no bars on the terminal."""
 
     async def run(self) -> None:
         """Periodic output until cancelled."""
@@ -847,8 +847,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
     if out.isatty():
         try:
             display = BarDisplay(out, args.interval, args.jobs, CHUNK_CAP)
-        except ImportError:  # tqdm missing (an install older than this command): lines
-            pass
+        except ImportError:
+            pass  # tqdm missing (an install older than this command): plain lines
     for path in skipped:
         display.note(f"skipped: {path} (not a regular file or directory)")
     outcome: dict[str, Any] = {"interrupted": False}

@@ -545,7 +545,7 @@ class UploadService:
             with self.paths.at(rel) as path:
                 os.unlink(path)
         except FileNotFoundError:
-            pass
+            pass  # removed meanwhile (through the mount): the task ends all the same
         except OSError as e:
             raise _error("IOError", f"cannot remove {t.path}: {e.strerror}") from None
         parent = self._node(parent_rel)
@@ -881,7 +881,7 @@ def _invalidate_inode(inode: int) -> None:
     try:
         pyfuse3.invalidate_inode(inode, attr_only=True)
     except OSError:
-        pass
+        pass  # the kernel no longer holds the inode: nothing cached to drop
 
 
 def _owners(paths, rels: list[bytes]) -> list[int | None]:
@@ -914,7 +914,7 @@ def _walk(paths, rel: bytes, uid: int | None, groups: frozenset[int], *, create:
             try:
                 st = paths.lstat(current)
             except FileNotFoundError:
-                pass
+                pass  # a directory still to make (``st`` stays None)
             except OSError as e:
                 raise bad(f"uploads/{os.fsdecode(current)}: {e.strerror}") from None
         if st is None:
@@ -947,7 +947,7 @@ def _walk(paths, rel: bytes, uid: int | None, groups: frozenset[int], *, create:
         try:
             st = paths.lstat(rel)
         except FileNotFoundError:
-            pass
+            pass  # a new file (``st`` stays None)
         except OSError as e:
             raise bad(f"uploads/{os.fsdecode(rel)}: {e.strerror}") from None
     if st is not None:
