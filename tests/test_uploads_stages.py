@@ -1079,7 +1079,8 @@ async def test_recheck_same_bytes_keep_their_import_other_bytes_start_over(
         st = write(store / name, data)
         t = to_complete(Task(rel=name.encode(), present=len(data), ino=st.st_ino,
                              computed={"sha256": sha256(same)}, job=f"j-{name}",
-                             job_sha256=sha256(same)))
+                             job_sha256=sha256(same), declared_size=len(same),
+                             client={"sha256": sha256(same)}))
         t.apply(Event.RECHECK)  # what recovery decides for an unproven complete row
         s.handoff.jobs[t.job] = "success"
         tasks.append(s.tasks.add(t))
@@ -1089,6 +1090,10 @@ async def test_recheck_same_bytes_keep_their_import_other_bytes_start_over(
     assert kept.state is State.COMPLETE and kept.job == "j-same"
     assert kept.fingerprint == fingerprint(os.lstat(store / "same"))
     assert changed.state is State.PARTIAL and changed.computed == {}
+    # The old bytes' declarations are not these bytes' (soak seed 37002: a row matched by
+    # a reused inode failed the new file against the old file's declared hash).
+    assert changed.client == {} and changed.declared_size is None
+    assert kept.client == {"sha256": sha256(same)} and kept.declared_size == len(same)
     assert s.wanted == [(changed, {"consider": True})]  # the rules take it from partial
     assert s.handoff.calls == [] and s.counters["rechecked"] == 2
 

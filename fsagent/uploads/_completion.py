@@ -254,6 +254,14 @@ class Completion:
             return
         log.warning("upload %s is not the bytes it was verified as (changed while the "
                     "agent was not looking); checking it again as a new version", t.path)
+        # A complete upload's bytes never change through the mount without it leaving
+        # complete durably first, so these bytes are another file's: the backing store
+        # was changed behind the agent, or (seen in the crash soak) the row was matched by
+        # an inode number that a new file reused after this one was replaced. What the
+        # client declared (size, hashes) described the old bytes, not these: dropped, so
+        # the new version is judged as any undeclared upload, not failed against them.
+        t.client = {}
+        t.declared_size = None
         t.changed()
         t.apply(Event.MODIFY)
         self._tasks.save(t)
