@@ -19,6 +19,8 @@
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import json
 import os
 import random
@@ -44,11 +46,9 @@ def free_port() -> int:
     """A port free now, below the kernel's ephemeral range: a server of several
     processes (SeaweedFS) connects to itself before it binds all its ports, and an
     ephemeral port picked by the kernel for such a connection must not be one of them."""
-    low = 32768
-    try:
+    low = 32768  # the kernel's default, when its setting cannot be read
+    with contextlib.suppress(OSError, ValueError, IndexError):
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
     for _ in range(1000):
         port = random.randrange(10000, max(10001, low - 1))
         with socket.socket() as s:
@@ -75,7 +75,9 @@ def s3_client(endpoint: str, access: str = ADMIN_ACCESS, secret: str = ADMIN_SEC
             response_checksum_validation="when_required"))
 
 
-class S3Server:
+class S3Server(abc.ABC):
+    """A local S3 server process; subclasses say how it is started (``argv``)."""
+
     name = "s3"
 
     def __init__(self, base: Path):
@@ -90,8 +92,9 @@ class S3Server:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @abc.abstractmethod
     def argv(self) -> list[str]:
-        raise NotImplementedError
+        """The command line that starts the server on ``self.port`` with ``self.data``."""
 
     def env(self) -> dict:
         return dict(os.environ)
@@ -237,10 +240,8 @@ class CountingProxy:
         self._release.set()
         self.listener.close()
         for s in list(self._sockets):
-            try:
+            with contextlib.suppress(OSError):
                 s.close()
-            except OSError:
-                pass
 
     def _accept(self) -> None:
         while not self._closed:
@@ -295,11 +296,7 @@ class CountingProxy:
         except OSError:
             return
         finally:
-            for s in (client, server):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _shut_down(client, server)
 
     def _responses(self, server: socket.socket, client: socket.socket,
                    hold: threading.Event) -> None:
@@ -311,15 +308,16 @@ class CountingProxy:
                 if hold.is_set():
                     self.held.set()
                     self._release.wait()
-                    if self._closed:
-                        return
-                    return  # the agent that sent it is gone: drop the answer
+                    return  # the agent that sent it is gone (or the proxy closed): drop it
                 client.sendall(data)
         except OSError:
-            pass
+            return  # either side closed the connection: nothing more to pass on
         finally:
-            for s in (client, server):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _shut_down(client, server)
+
+
+def _shut_down(*sockets: socket.socket) -> None:
+    """Shut both directions of each socket down; one already closed is fine."""
+    for s in sockets:
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
