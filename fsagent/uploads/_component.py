@@ -394,13 +394,17 @@ class UploadsComponent(Component):
 
     # -- uploads.json ---------------------------------------------------------------------
 
-    def render_list(self) -> bytes:
-        """Every unfinished upload (oldest change first), then the ``recent_uploads``
-        most recently completed. From the table's indexes: the complete uploads (most
-        of a big store) are neither scanned nor sorted."""
+    def listed_tasks(self) -> list[Task]:
+        """What ``uploads.json`` and ``UploadTasks.list`` show: every unfinished upload
+        (oldest change first), then the ``recent_uploads`` most recently completed. From
+        the table's indexes: the complete uploads (most of a big store) are neither
+        scanned nor sorted."""
         shown = sorted(self.tasks.unfinished, key=lambda t: t.updated)
-        shown += self.tasks.most_recent(self.config.recent_uploads)
-        return (json.dumps([t.summary() for t in shown], indent=1) + "\n").encode()
+        return shown + self.tasks.most_recent(self.config.recent_uploads)
+
+    def render_list(self) -> bytes:
+        return (json.dumps([t.summary() for t in self.listed_tasks()], indent=1)
+                + "\n").encode()
 
     def render_filesets(self) -> bytes:
         return (json.dumps(self.handoff.filesets(), indent=1) + "\n").encode()

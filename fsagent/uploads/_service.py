@@ -477,8 +477,7 @@ class UploadService:
     # -- UploadTasks -----------------------------------------------------------------------
 
     async def tasks_list(self) -> list[dict]:
-        shown = sorted(self.u.tasks.unfinished, key=lambda t: t.updated)
-        shown += self.u.tasks.most_recent(self.u.config.recent_uploads)
+        shown = self.u.listed_tasks()
         owners = await self.u.agent.to_thread(_owners, self.paths, [t.rel for t in shown])
         return [self.record(t, owner) for t, owner in zip(shown, owners)]
 
