@@ -128,6 +128,13 @@ MIGRATIONS: dict[str, Sequence[str]] = {
             PRIMARY KEY (pid, i)
         );
         """,
+        # 4: `ino_generation` is the backing inode's generation (FS_IOC_GETVERSION):
+        # an inode number is reused once its file is removed, so recovery matches a row
+        # to a file by (ino, generation) (fsagent/uploads/_recovery.py). NULL: unknown
+        # (older rows, filesystems without generations), matched by number as before.
+        """
+        ALTER TABLE upload_tasks ADD COLUMN ino_generation INTEGER;
+        """,
     ),
     "jobs": (
         # 1: one row per job (fsagent/jobs/_engine.py writes it) and the repository

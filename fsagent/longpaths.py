@@ -33,8 +33,10 @@ Design notes
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
+import struct
 from collections.abc import Iterator
 
 __all__ = ["PATH_MAX", "at", "open_directory", "lstat", "stat_follow", "islink", "exists",
@@ -43,6 +45,19 @@ __all__ = ["PATH_MAX", "at", "open_directory", "lstat", "stat_follow", "islink",
 PATH_MAX = 4096  # Linux: a path argument must be shorter than this, its NUL included
 _DIRECTORY_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _MAX_SYMLINKS = 40  # as the kernel's path walk
+
+
+# FS_IOC_GETVERSION, _IOR('v', 1, long): the kernel writes a 32-bit generation into the
+# (long-sized) buffer.
+_FS_IOC_GETVERSION = 0x80087601
+
+
+def _inode_generation(fd: int) -> int | None:
+    try:
+        raw = fcntl.ioctl(fd, _FS_IOC_GETVERSION, bytes(8))
+    except OSError:  # ENOTTY, EOPNOTSUPP, EINVAL: this filesystem does not keep one
+        return None
+    return struct.unpack_from("I", raw)[0]  # native order, at the start of the buffer
 
 
 def _too_long() -> OSError:
@@ -220,6 +235,35 @@ class BackingTree:
     def open(self, rel: bytes, flags: int = os.O_RDONLY, mode: int = 0o777) -> int:
         with self.at(rel) as path:
             return os.open(path, flags, mode)
+
+    def identity(self, rel: bytes) -> tuple[os.stat_result, int | None]:
+        """``(lstat, inode generation)`` of the file at ``rel``, from one descriptor.
+
+        An inode number alone does not name a file: once a file is removed its number
+        is free, and ext4 hands it to the next file created nearby. The generation
+        (``FS_IOC_GETVERSION``: ext4, XFS, btrfs) is drawn anew each time an inode is
+        allocated, so (number, generation) does. ``None`` where it cannot be had: a
+        filesystem without the ioctl (tmpfs), a file the agent may not open, or not a
+        regular file (never opened: a FIFO would block). Raises ``OSError`` only as
+        ``lstat`` would.
+        """
+        try:
+            fd = self.open(rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                           | os.O_CLOEXEC)
+        except OSError:
+            return self.lstat(rel), None
+        try:
+            st = os.fstat(fd)
+            return st, (_inode_generation(fd) if stat.S_ISREG(st.st_mode) else None)
+        finally:
+            os.close(fd)
+
+    def inode_generation(self, rel: bytes) -> int | None:
+        """The generation of the inode at ``rel`` (see ``identity``), or ``None``."""
+        try:
+            return self.identity(rel)[1]
+        except OSError:
+            return None
 
     def walk_files(self) -> dict[bytes, os.stat_result]:
         """``{rel: lstat}`` of every regular file in the tree (blocking).

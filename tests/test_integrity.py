@@ -372,6 +372,52 @@ def test_rename_then_kill_imports_each_version_once(agent_factory, how):
     no_traceback(agent)
 
 
+def test_a_reused_inode_number_is_not_the_removed_file_renamed(agent_factory):
+    """Soak seed 37002, made deterministic: complete ``d/s1`` (declared SHA-256) is
+    removed, and before that reaches the database the agent dies; a new file in ``d``
+    gets ``s1``'s inode number and is renamed to ``d/s6``. After the restart ``s6`` is a
+    new upload (its own task, verified against its own bytes, its own import), not
+    ``s1`` renamed: matched by number alone it took ``s1``'s task, import and declared
+    hash. The store is changed while the agent is down, as the crash would leave it."""
+    agent = agent_factory(config=QUICK).start()
+    old = os.urandom(30_000)
+    (agent.uploads / "d").mkdir()
+    (agent.uploads / "d" / "s1").write_bytes(b"")
+    os.setxattr(agent.uploads / "d" / "s1", "user.fsagent.sha256",
+                sha256_bytes(old).encode())
+    (agent.uploads / "d" / "s1").write_bytes(old)
+    s1 = import_checked(agent, "d/s1")[0]
+    kill_now(agent)
+    backing = agent.state / "data" / "uploads" / "d"
+    ino = os.lstat(backing / "s1").st_ino
+    os.unlink(backing / "s1")
+    made, reused = [], None  # ext4 gives the lowest free number: fill the lower ones
+    for i in range(5000):
+        candidate = backing / f"new-{i}"
+        candidate.write_bytes(b"")
+        if os.lstat(candidate).st_ino == ino:
+            reused = candidate
+            break
+        made.append(candidate)
+    for other in made:
+        other.unlink()
+    if reused is None:
+        pytest.skip(f"inode {ino} not reused after 5,000 files on this filesystem")
+    new = os.urandom(30_000)
+    reused.write_bytes(new)
+    os.rename(reused, backing / "s6")
+    restart(agent)
+
+    attrs, got = wait_complete_and_consistent(agent, agent.uploads / "d" / "s6")
+    assert got == new
+    assert attrs["task"] != s1["task"], "s6 took the removed s1's task"
+    assert attrs["job"] != s1["job"], "s6 is listed under s1's import"
+    import_checked(agent, "d/s6")
+    assert not (agent.uploads / "d" / "s1").exists()
+    assert "renamed there before the agent stopped" not in agent.logs[-1].read_text()
+    no_traceback(agent)
+
+
 # -- case 4 ----------------------------------------------------------------------------------
 
 SLOW_IMPORTS = QUICK + "max_concurrent_jobs = 1\n"

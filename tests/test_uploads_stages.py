@@ -494,7 +494,8 @@ async def test_recovery_cuts_unfinished_uploads_back_after_an_unclean_stop(
     t = Task(rel=b"a", state=state, present=1000, durable=600, ino=st.st_ino,
              computed={"sha256": "0" * 64})
     [row] = await stored_rows(db, [t])
-    plan = plan_recovery([row], paths.walk_files(), clean=False, trackable=trackable)
+    plan = plan_recovery([row], paths.walk_files(), clean=False, trackable=trackable,
+                          generation=paths.inode_generation)
     assert plan.cuts == [(b"a", 600)]
     assert plan.tasks == [row] and row.present == 600 and row.durable == 600
     assert row.state is (State.FAILED if state is State.FAILED else State.PARTIAL)
@@ -508,7 +509,8 @@ async def test_recovery_keeps_everything_after_a_clean_stop(db, store, paths):
     t = Task(rel=b"a", state=State.RECEIVING, present=1000, durable=600, ino=st.st_ino,
              computed={"sha256": "0" * 64})
     [row] = await stored_rows(db, [t])
-    plan = plan_recovery([row], paths.walk_files(), clean=True, trackable=trackable)
+    plan = plan_recovery([row], paths.walk_files(), clean=True, trackable=trackable,
+                          generation=paths.inode_generation)
     assert plan.cuts == []
     assert row.present == 1000 and row.durable == 600 and row.state is State.PARTIAL
     # Even after a clean stop the stream hashes of an unfinished upload are stale: the
@@ -520,13 +522,15 @@ async def test_recovery_never_raises_durable_above_the_file_and_never_cuts_up(db
     st = write(store / "a", b"d" * 300)  # shorter than recorded: truncated while down
     t = Task(rel=b"a", state=State.PARTIAL, present=1000, durable=600, ino=st.st_ino)
     [row] = await stored_rows(db, [t])
-    plan = plan_recovery([row], paths.walk_files(), clean=False, trackable=trackable)
+    plan = plan_recovery([row], paths.walk_files(), clean=False, trackable=trackable,
+                          generation=paths.inode_generation)
     assert plan.cuts == []
     assert row.present == 300 and row.durable == 300
 
 
 def fingerprinted(rel: bytes, st: os.stat_result, **kw) -> Task:
-    t = to_complete(Task(rel=rel, present=st.st_size, durable=st.st_size, ino=st.st_ino,
+    kw.setdefault("ino", st.st_ino)
+    t = to_complete(Task(rel=rel, present=st.st_size, durable=st.st_size,
                          computed={"sha256": "1" * 64}, job="j", **kw))
     t.fingerprint = fingerprint(st)
     return t
@@ -548,7 +552,8 @@ async def test_recovery_trusts_complete_rows_only_with_a_matching_fingerprint(
         os.chmod(store / "ctime", 0o600 if os.lstat(store / "ctime").st_mode & 0o44 else 0o644)
     assert os.lstat(store / "ctime").st_ctime_ns != sts["ctime"].st_ctime_ns
 
-    plan = plan_recovery(rows, paths.walk_files(), clean=False, trackable=trackable)
+    plan = plan_recovery(rows, paths.walk_files(), clean=False, trackable=trackable,
+                          generation=paths.inode_generation)
     by = {t.rel: t for t in plan.tasks}
     assert by[b"same"].state is State.COMPLETE
     assert by[b"same"].fingerprint == fingerprint(sts["same"])
@@ -566,7 +571,8 @@ async def test_recovery_matches_a_renamed_file_by_inode(db, store, paths):
     st = write(store / "old.bin", b"r" * 700)
     rows = await stored_rows(db, [fingerprinted(b"old.bin", st)])
     os.rename(store / "old.bin", store / "new.bin")  # the rename's row never got written
-    plan = plan_recovery(rows, paths.walk_files(), clean=False, trackable=trackable)
+    plan = plan_recovery(rows, paths.walk_files(), clean=False, trackable=trackable,
+                          generation=paths.inode_generation)
     [t] = plan.tasks
     assert plan.moved == [t] and t.rel == b"new.bin" and t.task_id == rows[0].task_id
     assert plan.adopted == [] and plan.forgotten == []  # not a second task: no re-import
@@ -580,7 +586,8 @@ async def test_recovery_matches_a_renamed_directory_by_inode(db, store, paths):
                          durable=st.st_size, ino=st.st_ino))
     rows = await stored_rows(db, rows)
     os.rename(store / "d1", store / "d2")
-    plan = plan_recovery(rows, paths.walk_files(), clean=False, trackable=trackable)
+    plan = plan_recovery(rows, paths.walk_files(), clean=False, trackable=trackable,
+                          generation=paths.inode_generation)
     assert sorted(t.rel for t in plan.moved) == [b"d2/sub/y", b"d2/x"]
     assert sorted(t.rel for t in plan.tasks) == [b"d2/sub/y", b"d2/x"]
     assert plan.adopted == [] and plan.forgotten == [] and plan.cuts == []
@@ -592,7 +599,8 @@ async def test_recovery_forgets_rows_whose_file_is_gone(db, store, paths):
     rows = await stored_rows(db, [Task(rel=b"gone", present=1, ino=st.st_ino),
                                   Task(rel=b"kept", present=1, ino=keep.st_ino)])
     os.unlink(store / "gone")
-    plan = plan_recovery(rows, paths.walk_files(), clean=False, trackable=trackable)
+    plan = plan_recovery(rows, paths.walk_files(), clean=False, trackable=trackable,
+                          generation=paths.inode_generation)
     assert [t.rel for t in plan.forgotten] == [b"gone"]
     assert [t.rel for t in plan.tasks] == [b"kept"]
 
@@ -602,7 +610,8 @@ async def test_recovery_adopts_files_with_no_row_and_ignores_untrackable_names(s
     write(store / "d" / ".new.bin.Ab12Cd", b"rsync temp")
     write(store / ".rsync-partial" / "p.bin", b"partial dir")
     write(store / os.fsdecode(b"bad-\xff.bin"), b"not utf-8")
-    plan = plan_recovery([], paths.walk_files(), clean=False, trackable=trackable)
+    plan = plan_recovery([], paths.walk_files(), clean=False, trackable=trackable,
+                          generation=paths.inode_generation)
     [t] = plan.adopted
     assert plan.tasks == [t]
     assert (t.rel, t.state, t.present, t.durable, t.ino) == (
@@ -619,7 +628,8 @@ async def test_recovery_when_an_inode_number_now_belongs_to_another_row(db, stor
     a = Task(rel=b"a", present=5, ino=st_b.st_ino)
     b = Task(rel=b"b", present=10, ino=st_b.st_ino)
     rows = await stored_rows(db, [a, b])
-    plan = plan_recovery(rows, paths.walk_files(), clean=False, trackable=trackable)
+    plan = plan_recovery(rows, paths.walk_files(), clean=False, trackable=trackable,
+                          generation=paths.inode_generation)
     assert [t.task_id for t in plan.forgotten] == [a.task_id]
     assert [(t.task_id, t.rel) for t in plan.tasks] == [(b.task_id, b"b")]
     assert plan.moved == [] and plan.adopted == []
@@ -634,7 +644,8 @@ async def test_recovery_a_path_whose_inode_changed_is_a_new_file(db, store, path
     os.rename(store / "a", store / "b")
     st_new = write(store / "a", b"new" * 3)
     assert st_new.st_ino != st_old.st_ino
-    plan = plan_recovery([row], paths.walk_files(), clean=False, trackable=trackable)
+    plan = plan_recovery([row], paths.walk_files(), clean=False, trackable=trackable,
+                          generation=paths.inode_generation)
     assert plan.moved == [row] and row.rel == b"b" and row.present == 10
     [adopted] = plan.adopted
     assert (adopted.rel, adopted.ino, adopted.present) == (b"a", st_new.st_ino, 9)
@@ -649,7 +660,8 @@ async def test_recovery_never_moves_a_row_onto_a_temporary_name(db, store, paths
     [row] = await stored_rows(db, [Task(rel=b"d/s1", state=State.COMPLETE, present=10,
                                         durable=10, ino=st.st_ino,
                                         computed={"sha256": "0" * 64})])
-    plan = plan_recovery([row], paths.walk_files(), clean=False, trackable=trackable)
+    plan = plan_recovery([row], paths.walk_files(), clean=False, trackable=trackable,
+                          generation=paths.inode_generation)
     assert plan.forgotten == [row] and plan.moved == [] and plan.tasks == []
     assert plan.ignored == [b"d/.s1.myK84B"]
 
@@ -658,9 +670,108 @@ async def test_recovery_rows_without_an_inode_match_by_path(db, store, paths):
     st = write(store / "a", b"p" * 10)
     [row] = await stored_rows(db, [Task(rel=b"a", present=10, durable=10)])
     assert row.ino is None  # a row from before inode records
-    plan = plan_recovery([row], paths.walk_files(), clean=False, trackable=trackable)
+    plan = plan_recovery([row], paths.walk_files(), clean=False, trackable=trackable,
+                          generation=paths.inode_generation)
     assert plan.tasks == [row] and plan.moved == [] and plan.adopted == []
     assert row.ino == st.st_ino  # recorded from now on
+
+
+def reuse_inode(directory: Path, ino: int, tries: int = 5000) -> Path:
+    """Create files in ``directory`` until one gets inode number ``ino`` (freed just
+    before). ext4 gives a new file the lowest free number of its directory's group, so
+    the others are kept until then (each fills a lower free number) and removed after."""
+    made = []
+    try:
+        for i in range(tries):
+            candidate = directory / f".reuse-{i}"
+            candidate.write_bytes(b"")
+            if os.lstat(candidate).st_ino == ino:
+                return candidate
+            made.append(candidate)
+    finally:
+        for other in made:
+            other.unlink()
+    pytest.skip(f"inode {ino} not reused after {tries} files on this filesystem")
+
+
+def identified(paths: BackingTree, rel: bytes) -> dict:
+    """The identity a live task records for the file at ``rel``."""
+    st, generation = paths.identity(rel)
+    if generation is None:
+        pytest.skip("this filesystem keeps no inode generations (FS_IOC_GETVERSION)")
+    return {"ino": st.st_ino, "ino_generation": generation}
+
+
+async def test_recovery_a_reused_inode_number_moved_elsewhere_is_a_new_file(db, store, paths):
+    """Soak seed 37002: complete ``s1`` removed, its inode number reused by an rsync temp
+    file renamed to ``s6``, all before the removal reached the database. By number
+    ``s6`` is ``s1`` renamed (it would take ``s1``'s task, import and declared hash); by
+    number and generation it is a new file: ``s1``'s row is forgotten, ``s6`` adopted."""
+    st = write(store / "d" / "s1", b"1" * 100)
+    row = fingerprinted(b"d/s1", st, **identified(paths, b"d/s1"))
+    row.client = {"sha256": "1" * 64}
+    [row] = await stored_rows(db, [row])
+    assert row.ino_generation is not None  # recorded and read back through SQLite
+    os.unlink(store / "d" / "s1")
+    reused = reuse_inode(store / "d", st.st_ino)
+    reused.write_bytes(b"6" * 100)  # same size, other bytes
+    os.rename(reused, store / "d" / "s6")
+    plan = plan_recovery([row], paths.walk_files(), clean=False, trackable=trackable,
+                         generation=paths.inode_generation)
+    assert plan.forgotten == [row] and plan.moved == [] and plan.recheck == []
+    [adopted] = plan.adopted
+    assert adopted.rel == b"d/s6" and adopted.task_id != row.task_id
+    assert adopted.client == {} and adopted.job is None
+    assert (adopted.ino, adopted.ino_generation) == (st.st_ino, paths.inode_generation(b"d/s6"))
+
+
+async def test_recovery_a_reused_inode_number_at_the_same_path_is_a_new_file(db, store, paths):
+    """``rm a; cp new a`` where the new ``a`` got the old number: the row's durable
+    offset is the old file's, so applied to the new one it would cut bytes that were
+    never the row's. A new file: adopted whole, nothing cut."""
+    st = write(store / "a", b"o" * 1000)
+    [row] = await stored_rows(db, [Task(rel=b"a", present=1000, durable=600,
+                                        **identified(paths, b"a"))])
+    os.unlink(store / "a")
+    reused = reuse_inode(store, st.st_ino)
+    reused.write_bytes(b"n" * 900)
+    os.rename(reused, store / "a")
+    plan = plan_recovery([row], paths.walk_files(), clean=False, trackable=trackable,
+                         generation=paths.inode_generation)
+    assert plan.forgotten == [row] and plan.cuts == []
+    [adopted] = plan.adopted
+    assert (adopted.rel, adopted.present, adopted.durable) == (b"a", 900, 900)
+    assert (store / "a").read_bytes() == b"n" * 900
+
+
+async def test_recovery_reads_generations_only_where_the_number_may_be_reused(
+        db, store, paths):
+    """A complete file whose fingerprint matches is its row's without an ``open``; a
+    partial one, a moved one and a new one are read once each; the same file and
+    generation keep the row, and rows from before generations get theirs recorded."""
+    sts = {n: write(store / n, n.encode() * 10) for n in ("done", "part", "old", "moved")}
+    rows = [fingerprinted(b"done", sts["done"], **identified(paths, b"done")),
+            Task(rel=b"part", present=4, durable=4, **identified(paths, b"part")),
+            Task(rel=b"old", present=3, durable=3, ino=sts["old"].st_ino),
+            Task(rel=b"moved", present=5, durable=5, **identified(paths, b"moved"))]
+    rows = await stored_rows(db, rows)
+    os.rename(store / "moved", store / "there")
+    write(store / "new", b"n")
+    read = []
+
+    def generation(rel):
+        read.append(rel)
+        return paths.inode_generation(rel)
+
+    plan = plan_recovery(rows, paths.walk_files(), clean=True, trackable=trackable,
+                         generation=generation)
+    assert sorted(read) == [b"new", b"old", b"part", b"there"]
+    by = {t.rel: t for t in plan.tasks}
+    assert set(by) == {b"done", b"part", b"old", b"there", b"new"}
+    assert [t.rel for t in plan.moved] == [b"there"] and plan.forgotten == []
+    assert by[b"done"].state is State.COMPLETE and plan.recheck == []
+    for rel, t in by.items():
+        assert t.ino_generation == paths.inode_generation(rel), rel
 
 
 # -- the task and its table -----------------------------------------------------------------

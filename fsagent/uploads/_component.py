@@ -47,7 +47,7 @@ from ._declarations import FSAGENT_XATTR, declare, task_xattrs, undeclare
 from ._handoff import ImportHandOff
 from ._names import Names, trackable
 from ._nodes import FileHandle, UploadDir
-from ._recovery import cut_back, fingerprint, plan_recovery
+from ._recovery import Recovery, cut_back, fingerprint, plan_recovery
 from ._service import UploadService
 from ._space import SpaceAccounting
 from ._store import TaskTable, load_tasks
@@ -175,11 +175,12 @@ class UploadsComponent(Component):
         t = self.tasks.get(rel)
         if t is None:
             try:
-                st = self.paths.lstat(rel)
+                st, generation = self.paths.identity(rel)
                 size, ino = st.st_size, st.st_ino
             except OSError:
-                size, ino = 0, None
-            t = Task(rel=rel, present=size, ino=ino, tracked=trackable(rel))
+                size, ino, generation = 0, None, None
+            t = Task(rel=rel, present=size, ino=ino, ino_generation=generation,
+                     tracked=trackable(rel))
             self.tasks.add(t)
         return t
 
@@ -429,8 +430,10 @@ class UploadsComponent(Component):
                 st = fresh.get(t.task_id)
                 if st is not None and t.state is State.COMPLETE:
                     t.fingerprint = fingerprint(st)
-        files = await self.agent.to_thread(self.paths.walk_files)
-        plan = plan_recovery(rows, files, clean=db.previous_run_clean, trackable=trackable)
+        def plan() -> Recovery:  # a walk of the store and a generation per doubtful file
+            return plan_recovery(rows, self.paths.walk_files(), clean=db.previous_run_clean,
+                                 trackable=trackable, generation=self.paths.inode_generation)
+        plan = await self.agent.to_thread(plan)
         for t in plan.forgotten:
             self.tasks.forget_row(t)  # removed while we were down
             self.names.remember_removed(t.task_id)

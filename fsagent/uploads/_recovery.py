@@ -8,12 +8,21 @@ Design notes
   forget; the component then performs it (``cut_back`` in a worker thread, rechecks
   through completion, manifest moves through the hand-off). So every rule below is
   unit-tested without a mount or a crash.
-* **Matching rows to files.** A row belongs to the file at its path when the inode
-  agrees (or the row predates inode records); else to the file that now has its inode
-  (a rename, or a directory's, whose record never reached the database: without this
-  the file would be a new task and be imported twice), unless that file has a
-  temporary name (then the inode was reused after the row's file was removed); else
-  its file is gone.
+* **Matching rows to files.** A row belongs to the file at its path when it is the
+  row's file (below); else to the file that is, wherever it is now (a rename, or a
+  directory's, whose record never reached the database: without this the file would
+  be a new task and be imported twice), unless that file has a temporary name (a rename
+  to such a name ends a task's row); else its file is gone.
+* **Which file is the row's.** The inode number alone does not say: once a file is
+  removed its number is free, and ext4 gives it to the next file created nearby (the
+  crash soak saw an rsync temp file get the number of a file it replaced, then be
+  renamed elsewhere: matched by number, the new file took the old task, its import and
+  its declared hash). So a row records the inode's generation too (``Task.
+  ino_generation``, drawn anew at each allocation) and a file is the row's when both
+  agree. The generation costs an ``open`` per file, so it is read only where the number
+  could be a reused one: not for a complete row whose fingerprint still matches (a new
+  inode has a new ctime). Unknown generations (older rows, a filesystem without them)
+  leave the number to decide, as before.
 * **Unfinished uploads are cut back** to their durable offset after an unclean stop
   (data first, record second: everything below it was synced), so the size is the
   resume point. Their hashes are dropped: they describe no version now.
@@ -53,11 +62,14 @@ class Recovery:
 
 
 def plan_recovery(rows: list[Task], files: dict[bytes, os.stat_result], *, clean: bool,
-                  trackable) -> Recovery:
+                  trackable, generation) -> Recovery:
     """Decide every task's fate at start-up (see the design notes). ``files`` is
-    consumed; ``trackable(rel)`` says whether a name can be an upload task."""
+    consumed; ``trackable(rel)`` says whether a name can be an upload task;
+    ``generation(rel)`` is the inode generation of the file at ``rel`` or None
+    (``BackingTree.inode_generation``: blocking, so the plan runs in a worker thread)."""
     plan = Recovery()
-    for t, st, moved in _match_rows(rows, files, trackable):
+    known = _Generations(generation)
+    for t, st, moved in _match_rows(rows, files, trackable, known):
         if st is None:
             plan.forgotten.append(t)
             continue
@@ -76,6 +88,8 @@ def plan_recovery(rows: list[Task], files: dict[bytes, os.stat_result], *, clean
             if not clean and size > t.durable:
                 plan.cuts.append((t.rel, t.durable))
                 size = t.durable
+        if t.ino != st.st_ino or t.ino_generation is None:
+            t.ino_generation = known(t.rel)  # rows from before generations: from now on
         t.ino = st.st_ino
         t.present = size
         t.durable = min(t.durable, size)
@@ -84,13 +98,42 @@ def plan_recovery(rows: list[Task], files: dict[bytes, os.stat_result], *, clean
         if not trackable(rel):
             plan.ignored.append(rel)
             continue
-        t = Task(rel=rel, present=st.st_size, durable=st.st_size, ino=st.st_ino)
+        t = Task(rel=rel, present=st.st_size, durable=st.st_size, ino=st.st_ino,
+                 ino_generation=known(rel))
         plan.adopted.append(t)
         plan.tasks.append(t)
     return plan
 
 
-def _match_rows(rows: list[Task], files: dict[bytes, os.stat_result], trackable):
+class _Generations:
+    """``generation(rel)``, each file's read once."""
+
+    def __init__(self, generation):
+        self._generation = generation
+        self._seen: dict[bytes, int | None] = {}
+
+    def __call__(self, rel: bytes) -> int | None:
+        if rel not in self._seen:
+            self._seen[rel] = self._generation(rel)
+        return self._seen[rel]
+
+
+def _is_rows_file(t: Task, rel: bytes, st: os.stat_result, generation) -> bool:
+    """Whether the file at ``rel`` (``st``) is the one ``t``'s row was written for."""
+    if t.ino is None:
+        return True  # a row from before inode records: its path is all it has
+    if st.st_ino != t.ino:
+        return False
+    if t.ino_generation is None:
+        return True  # generation unknown: the number decides, as before generations
+    if t.state is State.COMPLETE and t.fingerprint == fingerprint(st):
+        return True  # the ctime a reused inode would have moved is the verified one
+    found = generation(rel)
+    return found is None or found == t.ino_generation
+
+
+def _match_rows(rows: list[Task], files: dict[bytes, os.stat_result], trackable,
+                generation):
     """Yield ``(task, stat, moved)``: ``stat`` None for a row whose file is gone.
 
     A file at a temporary name is never where a task moved to (a rename to such a name
@@ -100,15 +143,16 @@ def _match_rows(rows: list[Task], files: dict[bytes, os.stat_result], trackable)
     unplaced = []
     for t in rows:
         st = files.get(t.rel)
-        if st is not None and (t.ino is None or t.ino == st.st_ino):
+        if st is not None and _is_rows_file(t, t.rel, st, generation):
             del files[t.rel]
             yield t, st, False
         else:
             unplaced.append(t)
     for t in unplaced:
         rel = by_ino.get(t.ino) if t.ino is not None else None
-        st = files.pop(rel, None) if rel is not None else None
-        if st is not None and st.st_ino == t.ino:
+        st = files.get(rel) if rel is not None else None
+        if st is not None and _is_rows_file(t, rel, st, generation):
+            del files[rel]
             t.rel = rel
             yield t, st, True
         else:

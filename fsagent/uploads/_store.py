@@ -15,7 +15,9 @@ Design notes
   not unique: within one flush a task may take over the path of one being deleted.
 * **Identity and proof** (crash consistency). ``ino`` is the backing file's inode
   number, recorded when the task first sees its file: a rename keeps it, so recovery
-  matches a row whose path change never reached SQLite to the file that moved.
+  matches a row whose path change never reached SQLite to the file that moved;
+  ``ino_generation`` (the inode's generation, ``BackingTree.identity``) tells that file
+  from a later one given the same number.
   ``fingerprint`` is ``(size, mtime_ns, ctime_ns)`` of the backing file when it was
   verified (refreshed when the mount itself changes only metadata): any write,
   truncate or rename moves the ctime, which no client can set, so recovery trusts a

@@ -254,7 +254,7 @@ def digests_of(values: Mapping[str, str]) -> Mapping[str, str]:
 COLUMNS = ("task_id", "path", "state", "bytes_present", "durable_offset", "declared_size",
             "client_md5", "client_sha1", "client_sha256", "md5", "sha1", "sha256", "job",
             "error", "held", "renamed_by_rsync", "created", "updated", "completed", "ino",
-            "fp_size", "fp_mtime_ns", "fp_ctime_ns", "job_sha256")
+            "fp_size", "fp_mtime_ns", "fp_ctime_ns", "job_sha256", "ino_generation")
 
 
 # ``slots``: at 100,000 uploads every byte of a task counts (a dict per instance cost
@@ -281,6 +281,7 @@ class Task:
     updated: float = dataclasses.field(default_factory=time.time)
     completed: float | None = None
     ino: int | None = None          # the backing file's inode (follows renames)
+    ino_generation: int | None = None  # ... and its generation: (ino, this) names the file
     fingerprint: tuple[int, int, int] | None = None  # (size, mtime_ns, ctime_ns) verified
     job_sha256: str | None = None   # the SHA-256 of the version ``job`` imports
     # -- runtime only --
@@ -373,7 +374,8 @@ class Task:
                 self.computed.get("sha1"), self.computed.get("sha256"), self.job,
                 self.error, int(self.held), int(self.renamed_by_rsync), self.created,
                 self.updated, self.completed, self.ino,
-                *(self.fingerprint or (None, None, None)), self.job_sha256)
+                *(self.fingerprint or (None, None, None)), self.job_sha256,
+                self.ino_generation)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row | tuple) -> Task:
@@ -391,5 +393,6 @@ class Task:
             updated=values["updated"], completed=values["completed"], ino=values["ino"],
             fingerprint=(None if values["fp_size"] is None else
                          (values["fp_size"], values["fp_mtime_ns"], values["fp_ctime_ns"])),
-            job_sha256=values["job_sha256"], stored=True, committed=True,
+            job_sha256=values["job_sha256"], ino_generation=values["ino_generation"],
+            stored=True, committed=True,
         )
