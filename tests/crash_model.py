@@ -228,6 +228,7 @@ class Model:
         self.lineages: dict[int, Lineage] = {}
         self.dirs: set[str] = set()
         self.allowance: Counter[str] = Counter()  # sha256 -> versions that became it
+        self.sources: dict[str, list[str]] = {}  # sha256 -> "path (how)" of each, to report
         self._next = 0
 
     def new(self, path: str, content: bytes = b"") -> Lineage:
@@ -250,8 +251,10 @@ class Model:
                        if lin.path and lin.path.startswith(prefix + "/")),
                       key=lambda lin: lin.path)
 
-    def became(self, content: bytes) -> None:
-        self.allowance[sha256_bytes(content)] += 1
+    def became(self, content: bytes, path: str, how: str) -> None:
+        digest = sha256_bytes(content)
+        self.allowance[digest] += 1
+        self.sources.setdefault(digest, []).append(f"{path} ({how})")
 
 
 # -- one round's stop coordination ------------------------------------------------------
@@ -419,7 +422,7 @@ class Worker:
         self._write_chunks(fd, lin, 0, content, fsync_at)
         self.close_fd(fd, f"close({rel})")
         with model.lock:
-            model.became(lin.content)
+            model.became(lin.content, lin.path, "write")
 
     def _write_chunks(self, fd, lin, off, content, fsync_at=None) -> None:
         view, pos = memoryview(content), 0
@@ -467,7 +470,7 @@ class Worker:
             target = lin or model.new(rel)
             target.truncate(0)
             target.write(0, content)
-            model.became(content)
+            model.became(content, rel, "cp")
 
         def maybe():
             target = lin
@@ -493,7 +496,7 @@ class Worker:
                            self.rng.choice([None, None, "end"]))
         self.close_fd(fd, f"close({lin.path})")
         with self.model.lock:
-            self.model.became(lin.content)
+            self.model.became(lin.content, lin.path, "append")
 
     def op_pwrite(self) -> None:
         """O_RDWR, 1-3 pwrites at random offsets (inside the file, or a little past its
@@ -514,7 +517,7 @@ class Worker:
             self.fsync(fd, lin, "writer")
         self.close_fd(fd, f"close({lin.path})")
         with self.model.lock:
-            self.model.became(lin.content)
+            self.model.became(lin.content, lin.path, "pwrite")
 
     def op_truncate_path(self) -> None:
         lin = self.pick_file()
@@ -525,7 +528,7 @@ class Worker:
 
         def ack(_):
             lin.truncate(size)
-            model.became(lin.content)
+            model.became(lin.content, lin.path, "truncate")
         self.step(f"truncate({lin.path}, {size})",
                   lambda: os.truncate(self.up / lin.path, size), ack,
                   lambda: _truncated_maybe(lin, size))
@@ -551,7 +554,7 @@ class Worker:
             self._write_chunks(fd, lin, len(lin.content), os.urandom(self.rng.randint(1, 9000)))
         self.close_fd(fd, f"close({lin.path})")
         with self.model.lock:
-            self.model.became(lin.content)
+            self.model.became(lin.content, lin.path, "ftruncate")
 
     def op_rename_file(self) -> None:
         """mv a b: to a new name (maybe in another directory) or over an existing file."""
@@ -706,7 +709,7 @@ class Worker:
             self._write_chunks(fd, lin, len(lin.content), os.urandom(self.rng.randint(1, 50_000)))
         self.close_fd(fd, f"close({rel}) after holding it")
         with model.lock:
-            model.became(lin.content)
+            model.became(lin.content, lin.path, "hold")
 
     def op_rsync(self) -> None:
         """rsync -a (or --inplace) of one of this worker's small source trees into a
@@ -741,7 +744,7 @@ class Worker:
                     if old is not None:
                         model.end(old)  # the temp file renamed over it is a new task
                     model.new(rel, content)
-                model.became(content)
+                model.became(content, rel, "rsync")
 
         def maybe():
             model.dirs.add(dst)
@@ -758,7 +761,7 @@ class Worker:
                 new = model.new(rel, content)
                 new.maybe = {None}
                 new.uncertain = True
-                model.became(content)
+                model.became(content, rel, "rsync in flight")
         self.step(f"rsync -a{' --inplace' if inplace else ''} source {tree.index} -> {dst}",
                   lambda: _run(argv), ack, maybe)
         if self.rng.random() < 0.35:
@@ -1156,7 +1159,7 @@ class Checker:
                 lin = model.new(rel, data)
             changed = data != lin.content
             if lin.uncertain or lin.reopened or changed:
-                model.became(data)
+                model.became(data, rel, "after the restart")
             lin.path, lin.maybe = rel, set()
             lin.content, lin.candidates = data, [data]
             lin.floor, lin.exact = 0, False
@@ -1217,7 +1220,8 @@ class Checker:
                          for j in jobs if job_state(j) == "success" for m in members_of(j)
                          if m.get("sha256") == digest and not skipped_by(j, m["task"])]
                 self.fail(f"sha256 {digest[:16]}: {n} successful imports, but the model saw "
-                          f"{self.model.allowance[digest]} version(s) become it: {which}")
+                          f"{self.model.allowance[digest]} version(s) become it: {which}; "
+                          f"it saw them become it at {self.model.sources.get(digest)}")
         for j in jobs:
             if job_state(j) == "failure" and j.get("ErrorCode") == 1:
                 self.fail(f"import {j['ID']} failed unexpectedly: {j.get('ErrorDescription')}")
