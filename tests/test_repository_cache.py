@@ -18,6 +18,7 @@ import time
 import pytest
 
 from conftest import run_fsagent, wait_for
+from test_upload_rpc import call
 from s3util import RcloneS3
 from test_repository_s3 import (
     get, job_of, keys, metric, new_bucket, repo_config, wait_job, write_upload,
@@ -203,6 +204,52 @@ def test_a_full_store_evicts_verified_copies_instead_of_refusing_writes(agent_fa
         assert os.stat(backing(agent, "full/first.bin")).st_blocks * 512 <= FREED_SLACK
         assert hashlib.sha256((agent.uploads / "full/first.bin").read_bytes()).hexdigest() \
             == sha(first)
+    finally:
+        if agent is not None:
+            agent.cleanup()
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+@pytest.mark.parametrize("how", ["setfattr", "UploadTasks.create", "ImportProcess.create"])
+def test_a_size_declared_on_a_full_store_evicts_instead_of_failing(agent_factory, tmp_path,
+                                                                   rclone, how):
+    """A 48 MiB tmpfs store holding a pushed 20 MiB upload: declaring 30 MiB more (on
+    the mount, or over RPC) evicts the pushed copy instead of answering ENOSPC /
+    ``NoSpace``; the upload then arrives whole, and the evicted one still reads back."""
+    bucket = new_bucket(rclone)
+    state = tmp_path / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(state)],
+                   check=True)
+    agent = None
+    try:
+        agent = agent_factory(config="store_reserve_bytes = 0\n" + repo_config(
+            tmp_path, rclone.endpoint, bucket, grouping="file"), state=state)
+        agent.start()
+        first = os.urandom(20 * MiB)
+        write_upload(agent, "full/first.bin", first)
+        assert wait_job(agent, job_of(agent, "full/first.bin"))["State"] == "Success"
+        assert cache_status(agent)["evicted_files"] == 0   # no limit set: kept
+        second = os.urandom(30 * MiB)
+        path = agent.uploads / "full/second.bin"
+        if how == "setfattr":
+            path.touch()
+            os.setxattr(path, "user.fsagent.size", str(len(second)).encode())  # no ENOSPC
+        elif how == "UploadTasks.create":
+            call(agent, "UploadTasks.create", {"path": "full/second.bin",
+                                               "fileSize": len(second)})
+        else:
+            call(agent, "ImportProcess.create", {"root": "full", "files": [
+                {"path": "second.bin", "size": len(second)}]})
+        assert cache_status(agent)["evicted_files"] == 1
+        assert xattr(path, "user.fsagent.size") == str(len(second))
+        with open(path, "r+b") as f:
+            for i in range(0, len(second), MiB):
+                f.write(second[i:i + MiB])
+        wait_for(lambda: xattr(path, "user.fsagent.state") == "complete",
+                 what="second.bin complete")
+        assert xattr(path, "user.fsagent.sha256") == sha(second)
+        assert sha((agent.uploads / "full/first.bin").read_bytes()) == sha(first)
     finally:
         if agent is not None:
             agent.cleanup()

@@ -319,7 +319,15 @@ class UploadsComponent(Component):
 
     async def declare(self, rel: bytes, name: bytes, value: bytes) -> None:
         t = self.tasks.get(rel)
-        declare(t, name[len(FSAGENT_XATTR):], value, self.space, self.writes.new_hasher)
+        key = name[len(FSAGENT_XATTR):]
+        if key == b"size" and value.strip().isdigit():
+            # A full store frees itself first (_space.py), for a declared size too.
+            short = int(value) - t.present - self.space.room_for(t)
+            if short > 0:
+                await self.space.evict_for(short)
+                if self.tasks.get(rel) is not t or t.ended:
+                    raise FUSEError(errno.ENOENT)  # removed or replaced while evicting
+        declare(t, key, value, self.space, self.writes.new_hasher)
         self.tasks.save(t)
         await self.completion.declared(t)
 

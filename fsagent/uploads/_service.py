@@ -278,16 +278,24 @@ class UploadService:
             os.close(fd)
             raise
 
-    def _check_space(self, need: int, own: list[Task] = ()) -> None:
-        """``NoSpace`` unless ``need`` more bytes fit (the check of a declared size);
-        ``own``: existing tasks being declared again, whose reservations are theirs."""
-        if need <= 0:
-            return
+    def _room(self, own: list[Task]) -> int:
         room = self.u.space.room_for(None)
         for t in own:  # as SpaceAccounting.reserved_by_others counted them
             if (t in self.u.space.declared and t.declared_size is not None and not t.ended
                     and t.state not in (State.COMPLETE, State.FAILED)):
                 room += max(0, t.declared_size - t.present)
+        return room
+
+    async def _check_space(self, need: int, own: list[Task] = ()) -> None:
+        """``NoSpace`` unless ``need`` more bytes fit (the check of a declared size),
+        after evicting verified copies if the store is short (s3 backend);
+        ``own``: existing tasks being declared again, whose reservations are theirs."""
+        if need <= 0:
+            return
+        room = self._room(own)
+        if need > room:
+            await self.u.space.evict_for(need - room)
+            room = self._room(own)
         if need > room:
             raise _error("NoSpace", f"needs {need} bytes, {max(0, room)} free")
 
@@ -515,7 +523,7 @@ class UploadService:
         existing = self.u.tasks.get(rel) if st is not None else None
         own = [existing] if existing is not None and not existing.ended else []
         if size is not None:
-            self._check_space(size - (own[0].present if own else 0), own)
+            await self._check_space(size - (own[0].present if own else 0), own)
         fd, created = _make_file(self.paths, rel, uid, _caller_groups())
         if fd is not None:
             t = await self._register_created(rel, fd)
@@ -668,7 +676,7 @@ class UploadService:
                 need += max(0, f.size - t.present)
             else:
                 need += f.size
-        self._check_space(need, own)
+        await self._check_space(need, own)
         made = await self.u.agent.to_thread(_make_files, self.paths, rels, uid,
                                                   _caller_groups())
         created_names: list[bytes] = []

@@ -25,6 +25,9 @@ Design notes
   ``fsagent/repository/_cache.py``) to evict local copies of uploads verified in the
   store, least recently used first, in worker threads while the write waits; only if
   that frees too little is the answer still no. Without an evictor nothing changes.
+  A size declaration is a write announced in advance, so it gets the same chance:
+  ``evict_for`` (``setfattr user.fsagent.size``, ``UploadTasks.create``,
+  ``ImportProcess.create``) evicts what is missing before the declaration is refused.
 * **No FUSE here.** Callers turn a "no" into ENOSPC; this module answers with numbers
   and booleans, so it is tested without a mount.
 """
@@ -102,6 +105,12 @@ class SpaceAccounting:
             return False
         await self.evictor(growth - self.room_for(t))
         return self.fits(t, growth)
+
+    async def evict_for(self, short: int) -> None:
+        """Evict verified copies to free ``short`` more bytes if it can (a declaration
+        that does not fit: see "A full store frees itself first"); no evictor, no-op."""
+        if self.evictor is not None and short > 0:
+            await self.evictor(short)
 
     def declare(self, t: Task, size: int) -> bool:
         """Reserve room for ``t`` to reach ``size`` bytes; False (nothing changed) if the
