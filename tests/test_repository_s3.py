@@ -403,6 +403,32 @@ def test_repository_settings_resolve_and_round_trip(tmp_path):
 # -- the plan (pure) --------------------------------------------------------------------------
 
 
+def test_a_copy_above_the_single_copy_limit_is_a_multipart_copy(server):
+    """``keep_deleted`` moves an object with a copy; one CopyObject copies at most 5 GiB,
+    so above that the adapter copies in parts: server-side (SeaweedFS), or through the
+    agent where the store cannot copy parts (rclone's gateway answers no ETag). The
+    limit is lowered so a 13 MiB object takes that path: same bytes, same metadata."""
+    from fsagent.repository._s3 import S3Store
+    bucket = new_bucket(server)
+    store = S3Store(endpoint=server.endpoint, bucket=bucket, region="us-east-1",
+                    path_style=True, credentials=(ACCESS, SECRET, None), concurrency=2)
+    store.copy_limit, store.copy_part, store.stream_part = 8 * MiB, 5 * MiB, 5 * MiB
+    data = os.urandom(13 * MiB + 77)
+    client = server.client()
+    client.put_object(Bucket=bucket, Key="lab/big.bin", Body=data,
+                      Metadata={"sha256": hashlib.sha256(data).hexdigest(), "task": "t1"})
+    head = store.head_object("lab/big.bin")
+    store.copy_object("lab/big.bin", "lab/deleted/big.bin", head["size"], head["metadata"])
+    copied = client.get_object(Bucket=bucket, Key="lab/deleted/big.bin")
+    assert copied["Body"].read() == data
+    metadata = {k.lower(): v for k, v in copied["Metadata"].items()}  # rclone: "Sha256"
+    assert metadata == {"sha256": hashlib.sha256(data).hexdigest(), "task": "t1"}
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    # Below the limit: one CopyObject, as before.
+    store.copy_object("lab/big.bin", "lab/one.bin")
+    assert client.head_object(Bucket=bucket, Key="lab/one.bin")["ContentLength"] == len(data)
+
+
 def test_parts_and_part_size():
     assert _push.split_parts(0, 5) == []
     assert [(p.number, p.offset, p.size) for p in _push.split_parts(12, 5)] == [

@@ -652,6 +652,7 @@ class Cache:
             return
         if keep:
             await trio.to_thread.run_sync(self.store.copy_object, key, self.deleted_key(key),
+                                          head["size"], head.get("metadata"),
                                           limiter=self.limiter)
         await trio.to_thread.run_sync(self.store.delete_object, key, limiter=self.limiter)
         self.metrics["deleted"].inc()

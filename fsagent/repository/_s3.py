@@ -37,7 +37,10 @@ Design notes
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import errno
+import hashlib
 import os
 import re
 from typing import Any
@@ -65,6 +68,11 @@ _THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExce
 _TIMEOUT = {"RequestTimeout", "RequestTimeoutException"}
 _DIGEST = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch",
            "XAmzContentChecksumMismatch"}
+
+
+COPY_LIMIT = 5 * 2**30    # the largest object one CopyObject may copy (S3)
+COPY_PART = 2**30         # a part of a server-side multipart copy
+STREAM_PART = 64 * 2**20  # a part copied through the agent (held in memory once)
 
 
 class StoreError(Exception):
@@ -200,6 +208,10 @@ class S3Store:
                  connect_timeout: float = 5.0, read_timeout: float = 60.0):
         self.endpoint = endpoint
         self.bucket = bucket
+        # Copies (keep_deleted): one CopyObject up to this, S3's limit; parts above it
+        # (COPY_PART server-side, STREAM_PART through the agent). Attributes, so a test
+        # can exercise the multipart copy with a small object.
+        self.copy_limit, self.copy_part, self.stream_part = COPY_LIMIT, COPY_PART, STREAM_PART
         self.where = f"{endpoint or 'AWS ' + region} bucket {bucket!r}"
         key, secret, token = credentials
         session = botocore.session.Session()
@@ -426,12 +438,66 @@ class S3Store:
         size = int(total) if total.isdigit() else int(h.get("Content-Length") or len(body))
         return body[:length], size, metadata
 
-    def copy_object(self, source: str, key: str) -> None:
-        """Server-side copy of ``source`` to ``key``, user metadata kept (objects up to
-        5 GiB: S3's limit for one CopyObject)."""
-        self._call(f"s3://{self.bucket}/{key}", "copy_object", Key=key,
-                   CopySource={"Bucket": self.bucket, "Key": source},
-                   MetadataDirective="COPY")
+    def copy_object(self, source: str, key: str, size: int | None = None,
+                    metadata: dict[str, str] | None = None) -> None:
+        """Server-side copy of ``source`` (``size`` bytes, user ``metadata``) to ``key``,
+        user metadata kept. One CopyObject up to ``copy_limit`` (5 GiB, S3's limit for
+        it); above, a multipart copy (UploadPartCopy, ``COPY_PART`` each) or, where the
+        store cannot copy parts (``rclone serve s3`` answers without an ETag), each
+        part read with a ranged GET and sent again. The copy's size is checked."""
+        if size is None or size <= self.copy_limit:
+            self._call(f"s3://{self.bucket}/{key}", "copy_object", Key=key,
+                       CopySource={"Bucket": self.bucket, "Key": source},
+                       MetadataDirective="COPY")
+            return
+        for server_side in (True, False):
+            # S3 keeps user metadata keys in lower case; some stores answer them
+            # capitalised, and would store them so.
+            upload_id = self.create_multipart(
+                key, {k.lower(): v for k, v in (metadata or {}).items()}, checksums=False)
+            try:
+                parts = self._copy_parts(source, key, upload_id, size, server_side)
+                if parts is None:
+                    self.abort_multipart(key, upload_id)
+                    continue  # this store cannot copy parts: send them
+                self.complete_multipart(key, upload_id, parts)
+            except BaseException:
+                # The first error is the one to report; an upload left behind expires.
+                with contextlib.suppress(StoreError):
+                    self.abort_multipart(key, upload_id)
+                raise
+            break
+        head = self.head_object(key)
+        if head is None or head["size"] != size:
+            raise StoreError("request", False, f"the copy of an object in {self.where} "
+                             f"has {None if head is None else head['size']} bytes, not {size}")
+
+    def _copy_parts(self, source: str, key: str, upload_id: str, size: int,
+                    server_side: bool) -> list[tuple[int, str, None]] | None:
+        """The parts of a multipart copy, sent; None if the store copied a part without
+        answering its ETag (it cannot copy parts)."""
+        part = self.copy_part if server_side else self.stream_part
+        parts = []
+        for number, offset in enumerate(range(0, size, part), start=1):
+            last = min(size, offset + part) - 1
+            if server_side:
+                r = self._call(f"part {number} of s3://{self.bucket}/{key}",
+                               "upload_part_copy", Key=key, UploadId=upload_id,
+                               PartNumber=number,
+                               CopySource={"Bucket": self.bucket, "Key": source},
+                               CopySourceRange=f"bytes={offset}-{last}")
+                etag = (r.get("CopyPartResult") or {}).get("ETag")
+                if not etag:
+                    return None
+            else:
+                body, _, _ = self.get_range(source, offset, last + 1 - offset)
+                if len(body) != last + 1 - offset:
+                    raise StoreError("request", False, f"an object in {self.where} "
+                                     "changed while it was copied")
+                md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
+                etag = self.upload_part(key, upload_id, number, body, md5, None)
+            parts.append((number, etag, None))
+        return parts
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         try:
