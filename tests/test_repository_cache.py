@@ -148,6 +148,46 @@ def test_writing_an_evicted_file_fetches_it_back_first(agent_factory, tmp_path, 
     assert metric(agent, "fsagent_repository_fetched_back_total") == 2
 
 
+def test_emptying_an_evicted_file_fetches_nothing(agent_factory, tmp_path, rclone, cli):
+    """``cp`` over an evicted file (an open with O_TRUNC) and a truncate to 0 throw its
+    bytes away: nothing is fetched back from the store for them, the new bytes become
+    a new version, and a restart finds the files as they are now."""
+    bucket = new_bucket(rclone)
+    agent = agent_factory(config=repo_config(tmp_path, rclone.endpoint, bucket,
+                                             grouping="file") + "cache_bytes = 1\n").start()
+    for rel in ("e/cp.bin", "e/trunc.bin"):
+        write_upload(agent, rel, os.urandom(8 * MiB))
+        assert wait_job(agent, job_of(agent, rel))["State"] == "Success"
+    wait_evicted(agent, 2)
+    read_back = metric(agent, "fsagent_repository_read_back_bytes_total")
+
+    # Each keeps its declared size (8 MiB), so each new version is 8 MiB too.
+    new, again = os.urandom(8 * MiB), os.urandom(8 * MiB)
+    source = tmp_path / "new.bin"
+    source.write_bytes(new)
+    subprocess.run(["cp", str(source), str(agent.uploads / "e/cp.bin")], check=True)
+    os.truncate(agent.uploads / "e/trunc.bin", 0)
+    assert (agent.uploads / "e/trunc.bin").read_bytes() == b""
+    with open(agent.uploads / "e/trunc.bin", "ab") as f:
+        f.write(again)
+    # Nothing came from the store for them (read before anything reads the new bytes,
+    # which may be pushed and evicted in turn).
+    assert metric(agent, "fsagent_repository_fetched_back_total") == 0
+    assert metric(agent, "fsagent_repository_read_back_bytes_total") == read_back
+    for rel, now in (("e/cp.bin", new), ("e/trunc.bin", again)):
+        assert (agent.uploads / rel).read_bytes() == now
+        wait_for(lambda: xattr(agent.uploads / rel, "user.fsagent.state") == "complete"
+                 and xattr(agent.uploads / rel, "user.fsagent.sha256") == sha(now),
+                 what=f"{rel} complete with its new hash")
+    agent.kill9()
+    agent.start()
+    for rel, now in (("e/cp.bin", new), ("e/trunc.bin", again)):
+        assert (agent.uploads / rel).read_bytes() == now
+        wait_for(lambda: xattr(agent.uploads / rel, "user.fsagent.state") == "complete"
+                 and xattr(agent.uploads / rel, "user.fsagent.sha256") == sha(now),
+                 what=f"{rel} complete after the restart")
+
+
 @pytest.mark.parametrize("keep", [False, True])
 def test_unlink_deletes_the_object_or_keeps_it_under_deleted(agent_factory, tmp_path, rclone,
                                                              keep):

@@ -32,8 +32,10 @@ Design notes
   recorded ones, else EIO): a sequential reader gets ``READ_AHEAD`` chunks fetched ahead
   in the background; a handle holds at most ``READ_AHEAD + 3`` chunks (20 MiB: the read's,
   the one behind it, the read ahead; about 120 MiB/s from a loopback rclone, half a plain
-  GET's rate). **Writing** to an evicted file (an open for writing, a truncate) first
-  fetches it back whole: ranged GETs written in place, synced, hashed again (it must be
+  GET's rate). **Emptying** an evicted file (an open with ``O_TRUNC``, as ``cp`` over
+  it does, or a truncate to 0) fetches nothing: its record is dropped once the file is
+  empty (``emptying``). **Writing** to an evicted file (any other open for writing, a
+  truncate) first fetches it back whole: ranged GETs written in place, synced, hashed again (it must be
   the recorded SHA-256, else EIO and it stays evicted), times restored; then the write
   proceeds as on any complete upload. A push that needs the bytes again (a re-run of an
   import) fetches them back the same way.
@@ -342,6 +344,31 @@ class Cache:
                 copy = self.copies.get(task)
                 if copy is not None:
                     await self._fetch_back(copy)
+        finally:
+            self._unlock_done(task)
+
+    @contextlib.asynccontextmanager
+    async def emptying(self, task: str):
+        """``async with cache.emptying(task)``: around a truncation of ``task``'s file to
+        nothing (an open with ``O_TRUNC``, a truncate to 0). Its bytes are about to go, so
+        an evicted copy is not fetched back: once the body succeeded, its record is
+        dropped (the file is the empty one now; handles reading the old object read the
+        file from then on). A kill between the two leaves a record whose size no longer
+        matches its file: ``recover`` forgets it. Waits for an eviction in progress."""
+        self.touched[task] = time.time()
+        if task not in self.copies and task not in self._locks:
+            yield
+            return
+        try:
+            async with self._lock(task):
+                yield
+                copy = self.copies.pop(task, None)
+                if copy is not None:
+                    copy.evicted = False
+                    self.db.stage(("repo-cache", task), _DELETE_COPY, (task,))
+                    await self.db.flush()
+                    log.info("cache: upload %s was emptied; its evicted copy is "
+                             "forgotten, not fetched back", task)
         finally:
             self._unlock_done(task)
 

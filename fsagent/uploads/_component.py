@@ -28,6 +28,7 @@ Design notes
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -391,6 +392,18 @@ class UploadsComponent(Component):
         t = self.tasks.get(rel) if cache is not None else None
         if t is not None:
             await cache.ensure_local(t.task_id)
+
+    @contextlib.asynccontextmanager
+    async def emptying(self, rel: bytes):
+        """Around a truncation of ``rel`` to nothing: an evicted copy is forgotten after
+        it, not fetched back before (``Cache.emptying``)."""
+        cache = self.cache
+        t = self.tasks.get(rel) if cache is not None else None
+        if t is None:
+            yield
+            return
+        async with cache.emptying(t.task_id):
+            yield
 
     def copy_opened(self, rel: bytes):
         """A handle of ``rel`` was opened: the cache's record when it is evicted."""

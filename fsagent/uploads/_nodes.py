@@ -39,7 +39,8 @@ Design notes
 * **Evicted files** (repository backend ``s3``, ``fsagent/repository/_cache.py``): the
   backing file of an upload verified in the store may be a hole of the right size. The
   nodes only ask: an open for writing and a truncate call ``need_local`` first (the
-  component has the cache fetch the bytes back whole), an open notes the cache's record
+  component has the cache fetch the bytes back whole), except when they empty the
+  file (``O_TRUNC``, a truncate to 0: ``emptying``, nothing fetched), an open notes the cache's record
   on its handle (``copy_opened``), and a read through a handle whose record says
   evicted is ``read_back`` from the store instead of ``pread``. Nothing else changes.
 * **Errors** from the backing filesystem are passed to the client with their errno
@@ -50,6 +51,7 @@ Design notes
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -467,20 +469,29 @@ class UploadFile(_Entry):
         return super().stat()
 
     async def truncate(self, size: int, fh) -> None:
-        await self.uploads.need_local(self.rel)  # an evicted copy comes back whole first
+        if size:
+            await self.uploads.need_local(self.rel)  # an evicted copy comes back whole first
         await self.uploads.changing(self.rel)  # a complete task leaves complete first
-        if isinstance(fh, FileHandle):
-            os.ftruncate(fh.fd, size)
-        else:
-            with self.place() as path:
-                os.truncate(path, size)
+        async with self.uploads.emptying(self.rel) if size == 0 else contextlib.nullcontext():
+            if isinstance(fh, FileHandle):
+                os.ftruncate(fh.fd, size)
+            else:
+                with self.place() as path:
+                    os.truncate(path, size)
         self.uploads.truncated(self.rel, size)
 
     async def open(self, flags: int, ctx) -> Handle:
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            await self.uploads.need_local(self.rel)  # an evicted copy comes back first
-        with backing_errors():
-            fd = self.uploads.paths.open(self.rel, flags & _OPEN_FLAGS_KEPT & ~os.O_EXCL)
+        if flags & os.O_TRUNC:
+            # Its bytes go: an evicted copy is forgotten, not fetched back (cp over it).
+            async with self.uploads.emptying(self.rel):
+                with backing_errors():
+                    fd = self.uploads.paths.open(self.rel,
+                                                 flags & _OPEN_FLAGS_KEPT & ~os.O_EXCL)
+        else:
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                await self.uploads.need_local(self.rel)  # an evicted copy comes back first
+            with backing_errors():
+                fd = self.uploads.paths.open(self.rel, flags & _OPEN_FLAGS_KEPT & ~os.O_EXCL)
         return await self.opened(fd, flags, created=False)
 
     async def opened(self, fd: int, flags: int, *, created: bool) -> FileHandle:
