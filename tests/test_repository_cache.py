@@ -8,6 +8,7 @@ of the backing file (``st_blocks``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
@@ -174,18 +175,15 @@ def test_emptying_an_evicted_file_fetches_nothing(agent_factory, tmp_path, rclon
     # which may be pushed and evicted in turn).
     assert metric(agent, "fsagent_repository_fetched_back_total") == 0
     assert metric(agent, "fsagent_repository_read_back_bytes_total") == read_back
-    for rel, now in (("e/cp.bin", new), ("e/trunc.bin", again)):
-        assert (agent.uploads / rel).read_bytes() == now
-        wait_for(lambda: xattr(agent.uploads / rel, "user.fsagent.state") == "complete"
-                 and xattr(agent.uploads / rel, "user.fsagent.sha256") == sha(now),
-                 what=f"{rel} complete with its new hash")
-    agent.kill9()
-    agent.start()
-    for rel, now in (("e/cp.bin", new), ("e/trunc.bin", again)):
-        assert (agent.uploads / rel).read_bytes() == now
-        wait_for(lambda: xattr(agent.uploads / rel, "user.fsagent.state") == "complete"
-                 and xattr(agent.uploads / rel, "user.fsagent.sha256") == sha(now),
-                 what=f"{rel} complete after the restart")
+    for when in ("now", "after a kill -9 and a restart"):
+        if when != "now":
+            agent.kill9()
+            agent.start()
+        for rel, now in (("e/cp.bin", new), ("e/trunc.bin", again)):
+            assert (agent.uploads / rel).read_bytes() == now, when
+            wait_for(lambda: xattr(agent.uploads / rel, "user.fsagent.state") == "complete"
+                     and xattr(agent.uploads / rel, "user.fsagent.sha256") == sha(now),
+                     what=f"{rel} complete with its new hash {when}")
 
 
 @pytest.mark.parametrize("keep", [False, True])
@@ -214,27 +212,42 @@ def test_unlink_deletes_the_object_or_keeps_it_under_deleted(agent_factory, tmp_
     assert metric(agent, "fsagent_repository_objects_deleted_total") == 1
 
 
-def test_a_full_store_evicts_verified_copies_instead_of_refusing_writes(agent_factory,
-                                                                         tmp_path, rclone):
-    """The state directory is a 48 MiB tmpfs: a 20 MiB upload, pushed, then a 30 MiB
-    one. Without eviction the second write fails with ENOSPC."""
-    bucket = new_bucket(rclone)
+@contextlib.contextmanager
+def agent_on_a_small_store(agent_factory, tmp_path, rclone, extra: str = ""):
+    """An agent (not started) whose state directory is a 48 MiB tmpfs, so its store
+    runs short; ``grouping = "file"``, no reserve, plus ``extra`` settings."""
     state = tmp_path / "state"
     state.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(state)],
                    check=True)
     agent = None
     try:
-        agent = agent_factory(config=repo_config(tmp_path, rclone.endpoint, bucket,
-                                                 grouping="file")
-                              + "", state=state)
-        agent.config_path.write_text("store_reserve_bytes = 0\n"
-                                     + agent.config_path.read_text())
+        agent = agent_factory(config="store_reserve_bytes = 0\n" + repo_config(
+            tmp_path, rclone.endpoint, new_bucket(rclone), grouping="file") + extra,
+            state=state)
+        yield agent
+    finally:
+        if agent is not None:
+            agent.cleanup()
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def pushed_and_kept(agent, rel: str, size: int) -> bytes:
+    """Upload ``size`` random bytes at ``rel``; once pushed, its copy is still local."""
+    data = os.urandom(size)
+    write_upload(agent, rel, data)
+    assert wait_job(agent, job_of(agent, rel))["State"] == "Success"
+    assert cache_status(agent)["evicted_files"] == 0   # no limit set: kept
+    return data
+
+
+def test_a_full_store_evicts_verified_copies_instead_of_refusing_writes(agent_factory,
+                                                                         tmp_path, rclone):
+    """The state directory is a 48 MiB tmpfs: a 20 MiB upload, pushed, then a 30 MiB
+    one. Without eviction the second write fails with ENOSPC."""
+    with agent_on_a_small_store(agent_factory, tmp_path, rclone) as agent:
         agent.start()
-        first = os.urandom(20 * MiB)
-        write_upload(agent, "full/first.bin", first)
-        assert wait_job(agent, job_of(agent, "full/first.bin"))["State"] == "Success"
-        assert cache_status(agent)["evicted_files"] == 0   # no limit set: kept
+        first = pushed_and_kept(agent, "full/first.bin", 20 * MiB)
         second = os.urandom(30 * MiB)
         with open(agent.uploads / "full/second.bin", "wb") as f:   # no ENOSPC
             for i in range(0, len(second), MiB):
@@ -244,10 +257,6 @@ def test_a_full_store_evicts_verified_copies_instead_of_refusing_writes(agent_fa
         assert os.stat(backing(agent, "full/first.bin")).st_blocks * 512 <= FREED_SLACK
         assert hashlib.sha256((agent.uploads / "full/first.bin").read_bytes()).hexdigest() \
             == sha(first)
-    finally:
-        if agent is not None:
-            agent.cleanup()
-        subprocess.run(["umount", "-l", str(state)], check=False)
 
 
 @pytest.mark.parametrize("how", ["setfattr", "UploadTasks.create", "ImportProcess.create"])
@@ -256,20 +265,9 @@ def test_a_size_declared_on_a_full_store_evicts_instead_of_failing(agent_factory
     """A 48 MiB tmpfs store holding a pushed 20 MiB upload: declaring 30 MiB more (on
     the mount, or over RPC) evicts the pushed copy instead of answering ENOSPC /
     ``NoSpace``; the upload then arrives whole, and the evicted one still reads back."""
-    bucket = new_bucket(rclone)
-    state = tmp_path / "state"
-    state.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(state)],
-                   check=True)
-    agent = None
-    try:
-        agent = agent_factory(config="store_reserve_bytes = 0\n" + repo_config(
-            tmp_path, rclone.endpoint, bucket, grouping="file"), state=state)
+    with agent_on_a_small_store(agent_factory, tmp_path, rclone) as agent:
         agent.start()
-        first = os.urandom(20 * MiB)
-        write_upload(agent, "full/first.bin", first)
-        assert wait_job(agent, job_of(agent, "full/first.bin"))["State"] == "Success"
-        assert cache_status(agent)["evicted_files"] == 0   # no limit set: kept
+        first = pushed_and_kept(agent, "full/first.bin", 20 * MiB)
         second = os.urandom(30 * MiB)
         path = agent.uploads / "full/second.bin"
         if how == "setfattr":
@@ -290,10 +288,6 @@ def test_a_size_declared_on_a_full_store_evicts_instead_of_failing(agent_factory
                  what="second.bin complete")
         assert xattr(path, "user.fsagent.sha256") == sha(second)
         assert sha((agent.uploads / "full/first.bin").read_bytes()) == sha(first)
-    finally:
-        if agent is not None:
-            agent.cleanup()
-        subprocess.run(["umount", "-l", str(state)], check=False)
 
 
 def test_killed_while_evicting_reads_stay_byte_identical(agent_factory, tmp_path, rclone):
@@ -445,24 +439,13 @@ def test_archive_and_verify_jobs_read_evicted_files_whole(agent_factory, tmp_pat
 def test_the_free_space_floor_evicts_verified_copies(agent_factory, tmp_path, rclone):
     """``cache_free_floor_bytes``: on a 48 MiB store with a floor of 40 MiB, a pushed
     20 MiB upload leaves less free than the floor, so the keeper evicts it."""
-    bucket = new_bucket(rclone)
-    state = tmp_path / "state"
-    state.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(state)],
-                   check=True)
-    agent = None
-    try:
-        agent = agent_factory(config="store_reserve_bytes = 0\n" + repo_config(
-            tmp_path, rclone.endpoint, bucket, grouping="file")
-            + f"cache_free_floor_bytes = {40 * MiB}\n", state=state)
+    with agent_on_a_small_store(agent_factory, tmp_path, rclone,
+                                f"cache_free_floor_bytes = {40 * MiB}\n") as agent:
         agent.start()
         data = os.urandom(20 * MiB)
         write_upload(agent, "floor/a.bin", data)
         assert wait_job(agent, job_of(agent, "floor/a.bin"))["State"] == "Success"
         wait_evicted(agent, 1)
-        assert os.statvfs(state).f_bavail * os.statvfs(state).f_frsize > 40 * MiB
+        st = os.statvfs(agent.state)
+        assert st.f_bavail * st.f_frsize > 40 * MiB
         assert (agent.uploads / "floor/a.bin").read_bytes() == data
-    finally:
-        if agent is not None:
-            agent.cleanup()
-        subprocess.run(["umount", "-l", str(state)], check=False)
