@@ -465,10 +465,12 @@ def test_truncate_by_path_makes_a_new_version_with_its_own_import(agent_factory)
     """Complete f (100,000 bytes, job J); truncate(2) by path to 40,000: complete again
     with the new hash AND a new import job whose spec and Content have the new size and
     hash, recorded in the manifest. The same when a write follows the truncate, and for
-    coreutils `truncate -s` (which opens the file and ftruncates it)."""
+    coreutils `truncate -s` (which opens the file and ftruncates it), and for an open
+    with O_RDONLY|O_TRUNC (Linux empties the file; it stayed complete with the old hash)."""
     agent = agent_factory(config=QUICK.replace("db_flush_seconds = 2.0", "")).start()
     up = agent.uploads
-    data = {rel: os.urandom(100_000) for rel in ("path", "path+write", "truncate-s")}
+    data = {rel: os.urandom(100_000) for rel in ("path", "path+write", "truncate-s",
+                                                 "rdonly-trunc")}
     first = {rel: make_complete(agent, rel, content) for rel, content in data.items()}
     os.truncate(up / "path", 40_000)
     os.truncate(up / "path+write", 30_000)
@@ -476,8 +478,9 @@ def test_truncate_by_path_makes_a_new_version_with_its_own_import(agent_factory)
     with open(up / "path+write", "ab") as f:
         f.write(tail)
     assert subprocess.run(["truncate", "-s", "40000", up / "truncate-s"]).returncode == 0
+    os.close(os.open(up / "rdonly-trunc", os.O_RDONLY | os.O_TRUNC))
     wanted = {"path": data["path"][:40_000], "path+write": data["path+write"][:30_000] + tail,
-              "truncate-s": data["truncate-s"][:40_000]}
+              "truncate-s": data["truncate-s"][:40_000], "rdonly-trunc": b""}
 
     problems = Problems()
     for rel, want in wanted.items():

@@ -481,6 +481,11 @@ class UploadFile(_Entry):
         self.uploads.truncated(self.rel, size)
 
     async def open(self, flags: int, ctx) -> Handle:
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE == os.O_RDONLY:
+            # Linux empties the file even so, with no writer to tell the task: made the
+            # truncate by path it is (a new version), then opened as asked.
+            await self.truncate(0, None)
+            flags &= ~os.O_TRUNC
         if flags & os.O_TRUNC:
             # Its bytes go: an evicted copy is forgotten, not fetched back (cp over it).
             async with self.uploads.emptying(self.rel):
