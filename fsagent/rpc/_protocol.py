@@ -26,6 +26,10 @@ Design notes
   carry. Such a string goes out as msgpack **bin** holding the name's raw bytes (every
   method that takes a path accepts bin too), so one odd file name in an instrument
   folder costs one field's type, not the whole message or the monitor sending it.
+* **Large payloads are not copied on the way out.** ``send_request_parts`` returns a
+  request as ``[head, payload]`` when its last parameter is a large ``bytes``: the same
+  bytes on the wire as ``send_request``, without packing the payload into a new buffer
+  (two copies of every byte of an upload).
 * **Message ids.** A request's msgid must not reuse one still in flight (replies
   would be ambiguous); a response must answer a request we sent and have not yet
   seen answered. Both are checked here, so neither end needs its own bookkeeping.

@@ -42,9 +42,10 @@ Design notes
   previous ones travel. Chunks of one file are put on the wire in offset order (each
   write task hands the turn to the next one just before it sends); a ``BadOffset``
   anyway (the agent lost what was in flight) makes that file ask ``getUploadOffset``
-  and start over from there, a few times at most. The client asks for a send buffer of
-  one chunk and, on TCP, no low-water mark (``SEND_BUFFER``, ``rpc.bulk_sender``), and
-  sends each chunk after its header without copying it (``send_request_parts``).
+  and start over from there, a few times at most. On a Unix socket the client asks for
+  a send buffer of one chunk (``SEND_BUFFER``), on TCP for no low-water mark
+  (``rpc.bulk_sender``); either way each chunk goes out after its header without
+  being copied (``send_request_parts``).
 * **Errors.** Exit 2 with one line on stderr when nothing can be done: bad arguments,
   the agent unreachable, a bad token, and any refusal by the agent (``PermissionDenied``,
   ``NoSpace``, a lost connection ...; ``fsagent: NAME: message``). Exit 1 when the
@@ -103,10 +104,10 @@ HASH_READ_BYTES = 8 * 2**20
 # How often a file whose writes keep being refused at the wrong offset starts over.
 MAX_RESYNCS = 3
 DEFAULT_INTERVAL = 10.0
-# SO_SNDBUF (Unix socket and TCP): one chunk fits, so the client is not woken for every
+# SO_SNDBUF on the Unix socket: one chunk fits, so the client is not woken for every
 # ~200 KiB the agent reads (the kernel caps it at net.core.wmem_max, 4 MiB here).
 # Interleaved 1 GiB uploads on a loaded machine: client and agent CPU ~7-10% lower.
-# On TCP the connection also drops trio's 16 KiB TCP_NOTSENT_LOWAT (``bulk_sender``).
+# On TCP it asks for no TCP_NOTSENT_LOWAT instead (``rpc._client.bulk_sender``).
 SEND_BUFFER = 4 * 2**20
 
 
