@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import msgpack
 import pytest
 
 from fsagent.rpc import (NEED_DATA, Connection, LocalProtocolError, Notification,
                          ProtocolError, Request, Response)
+from fsagent.rpc._protocol import SPLIT_FRAME_BYTES
 
 
 def pack(obj) -> bytes:
@@ -171,3 +174,40 @@ def test_many_messages_larger_in_total_than_the_limit_are_fine():
     conn.receive_data(frames)
     got = events(conn)
     assert len(got) == 100 and all(isinstance(e, Request) for e in got)
+
+
+@pytest.mark.parametrize("size", [SPLIT_FRAME_BYTES - 1, SPLIT_FRAME_BYTES, 70_000,
+                                  4 * 2**20 + 17])
+@pytest.mark.parametrize("kind", [bytes, bytearray])
+def test_a_large_last_param_goes_out_uncopied_in_the_same_frame(size, kind):
+    # ImportProcess.write's chunk: the frame must be byte for byte what msgpack packs
+    # (the wire API is unchanged), and a large payload must be the caller's own object.
+    payload = kind(os.urandom(size))
+    non_utf8 = "scan-\udcff.tif"  # a name os.fsdecode gives for a non-UTF-8 byte
+    params = ["3f2a-pid", 7, 2**40 + 5, non_utf8, payload]
+    client = Connection()
+    msgid, parts = client.send_request_parts("ImportProcess.write", params)
+    expected = pack([0, msgid, "ImportProcess.write",
+                     params[:3] + [os.fsencode(non_utf8), bytes(payload)]])
+    assert b"".join(parts) == expected
+    if size >= SPLIT_FRAME_BYTES:
+        assert len(parts) == 2 and parts[1] is payload
+        assert parts[0][-5:] == b"\xc6" + size.to_bytes(4, "big")
+    else:
+        assert len(parts) == 1
+    server = Connection(max_message_size=8 * 2**20)
+    for part in parts:
+        server.receive_data(bytes(part))
+    assert events(server) == [Request(msgid, "ImportProcess.write",
+                                      params[:3] + [os.fsencode(non_utf8), bytes(payload)])]
+    # The msgid is booked like send_request's: its reply is accepted, once.
+    client.receive_data(server.send_response(msgid, None, 42))
+    assert events(client) == [Response(msgid, None, 42)]
+    assert client.send_request("next", [])[0] == msgid + 1
+
+
+def test_request_parts_without_a_large_last_param_are_one_packed_frame():
+    conn = Connection()
+    for params in ([], [b"x" * 10], [os.urandom(SPLIT_FRAME_BYTES), 1], ["s" * 100_000]):
+        msgid, parts = conn.send_request_parts("m", params)
+        assert parts == [pack([0, msgid, "m", params])]

@@ -154,6 +154,38 @@ async def test_tcp_requires_the_token_first(agent_factory):
             await c.call("MonitorServer.getMonitorState", "x")
 
 
+async def test_a_bulk_sender_has_a_big_send_buffer_and_no_low_water_mark(agent_factory):
+    # open_client(send_buffer=...) is what `fsagent upload` uses: on TCP trio's 16 KiB
+    # TCP_NOTSENT_LOWAT cut each 4 MiB chunk into ~22 sends (bulk_sender in _client.py);
+    # on a Unix socket the default send buffer made it wait every ~200 KiB.
+    agent = agent_factory(config=f'rpc_tcp_listen = "127.0.0.1:0"\nrpc_token = "{TOKEN}"\n'
+                          ).start()
+    host, port = _tcp_address(agent)
+    wanted = 4 * 2**20
+    wmem_max = int(open("/proc/sys/net/core/wmem_max").read())
+    granted = 2 * min(wanted, wmem_max)  # Linux doubles SO_SNDBUF, capped at wmem_max
+    async with open_client(tcp=(host, port), token=TOKEN, send_buffer=wanted) as bulk, \
+            open_client(tcp=(host, port), token=TOKEN) as plain, \
+            open_client(agent.socket, send_buffer=wanted) as unix, \
+            open_client(agent.socket) as plain_unix:
+        tcp_options = (socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+        assert bulk._stream.getsockopt(*tcp_options) == 0
+        assert plain._stream.getsockopt(*tcp_options) == 2**14  # trio's default
+        send_buffer = (socket.SOL_SOCKET, socket.SO_SNDBUF)
+        assert unix._stream.getsockopt(*send_buffer) == granted
+        assert plain_unix._stream.getsockopt(*send_buffer) < granted
+        # A write large enough to go out as header + payload is one request to the
+        # agent (an answer about its process, not a protocol error), and the
+        # connection carries on.
+        for client in (bulk, unix):
+            with pytest.raises(RpcError) as caught:
+                await client.call("ImportProcess.write", "no-such-process", 0, 0,
+                                  os.urandom(2 * 2**20))
+            assert caught.value.name == "NoSuchProcess"
+            with pytest.raises(RpcError, match="no such monitor"):
+                await client.call("MonitorServer.getMonitorState", "x")
+
+
 async def test_tcp_over_tls(agent_factory, tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",

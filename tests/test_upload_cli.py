@@ -453,6 +453,14 @@ def test_over_tls_with_the_agents_ca(agent_factory, tmp_path):
     assert r.returncode == 0, r.stderr
     assert sha256_of(agent.uploads / "over-tls" / "over-tls.txt") == \
         hashlib.sha256(b"encrypted on the way\n").hexdigest()
+    # Chunks big enough to go out as header + payload (send_request_parts) through TLS:
+    # a file of two chunks, a whole one and a short one.
+    big = random_file(tmp_path / "tls" / "two-chunks.bin", 4 * 2**20 + 70_000)
+    r = run_upload("--connect", f"localhost:{port}", "--token-file", str(token), "--tls-ca",
+                   str(cert), str(big))
+    assert r.returncode == 0, r.stderr
+    assert sha256_of(agent.uploads / "two-chunks" / "two-chunks.bin") == \
+        hashlib.sha256(big.read_bytes()).hexdigest()
     # Without the CA the agent's certificate is not trusted: one line, exit 2.
     r = run_upload("--connect", f"localhost:{port}", "--token-file", str(token),
                    "--tls-ca", str(key), str(src))

@@ -11,6 +11,10 @@ Design notes
 * ``open_client`` is the one way in: Unix socket by default, TCP (optionally TLS)
   with the token sent as the first call. ``call_sync`` runs one call in its own
   ``trio.run`` for synchronous code such as the CLI.
+* **Bulk requests.** A request whose last parameter is a large ``bytes`` (an upload's
+  chunk) is written as its header and then that object, uncopied
+  (``Connection.send_request_parts``); ``open_client(send_buffer=...)`` tunes the
+  socket for a client that streams such requests (``bulk_sender``).
 * Error replies raise ``RpcError`` (``OmeroFSError`` for that name); a dropped
   connection raises ``trio.BrokenResourceError`` in every waiting call.
 """
@@ -29,7 +33,7 @@ import trio
 from ._errors import RpcError
 from ._protocol import NEED_DATA, Connection, Notification, ProtocolError, Response
 
-__all__ = ["Client", "open_client", "call_sync"]
+__all__ = ["Client", "open_client", "call_sync", "bulk_sender"]
 
 # The client trusts the agent it talks to, so it accepts large replies
 # (getBulkDirectory of a big folder, readBlock up to its cap).
@@ -51,12 +55,15 @@ class Client:
         """Call ``method(*params)``; returns its result or raises ``RpcError``."""
         if self._broken is not None:
             raise trio.BrokenResourceError(f"connection lost: {self._broken}")
-        msgid, data = self._conn.send_request(method, params)
+        # A large last parameter (an upload's chunk) goes out as is, after its header,
+        # instead of being copied twice into one packed frame (``send_request_parts``).
+        msgid, parts = self._conn.send_request_parts(method, params)
         slot = [trio.Event(), None]
         self._waiting[msgid] = slot
         try:
             async with self._send_lock:
-                await self._stream.send_all(data)
+                for part in parts:
+                    await self._stream.send_all(part)
             await slot[0].wait()
         finally:
             self._waiting.pop(msgid, None)
@@ -102,24 +109,22 @@ async def open_client(socket_path: str | os.PathLike | None = None, *,
                       ssl_context: ssl.SSLContext | None = None,
                       server_hostname: str | None = None,
                       notification_buffer: int = 1024,
-                      unix_send_buffer: int | None = None) -> AsyncIterator[Client]:
+                      send_buffer: int | None = None) -> AsyncIterator[Client]:
     """Connect to an agent: ``socket_path`` (Unix) or ``tcp=(host, port)``.
 
-    ``unix_send_buffer``: SO_SNDBUF for a Unix socket, for a client that streams large
-    requests (``fsagent upload``): the default (~200 KiB) makes it wait for the agent
-    every few chunks of a write. TCP tunes its own buffers and is left alone."""
+    ``send_buffer``: for a client that streams large requests (``fsagent upload``): a
+    Unix socket's SO_SNDBUF; on TCP, no ``TCP_NOTSENT_LOWAT`` (``bulk_sender``)."""
     if (socket_path is None) == (tcp is None):
         raise ValueError("give exactly one of socket_path and tcp")
     if socket_path is not None:
         stream: trio.abc.Stream = await trio.open_unix_socket(os.fspath(socket_path))
-        if unix_send_buffer is not None:
-            stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, unix_send_buffer)
     else:
         host, port = tcp
         stream = await trio.open_tcp_stream(host, port)
-        if ssl_context is not None:
-            stream = trio.SSLStream(stream, ssl_context,
-                                    server_hostname=server_hostname or host)
+    if send_buffer is not None:
+        bulk_sender(stream, send_buffer)
+    if tcp is not None and ssl_context is not None:
+        stream = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname or host)
     client = Client(stream, notification_buffer=notification_buffer)
     try:
         async with stream, trio.open_nursery() as nursery:
@@ -136,6 +141,31 @@ async def open_client(socket_path: str | os.PathLike | None = None, *,
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
+
+
+def bulk_sender(stream: trio.SocketStream, send_buffer: int) -> None:
+    """Tune a plain socket stream for requests of megabytes (``open_client(send_buffer=)``).
+
+    * Unix socket: SO_SNDBUF = ``send_buffer`` (the kernel doubles it, capped at twice
+      ``net.core.wmem_max``). The default (~200 KiB) makes the client wait for the agent
+      every ~200 KiB of a 4 MiB write (8 interleaved 1 GiB uploads: median 7.43 s
+      against 10.07 s).
+    * TCP: TCP_NOTSENT_LOWAT off (0: the system's default, unlimited unless
+      ``net.ipv4.tcp_notsent_lowat`` says otherwise). trio sets it to 16 KiB on every TCP
+      stream, a good choice for interactive traffic but not for bulk: each ``send`` then
+      stops ~16 KiB past what the kernel has sent, so a 4 MiB chunk took ~22 ``send``
+      calls and as many trips through trio's scheduler and epoll (strace of a 1 GiB
+      upload over loopback: 5,761 sends and 6,815 epoll_waits, against 535 and 2,436
+      on the Unix socket; 860 and 2,454 with the mark off). Nothing here needs the
+      mark: replies are matched by msgid and each file has a few chunks in flight.
+      SO_SNDBUF is left to TCP's autotuning, which grows the buffer to what the path
+      needs (up to ``net.ipv4.tcp_wmem``'s maximum): a fixed size would only save
+      ~300 of those sends per GiB on loopback and could starve a long, fast link.
+    """
+    if stream.socket.family in (socket.AF_INET, socket.AF_INET6):
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 0)
+    else:
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
 
 
 def call_sync(socket_path: str | os.PathLike, method: str, *params: Any) -> Any:

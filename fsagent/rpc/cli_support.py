@@ -114,15 +114,14 @@ def _target(args: argparse.Namespace) -> tuple[str, dict]:
 
 @contextlib.asynccontextmanager
 async def open_agent(args: argparse.Namespace, *,
-                     unix_send_buffer: int | None = None) -> AsyncIterator[Client]:
+                     send_buffer: int | None = None) -> AsyncIterator[Client]:
     """Connect to the agent the options name; ``CannotConnect`` if that fails.
 
     Only failures while connecting and authenticating become ``CannotConnect``: an
     ``OSError`` or ``RpcError`` raised by the body passes through unchanged.
-    ``unix_send_buffer`` goes to ``open_client`` for a Unix socket."""
+    ``send_buffer`` goes to ``open_client`` (a client streaming large requests)."""
     where, kwargs = _target(args)
-    if "socket_path" in kwargs and unix_send_buffer is not None:
-        kwargs["unix_send_buffer"] = unix_send_buffer
+    kwargs["send_buffer"] = send_buffer
     connected = False
     try:
         async with open_client(**kwargs) as client:

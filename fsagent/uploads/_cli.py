@@ -43,7 +43,9 @@ Design notes
   write task hands the turn to the next one just before it sends); a ``BadOffset``
   anyway (the agent lost what was in flight) makes that file ask ``getUploadOffset``
   and start over from there, a few times at most. On a Unix socket the client asks for
-  a send buffer of one chunk (``UNIX_SEND_BUFFER``).
+  a send buffer of one chunk (``SEND_BUFFER``), on TCP for no low-water mark
+  (``rpc.bulk_sender``); either way each chunk goes out after its header without
+  being copied (``send_request_parts``).
 * **Errors.** Exit 2 with one line on stderr when nothing can be done: bad arguments,
   the agent unreachable, a bad token, and any refusal by the agent (``PermissionDenied``,
   ``NoSpace``, a lost connection ...; ``fsagent: NAME: message``). Exit 1 when the
@@ -105,7 +107,8 @@ DEFAULT_INTERVAL = 10.0
 # SO_SNDBUF on the Unix socket: one chunk fits, so the client is not woken for every
 # ~200 KiB the agent reads (the kernel caps it at net.core.wmem_max, 4 MiB here).
 # Interleaved 1 GiB uploads on a loaded machine: client and agent CPU ~7-10% lower.
-UNIX_SEND_BUFFER = 4 * 2**20
+# On TCP it asks for no TCP_NOTSENT_LOWAT instead (``rpc._client.bulk_sender``).
+SEND_BUFFER = 4 * 2**20
 
 
 class UsageError(Exception):
@@ -858,7 +861,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
             nursery.start_soon(_on_signal, nursery.cancel_scope, outcome)
             nursery.start_soon(display.run)
             try:
-                async with open_agent(args, unix_send_buffer=UNIX_SEND_BUFFER) as client:
+                async with open_agent(args, send_buffer=SEND_BUFFER) as client:
                     outcome["code"] = await Upload(client, args, root, files,
                                                    display).run()
             except CannotConnect as e:
