@@ -16,7 +16,19 @@ It adds ``MOUNT/uploads/`` (a passthrough tree over ``config.uploads_dir``) and
   ``_processes.py`` — import processes (one explicit fileset each) and their rows.
 """
 
+import importlib
+
 from ._cli import add_upload_commands
-from ._component import UploadsComponent
 
 __all__ = ["UploadsComponent", "add_upload_commands"]
+
+
+def __getattr__(name: str):
+    # The component (FUSE, the job hand-off, the repository cache) on first use only
+    # (PEP 562): ``fsagent upload`` builds its parser from this package and needs none
+    # of it.
+    if name != "UploadsComponent":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = importlib.import_module("._component", __name__).UploadsComponent
+    globals()[name] = value
+    return value
