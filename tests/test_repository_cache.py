@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-from conftest import run_fsagent, wait_for
+from conftest import PATIENCE, run_fsagent, wait_for
 from test_upload_rpc import call
-from s3util import RcloneS3
+from s3util import CountingProxy, RcloneS3
 from test_repository_s3 import (
     get, job_of, keys, metric, new_bucket, repo_config, wait_job, write_upload,
 )
@@ -184,6 +184,35 @@ def test_emptying_an_evicted_file_fetches_nothing(agent_factory, tmp_path, rclon
             wait_for(lambda: xattr(agent.uploads / rel, "user.fsagent.state") == "complete"
                      and xattr(agent.uploads / rel, "user.fsagent.sha256") == sha(now),
                      what=f"{rel} complete with its new hash {when}")
+
+
+def test_a_file_removed_while_it_is_pushed_leaves_nothing_in_the_store(agent_factory,
+                                                                        tmp_path, rclone):
+    """``rm`` of a file whose multipart push is in flight (the proxy holds the answers to
+    its later parts): when the push ends, however it ends, neither an object nor an
+    unfinished multipart upload of it stays in the store (a store keeps, and bills, the
+    parts of an upload nobody completes), and nothing is left to delete."""
+    bucket = new_bucket(rclone)
+    proxy = CountingProxy(rclone.port)
+    agent = None
+    try:
+        agent = agent_factory(config=repo_config(tmp_path, proxy.endpoint, bucket,
+                                                 concurrency=2, grouping="file")).start()
+        proxy.hold_after(3)
+        write_upload(agent, "mid/big.bin", os.urandom(40 * MiB))   # eight parts
+        job_id = job_of(agent, "mid/big.bin")
+        assert proxy.held.wait(PATIENCE), "no part was held"
+        os.unlink(agent.uploads / "mid/big.bin")
+        proxy.release()
+        wait_job(agent, job_id)
+        wait_for(lambda: not [k for k in keys(rclone, bucket) if "big.bin" in k]
+                 and cache_status(agent)["deletes_pending"] == 0,
+                 what="no object of the removed file, nothing left to delete")
+        assert rclone.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    finally:
+        proxy.close()
+        if agent is not None:
+            agent.cleanup()
 
 
 @pytest.mark.parametrize("keep", [False, True])

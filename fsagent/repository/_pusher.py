@@ -533,14 +533,21 @@ class Pusher:
         # ``concurrency`` workers per file (the limiter bounds the agent's requests):
         # no task per part for a file of thousands of parts.
         try:
-            async with trio.open_nursery() as nursery:
-                for _ in range(self.concurrency):
-                    nursery.start_soon(part_worker)
-        except BaseExceptionGroup as group:
-            first = _first_error(group)
-            if first is group:
-                raise
-            raise first from None
+            try:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(self.concurrency):
+                        nursery.start_soon(part_worker)
+            except BaseExceptionGroup as group:
+                first = _first_error(group)
+                if first is group:
+                    raise
+                raise first from None
+        except OSError:
+            # The file could not be read: removed or renamed away mid-push. Nothing will
+            # resume this upload (a renamed file is pushed at its new key), and a store
+            # keeps the parts of an unfinished upload (and bills them): it goes.
+            await self._forget_upload(job, plan.key, upload_id, abort=True)
+            raise
         ordered = [(n, *done[n]) for n in sorted(done)]
         listing = [(n, etag, b64(sha) if (checksums and sha) else None)
                    for n, etag, _, sha in ordered]
