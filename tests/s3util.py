@@ -176,10 +176,13 @@ class SeaweedS3(S3Server):
 
     def argv(self) -> list[str]:
         p = self.ports
+        # Each bucket is a collection with volumes of its own, and a module makes a
+        # bucket per test: 16 volume slots ran out (PUTs then answer InternalError).
+        # Slots cost nothing until a volume holds data.
         return [str(BIN / "weed"), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-dir={self.data}", "-master.telemetry=false",
                 f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
-                "-master.volumeSizeLimitMB=64", "-volume.max=16",
+                "-master.volumeSizeLimitMB=64", "-volume.max=100",
                 f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
                 "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",
                 "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={p['s3.grpc']}",

@@ -153,6 +153,9 @@ def test_small_and_multipart_files_are_pushed_and_verified(agent_factory, tmp_pa
                                              quiet=3)).start()
     small = b"a small file\n" * 10
     big = os.urandom(12 * MiB + 12345)   # three 5 MiB parts
+    # An upload of the big one's key that no record knows (an agent killed between the
+    # store's answer to CreateMultipartUpload and its record): aborted, not left behind.
+    server.client().create_multipart_upload(Bucket=bucket, Key="lab1/exp1/big.bin")
     write_upload(agent, "exp1/small.txt", small)
     write_upload(agent, "exp1/big.bin", big)
     job_id = job_of(agent, "exp1/big.bin")
@@ -165,6 +168,8 @@ def test_small_and_multipart_files_are_pushed_and_verified(agent_factory, tmp_pa
     assert (content["ObjectsDone"], content["ObjectsTotal"]) == (4, 4), content
     assert (content["PartsDone"], content["PartsTotal"]) == (3, 3), content
     assert content["BytesSent"] == content["BytesTotal"] > len(small) + len(big)
+    assert server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert "begun but never recorded" in (agent.jobs / job_id / "log").read_text()
 
     verifies = server.name == "seaweedfs"  # rclone's gateway stores checksums unchecked
     for rel, data in (("exp1/small.txt", small), ("exp1/big.bin", big)):

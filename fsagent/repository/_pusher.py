@@ -496,6 +496,19 @@ class Pusher:
                     job.log(f"{name}: resuming multipart upload; {len(done)} of "
                             f"{len(parts)} parts are on the server already")
         if upload_id is None:
+            # An upload begun for this key that we hold no record of: the agent died
+            # between the store's answer to CreateMultipartUpload and the record. Nobody
+            # will resume or complete it, and the store keeps (and bills) its parts.
+            try:
+                unrecorded = await self._attempt(job, f"listing the uploads of {name}",
+                                                 self.store.unfinished_uploads, plan.key)
+            except PushFailed as e:  # a store without ListMultipartUploads: push anyway
+                job.log(f"{name}: cannot list its unfinished uploads ({e.description})")
+                unrecorded = []
+            for stale in unrecorded:
+                job.log(f"{name}: aborting multipart upload {stale[:16]}..., begun but "
+                        "never recorded")
+                await self._forget_upload(job, plan.key, stale, abort=True)
             upload_id = await self._attempt(job, f"starting {name}",
                                             self.store.create_multipart, plan.key,
                                             plan.metadata, checksums)

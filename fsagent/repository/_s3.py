@@ -499,6 +499,19 @@ class S3Store:
             parts.append((number, etag, None))
         return parts
 
+    def unfinished_uploads(self, key: str) -> list[str]:
+        """The IDs of the multipart uploads of ``key`` the store holds unfinished."""
+        ids: list[str] = []
+        marker: dict[str, str] = {}
+        while True:
+            r = self._call(f"s3://{self.bucket}/{key}", "list_multipart_uploads",
+                           Prefix=key, **marker)
+            ids += [u["UploadId"] for u in r.get("Uploads", []) if u.get("Key") == key]
+            if not r.get("IsTruncated") or not r.get("NextUploadIdMarker"):
+                return ids
+            marker = {"KeyMarker": r.get("NextKeyMarker", ""),
+                      "UploadIdMarker": r["NextUploadIdMarker"]}
+
     def abort_multipart(self, key: str, upload_id: str) -> None:
         try:
             self._call(f"s3://{self.bucket}/{key}", "abort_multipart_upload", Key=key,
