@@ -281,7 +281,8 @@ class S3Store:
     # -- the ObjectStore contract ---------------------------------------------------------
 
     def put_object(self, key: str, body, md5_b64: str, sha256_b64: str | None,
-                   metadata: dict[str, str]) -> str:
+                   metadata: dict[str, str]) -> tuple[str, str | None]:
+        """(the ETag, the ``x-amz-checksum-sha256`` the answer carries or None)."""
         if self._lean is not None and isinstance(body, bytes):
             headers = {"Content-MD5": md5_b64, "Content-Length": str(len(body))}
             if sha256_b64:
@@ -293,12 +294,38 @@ class S3Store:
                     raise _client_error(r, "PutObject")
             except (botocore.exceptions.ClientError, urllib3.exceptions.HTTPError) as e:
                 raise self._error(e, f"s3://{self.bucket}/{key}") from None
-            return r.headers.get("ETag", "")
+            return r.headers.get("ETag", ""), r.headers.get("x-amz-checksum-sha256")
         extra = {"ChecksumSHA256": sha256_b64} if sha256_b64 else {}
         r = self._call(f"s3://{self.bucket}/{key}", "put_object", Key=key, Body=body,
                        ContentLength=len(body), ContentMD5=md5_b64, Metadata=metadata,
                        **extra)
-        return r.get("ETag", "")
+        return r.get("ETag", ""), r.get("ChecksumSHA256")
+
+    def list_range(self, prefix: str, first: str, last: str,
+                   max_pages: int) -> dict[str, tuple[int, str]]:
+        """key -> (size, ETag) of the objects directly under ``prefix`` (``/`` is the
+        delimiter: deeper keys are not listed) from ``first`` to ``last`` (both
+        included), at most ``max_pages`` pages of 1,000: keys past them are missing
+        from the answer, not an error (the caller asks for those one by one)."""
+        # StartAfter is exclusive: the key just before ``first`` in S3's (UTF-8 byte)
+        # order is not expressible, so start after ``first`` with its last character
+        # one lower; keys listed before ``first`` are simply not ours.
+        start_after = first[:-1] + chr(max(ord(first[-1]) - 1, 0)) if first else ""
+        listed: dict[str, tuple[int, str]] = {}
+        kwargs: dict[str, Any] = {"Prefix": prefix, "Delimiter": "/",
+                                  "StartAfter": start_after}
+        for _ in range(max_pages):
+            r = self._call(f"s3://{self.bucket}/{prefix}", "list_objects_v2", **kwargs)
+            for o in r.get("Contents", []):
+                if first <= o["Key"] <= last:
+                    listed[o["Key"]] = (int(o["Size"]), o.get("ETag", ""))
+            contents = r.get("Contents") or []
+            if (not r.get("IsTruncated") or not r.get("NextContinuationToken")
+                    or (contents and contents[-1]["Key"] >= last)):
+                break
+            kwargs = {"Prefix": prefix, "Delimiter": "/",
+                      "ContinuationToken": r["NextContinuationToken"]}
+        return listed
 
     def head_object(self, key: str) -> dict | None:
         """``{size, etag, checksum_sha256, metadata}``, or None if there is no object."""
