@@ -189,6 +189,11 @@ def agent_run(base: Path, server, bucket: str, prefix: str, src: Path, sums: byt
         if info["State"] != "Success":
             raise SystemExit(f"import failed: {info['ErrorDescription']}")
         c = info["Content"]
+        if c["Retries"]:
+            # What the store refused: the first few retry lines of the job's log.
+            log = (agent.jobs / job_id / "log").read_text().splitlines()
+            for line in [x for x in log if "retrying" in x][:3]:
+                print(f"    {line}", flush=True)
         # + the manifest, and the listing twice (ROOT/fileset.json, ROOT/.fileset-JOB.json)
         assert c["ObjectsDone"] == c["ObjectsTotal"] == files + 3, c
         return {"seconds": elapsed, "cpu": cpu, "user": user, "system": system, "parts": c["PartsTotal"],
