@@ -2,14 +2,18 @@
 
 Design notes
 ------------
-* **Concurrency.** ``repository.concurrency`` bounds the requests in flight over the
-  whole agent (one ``CapacityLimiter``; two imports running at once share it). Each
-  push runs that many object workers; a multipart object fans its parts out to the
-  same limit, so one big file uses every slot and a thousand small ones do too.
-  Requests block, so each runs in a worker thread of that limiter: a request waits on
-  the network for seconds, and holding the agent's own ``worker_threads`` (FUSE
-  writes, hashing) that long would stall the mount. Reading a body and hashing it
-  happens in the same thread as its request.
+* **Concurrency.** Two limits over the whole agent (``CapacityLimiter``s; two
+  imports running at once share them). ``repository.concurrency`` bounds requests
+  with a large body (parts, single PUTs over ``SMALL_BODY``): they wait on bandwidth,
+  and a multipart object fans its parts out to that limit, so one big file uses every
+  slot; at most that many multipart objects are in progress at once.
+  ``repository.small_concurrency`` (default 8) bounds the others (small PUTs, HEADs,
+  listings): they wait on the store's latency, one round trip each, so more of them in
+  flight keep a distant store busy. Each push runs the larger of the two as object
+  workers. Requests block, so each runs in a worker thread of its limiter: a request
+  waits on the network for seconds, and holding the agent's own ``worker_threads``
+  (FUSE writes, hashing) that long would stall the mount. Reading a body and hashing
+  it happens in the same thread as its request.
 * **One pass over the bytes we must hash, none we need not.** A single PUT carries
   the upload's verified SHA-256 as ``x-amz-checksum-sha256`` (where the store verifies
   it), so the store proves it received exactly the verified bytes without us hashing
@@ -37,6 +41,31 @@ Design notes
   that verifies refuses it) and then a right one (it must report it back); the
   probe is deleted. A store that accepts the wrong one does not verify, so the header
   is not sent and objects are held to Content-MD5, size, ETag and metadata instead.
+  The same probe object carries ``sha256`` metadata: the store must report it back,
+  with the object's size and its MD5 as ETag, for ``confirm_by_listing``.
+* **Every object is checked before the import succeeds.** A multipart object, and
+  any object of a store that failed the probe, by its HEAD (``_push.check_object``:
+  size, ``sha256`` metadata, the checksum where verified, an MD5-form ETag). A single
+  PUT on a store that passed it is checked in two steps instead, for one listing per
+  directory (of up to 1,000 keys a page) instead of one HEAD per object, which was
+  half the requests of a fileset of small files (``_confirm``): (1) its answer: a 2xx,
+  an MD5-form ETag equal to the MD5 of the bytes we read and sent (the store computed
+  it over what it received), and a checksum, if the answer carries one, equal to the
+  upload's verified SHA-256; where the store verifies checksums (probed: it refused a
+  wrong one) the PUT carried that SHA-256, so its acceptance is the store's proof it
+  received exactly the verified bytes. (2) Once a batch (``CONFIRM_BATCH``, and at the
+  end of the push) is acknowledged, a ranged listing of their keys per directory
+  (``list_range``): each key must be listed with the size pushed and that MD5 as
+  ETag. That is what a HEAD proved: the object exists after the write, with the size
+  and the MD5 of the bytes the store holds (the check fails, as the HEAD did, if the
+  store's copy is other bytes or another size: ``test_an_object_the_store_holds_wrong``).
+  What a HEAD showed besides is the metadata and the checksum the store reports; both
+  came in the same signed request the store acknowledged, and the probe showed this
+  store keeps metadata and reports it back (and the checksum where it verifies). A key
+  the listing does not show (a store whose listings lag), one with an ETag not of the
+  MD5 form, and keys of a directory with fewer than ``LIST_AT_LEAST`` of them, get
+  their HEAD and the full check. An object counts as done (``ObjectsDone``, its
+  ``repo_objects`` row) only once checked.
 """
 
 from __future__ import annotations

@@ -19,15 +19,18 @@ Design notes
   sign it. Bodies carry a signed Content-MD5 the store checks (and a SHA-256 checksum
   where supported), so the payload is sent as ``UNSIGNED-PAYLOAD``: the headers are
   signed, the body is covered by its digest.
-* **A lean path for small objects.** botocore spends about 1.2 ms of CPU on every
+* **A lean path for small requests.** botocore spends about 1.2 ms of CPU on every
   request (parameter checks, serialisation, endpoint rules, event hooks, response
-  parsing): for a fileset of thousands of 4 KiB files that is most of the push. A PUT
-  whose body is in memory and every HEAD go through ``_Lean``: botocore's own SigV4
-  signer (``S3SigV4Auth``, the same signature) on a request sent with urllib3 (the
-  pool botocore itself uses), its answer read from the headers. A refusal is turned
-  into the same ``StoreError`` as botocore's (the S3 XML error's code and message).
-  Multipart calls and streamed bodies keep the full client. With no ``endpoint``
-  (AWS's, which needs botocore's endpoint rules) everything uses the full client.
+  parsing), and its SigV4 signer alone ~0.15 ms (it derives the signing key with four
+  HMACs per request and re-parses the URL): for a fileset of thousands of 4 KiB files
+  that is most of the push. A PUT whose body is in memory, every HEAD, ranged GET and
+  listing page go through ``_Lean``: AWS's published SigV4 algorithm over the headers
+  (``_SigV4``, the derived key kept for its day) on one urllib3 connection pool (the
+  library botocore sends with), the answer read from its headers, a listing's XML
+  parsed for key, size and ETag only. A refusal is turned into the same
+  ``StoreError`` as botocore's (the S3 XML error's code and message). Multipart calls
+  and streamed bodies keep the full client. With no ``endpoint`` (AWS's, which needs
+  botocore's endpoint rules) everything uses the full client.
 * **Errors** become ``StoreError(kind, transient, message)``: ``connection``,
   ``timeout``, ``server`` (5xx), ``throttled`` and ``digest`` (the body did not match
   its digest) are transient; ``credentials``, ``bucket``, ``permission`` and
