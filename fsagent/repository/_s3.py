@@ -25,9 +25,12 @@ Design notes
   HMACs per request and re-parses the URL): for a fileset of thousands of 4 KiB files
   that is most of the push. A PUT whose body is in memory, every HEAD, ranged GET and
   listing page go through ``_Lean``: AWS's published SigV4 algorithm over the headers
-  (``_SigV4``, the derived key kept for its day) on one urllib3 connection pool (the
-  library botocore sends with), the answer read from its headers, a listing's XML
-  parsed for key, size and ETag only. A refusal is turned into the same
+  (``_SigV4``, the derived key kept for its day) on keep-alive HTTP/1.1 connections of
+  our own (``_Connections``: one ``sendall`` per request, the answer read through one
+  buffered reader; urllib3 and http.client spent more CPU on a 4 KiB PUT than the
+  rest of the agent's push, parsing headers with the email package among other
+  things), the answer read from its headers, a listing's XML parsed for key, size and
+  ETag only. A refusal is turned into the same
   ``StoreError`` as botocore's (the S3 XML error's code and message). Multipart calls
   and streamed bodies keep the full client. With no ``endpoint`` (AWS's, which needs
   botocore's endpoint rules) everything uses the full client.
@@ -40,11 +43,16 @@ Design notes
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import hashlib
 import hmac
 import os
 import re
+import socket
+import ssl
+import threading
 import time
 import xml.etree.ElementTree as ElementTree
 from typing import Any
@@ -202,9 +210,172 @@ def _uri(text: str, safe: str) -> str:
     return quote(text, safe=safe)
 
 
+class _Headers(dict):
+    """An answer's headers, names lowercase; ``get`` takes any case."""
+
+    def get(self, name: str, default=None):
+        return super().get(name.lower(), default)
+
+
+@dataclasses.dataclass
+class _Answer:
+    status: int
+    reason: str
+    headers: _Headers
+    data: bytes
+
+
+class _Connections:
+    """Keep-alive HTTP/1.1 connections to one host, and one request at a time on each.
+
+    What S3 needs of HTTP and no more: a request written in one ``sendall``, its answer
+    read through one buffered reader (status line, headers, a ``Content-Length`` or
+    chunked body; none for HEAD, 1xx, 204, 304). A connection goes back to the idle
+    list when its answer was read whole and neither side asked to close it. A request
+    on a reused connection that finds it closed by the server (idle too long) before
+    any byte of an answer is sent once more on a new one: the methods used (PUT, GET,
+    HEAD) are idempotent. Errors are ``OSError``s: ``TimeoutError`` for a timeout,
+    ``ConnectionError`` for the rest, with the system's words."""
+
+    def __init__(self, scheme: str, netloc: str, maxsize: int, connect_timeout: float,
+                 read_timeout: float):
+        parts = urlsplit(f"{scheme}://{netloc}")
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if scheme == "https" else 80)
+        self.tls = ssl.create_default_context() if scheme == "https" else None
+        self.maxsize = maxsize
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._idle: list[tuple[socket.socket, Any]] = []
+        self._lock = threading.Lock()
+
+    def _connect(self) -> tuple[socket.socket, Any]:
+        sock = socket.create_connection((self.host, self.port), self.connect_timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+            sock.settimeout(self.read_timeout)
+            return sock, sock.makefile("rb")
+        except BaseException:
+            sock.close()
+            raise
+
+    def request(self, method: str, target: str, headers: dict[str, str],
+                body: bytes | None) -> _Answer:
+        head = "".join([f"{method} {target} HTTP/1.1\r\n",
+                        *(f"{k}: {v}\r\n" for k, v in headers.items()), "\r\n"])
+        message = head.encode("latin-1") + (body or b"")
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            reused = conn is not None
+            if conn is None:
+                conn = self._connect()
+            sock, reader = conn
+            try:
+                try:
+                    sock.sendall(message)
+                except ConnectionError:
+                    if reused:
+                        raise _Stale() from None
+                    raise
+                answer, keep = self._read(reader, method, may_be_stale=reused)
+            except _Stale:
+                _close(conn)
+                continue  # the server closed it while idle: once more on a new one
+            except BaseException:
+                _close(conn)
+                raise
+            if keep:
+                with self._lock:
+                    if len(self._idle) < self.maxsize:
+                        self._idle.append(conn)
+                        conn = None
+            if conn is not None:
+                _close(conn)
+            return answer
+
+    def _read(self, reader, method: str, may_be_stale: bool) -> tuple[_Answer, bool]:
+        while True:
+            try:
+                line = reader.readline(65537)
+            except ConnectionError:
+                if may_be_stale:
+                    raise _Stale() from None
+                raise
+            if not line:
+                if may_be_stale:
+                    raise _Stale()
+                raise ConnectionError(errno.ECONNRESET, "the server closed the connection "
+                                      "without an answer")
+            may_be_stale = False  # an answer began: no sending again from here
+            version, _, rest = line.decode("latin-1").rstrip("\r\n").partition(" ")
+            code, _, reason = rest.partition(" ")
+            if not version.startswith("HTTP/") or not code.isdigit():
+                raise ConnectionError(errno.EPROTO, f"not an HTTP answer: {line[:40]!r}")
+            headers = _Headers()
+            while True:
+                field = reader.readline(65537)
+                if field in (b"\r\n", b"\n"):
+                    break
+                if not field:
+                    raise ConnectionError(errno.ECONNRESET, "the answer's headers were cut")
+                name, _, value = field.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            status = int(code)
+            if 100 <= status < 200:
+                continue  # 100 Continue and the like: the real answer follows
+            break
+        keep = (version != "HTTP/1.0"
+                and headers.get("connection", "").lower() != "close")
+        if method == "HEAD" or status in (204, 304):
+            data = b""
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size_line = reader.readline(65537)
+                if not size_line:
+                    raise ConnectionError(errno.ECONNRESET, "a chunked answer was cut")
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while reader.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    break
+                chunks.append(_read_exactly(reader, size))
+                reader.readline(65537)  # the CRLF after the chunk
+            data = b"".join(chunks)
+        elif headers.get("content-length") is not None:
+            data = _read_exactly(reader, int(headers["content-length"]))
+        else:
+            data = reader.read()  # the body runs to the end of the connection
+            keep = False
+        return _Answer(status, reason, headers, data), keep
+
+
+class _Stale(Exception):
+    """A reused connection the server had closed: nothing was answered on it."""
+
+
+def _read_exactly(reader, size: int) -> bytes:
+    data = reader.read(size)
+    if len(data) != size:
+        raise ConnectionError(errno.ECONNRESET, f"the answer's body was cut at {len(data)} "
+                              f"of {size} bytes")
+    return data
+
+
+def _close(conn: tuple[socket.socket, Any]) -> None:
+    sock, reader = conn
+    with contextlib.suppress(OSError):
+        reader.close()
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
 class _Lean:
     """Requests on one bucket without botocore's pipeline: our SigV4 (``_SigV4``) on
-    one urllib3 connection pool (the library botocore itself sends with)."""
+    our keep-alive HTTP/1.1 connections (``_Connections``)."""
 
     def __init__(self, endpoint: str, bucket: str, region: str, path_style: bool,
                  credentials: tuple[str, str, str | None], concurrency: int,
@@ -214,23 +385,22 @@ class _Lean:
         # The path of the bucket's root, as sent and as signed.
         self.root = f"/{_uri(bucket, '')}/" if path_style else "/"
         self.signer = _SigV4(credentials, region)
-        self.pool = urllib3.connection_from_url(
-            f"{parts.scheme}://{self.host}", maxsize=concurrency + 2, retries=False,
-            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout))
+        self.connections = _Connections(parts.scheme, self.host, concurrency + 2,
+                                        connect_timeout, read_timeout)
 
     def request(self, method: str, key: str, headers: dict[str, str],
-                body: bytes | None = None,
-                query: dict[str, str] | None = None) -> urllib3.BaseHTTPResponse:
+                body: bytes | None = None, query: dict[str, str] | None = None) -> _Answer:
         """One signed request on ``key`` ("" with ``query``: the bucket). Raises
-        urllib3's errors (connection, timeout)."""
+        ``OSError`` (connection, timeout)."""
         path = self.root + _uri(key, "/~")
         canonical_query = "&".join(f"{_uri(k, '~')}={_uri(v, '~')}"
                                    for k, v in sorted((query or {}).items()))
         headers = {"host": self.host, **headers}
+        if body is not None and "Content-Length" not in headers:
+            headers["Content-Length"] = str(len(body))
         self.signer.sign(method, path, canonical_query, headers)
-        url = f"{path}?{canonical_query}" if canonical_query else path
-        return self.pool.urlopen(method, url, body=body, headers=headers,
-                                 preload_content=True, redirect=False, assert_same_host=False)
+        target = f"{path}?{canonical_query}" if canonical_query else path
+        return self.connections.request(method, target, headers, body)
 
 
 def _client_error(response, operation: str) -> botocore.exceptions.ClientError:
@@ -317,8 +487,10 @@ class S3Store:
             return StoreError("connection", True, _reason(e))
         if isinstance(e, botocore.exceptions.NoCredentialsError):
             return StoreError("credentials", False, str(e))
-        if isinstance(e, urllib3.exceptions.TimeoutError):
+        if isinstance(e, (urllib3.exceptions.TimeoutError, TimeoutError)):
             return StoreError("timeout", True, _reason(e))
+        if isinstance(e, OSError):
+            return StoreError("connection", True, _reason(e))
         if isinstance(e, urllib3.exceptions.HTTPError):
             return StoreError("connection", True, _reason(e))
         raise e
@@ -344,7 +516,7 @@ class S3Store:
                 r = self._lean.request("PUT", key, headers, body)
                 if r.status // 100 != 2:
                     raise _client_error(r, "PutObject")
-            except (botocore.exceptions.ClientError, urllib3.exceptions.HTTPError) as e:
+            except (botocore.exceptions.ClientError, OSError) as e:
                 raise self._error(e, f"s3://{self.bucket}/{key}") from None
             return r.headers.get("ETag", ""), r.headers.get("x-amz-checksum-sha256")
         extra = {"ChecksumSHA256": sha256_b64} if sha256_b64 else {}
@@ -395,7 +567,7 @@ class S3Store:
             r = self._lean.request("GET", "", {}, query=query)
             if r.status // 100 != 2:
                 raise _client_error(r, "ListObjectsV2")
-        except (botocore.exceptions.ClientError, urllib3.exceptions.HTTPError) as e:
+        except (botocore.exceptions.ClientError, OSError) as e:
             raise self._error(e, what) from None
         # The answer's XML, read for what the check needs (no timestamps, no owners).
         try:
@@ -426,7 +598,7 @@ class S3Store:
                     return None
                 if r.status // 100 != 2:
                     raise _client_error(r, "HeadObject")
-            except (botocore.exceptions.ClientError, urllib3.exceptions.HTTPError) as e:
+            except (botocore.exceptions.ClientError, OSError) as e:
                 raise self._error(e, f"s3://{self.bucket}/{key}") from None
             h = r.headers
             return {"size": int(h.get("Content-Length", -1)), "etag": h.get("ETag", ""),
@@ -522,7 +694,7 @@ class S3Store:
                 r = self._lean.request("GET", key, {"Range": f"bytes={offset}-{last}"})
                 if r.status // 100 != 2:
                     raise _client_error(r, "GetObject")
-            except (botocore.exceptions.ClientError, urllib3.exceptions.HTTPError) as e:
+            except (botocore.exceptions.ClientError, OSError) as e:
                 raise self._error(e, f"s3://{self.bucket}/{key}") from None
             h = r.headers
             metadata = {k[11:].lower(): v for k, v in h.items()
