@@ -12,8 +12,9 @@ B. 5,000 x 4 KiB random files in 50 directories (``--files``).
 through the mount (``cp`` / ``rsync -a``, not timed). Once every upload is complete,
 ``SHA256SUMS`` (computed beforehand) is written next to the data: that makes the
 fileset whole and its import starts. The span runs from that write to the import's
-``Success`` (polled in ``info.json``): manifest check, hand-off, the push of every object
-and the listing, each verified by HEAD, and the manifest records.
+``Success`` (polled in the job's ``status`` file): manifest check, hand-off, the push of
+every object and the listing, each checked in the store (a listing per directory or a
+HEAD, see ``fsagent/repository/_pusher.py``), and the manifest records.
 **Baseline**: ``rclone copy`` of the same file or tree to the same server, with
 ``--s3-chunk-size`` = the agent's ``part_size``, ``--s3-upload-concurrency`` = its
 ``concurrency`` and ``--transfers`` (files in flight) = its ``small_concurrency`` (requests

@@ -21,19 +21,21 @@ Design notes
   signed, the body is covered by its digest.
 * **A lean path for small requests.** botocore spends about 1.2 ms of CPU on every
   request (parameter checks, serialisation, endpoint rules, event hooks, response
-  parsing), and its SigV4 signer alone ~0.15 ms (it derives the signing key with four
-  HMACs per request and re-parses the URL): for a fileset of thousands of 4 KiB files
+  parsing), and its SigV4 signer with the request's preparation alone ~0.2 ms (it
+  derives the signing key with four HMACs per request and re-parses the URL; ours
+  ~0.02 ms, measured on the 2-core VM): for a fileset of thousands of 4 KiB files
   that is most of the push. A PUT whose body is in memory, every HEAD, ranged GET and
   listing page go through ``_Lean``: AWS's published SigV4 algorithm over the headers
   (``_SigV4``, the derived key kept for its day) on keep-alive HTTP/1.1 connections of
   our own (``_Connections``: one ``sendall`` per request, the answer read through one
   buffered reader; urllib3 and http.client spent more CPU on a 4 KiB PUT than the
   rest of the agent's push, parsing headers with the email package among other
-  things), the answer read from its headers, a listing's XML parsed for key, size and
-  ETag only. A refusal is turned into the same
-  ``StoreError`` as botocore's (the S3 XML error's code and message). Multipart calls
-  and streamed bodies keep the full client. With no ``endpoint`` (AWS's, which needs
-  botocore's endpoint rules) everything uses the full client.
+  things: 5,000 PUTs took 1.5 s less agent CPU without them), the answer read from
+  its headers, a listing's XML parsed for key, size and ETag only. A refusal is
+  turned into the same ``StoreError`` as botocore's (the S3 XML error's code and
+  message). Multipart calls and streamed bodies keep the full client. With no
+  ``endpoint`` (AWS's, which needs botocore's endpoint rules) everything uses the
+  full client.
 * **Errors** become ``StoreError(kind, transient, message)``: ``connection``,
   ``timeout``, ``server`` (5xx), ``throttled`` and ``digest`` (the body did not match
   its digest) are transient; ``credentials``, ``bucket``, ``permission`` and
