@@ -199,8 +199,8 @@ def agent_run(base: Path, server, bucket: str, prefix: str, src: Path, sums: byt
                 print(f"    {line}", flush=True)
         # + the manifest, and the listing twice (ROOT/fileset.json, ROOT/.fileset-JOB.json)
         assert c["ObjectsDone"] == c["ObjectsTotal"] == files + 3, c
-        return {"seconds": elapsed, "cpu": cpu, "user": user, "system": system, "parts": c["PartsTotal"],
-                "retries": c["Retries"], "submitted": submitted,
+        return {"seconds": elapsed, "cpu": cpu, "user": user, "system": system,
+                "parts": c["PartsTotal"], "retries": c["Retries"], "submitted": submitted,
                 "runtime": info["EffectiveRuntime"]}
     finally:
         agent.cleanup()

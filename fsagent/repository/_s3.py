@@ -278,7 +278,7 @@ class _Connections:
             try:
                 try:
                     sock.sendall(message)
-                except ConnectionError:
+                except (ConnectionError, ssl.SSLEOFError):
                     if reused:
                         raise _Stale() from None
                     raise
@@ -302,7 +302,7 @@ class _Connections:
         while True:
             try:
                 line = reader.readline(65537)
-            except ConnectionError:
+            except (ConnectionError, ssl.SSLEOFError):
                 if may_be_stale:
                     raise _Stale() from None
                 raise
