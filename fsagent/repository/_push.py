@@ -196,11 +196,13 @@ def md5_matches_etag(md5_digest: bytes, etag: str) -> bool:
 
 
 def check_object(head: Mapping[str, Any], plan: ObjectPlan, *, expected_etag: str,
-                 expected_checksum: str | None) -> str | None:
+                 expected_checksum: str | None, etag_required: bool = False) -> str | None:
     """Why the object the server reports is not the one pushed, or None if it is.
 
     ``head``: ``size``, ``etag``, ``checksum_sha256`` (or None), ``metadata`` (keys
-    compared case-insensitively: some stores capitalise them)."""
+    compared case-insensitively: some stores capitalise them). ``etag_required``: the
+    store answered the PUT with ``expected_etag``, so the object must report it, of
+    whatever form its ETag is now."""
     if head["size"] != plan.size:
         return f"the store holds {head['size']} bytes, not {plan.size}"
     meta = {k.lower(): v for k, v in (head.get("metadata") or {}).items()}
@@ -211,7 +213,8 @@ def check_object(head: Mapping[str, Any], plan: ObjectPlan, *, expected_etag: st
         if got != expected_checksum:
             return f"its x-amz-checksum-sha256 is {got!r}, not {expected_checksum!r}"
     etag = _etag(head.get("etag") or "")
-    if _MD5_ETAG.fullmatch(etag) and ("-" in etag) == ("-" in expected_etag):
+    md5_form = _MD5_ETAG.fullmatch(etag) and ("-" in etag) == ("-" in expected_etag)
+    if etag_required or md5_form:
         if etag != expected_etag:
             return f"its ETag is {etag}, not {expected_etag} (the MD5 we sent)"
     return None
@@ -238,7 +241,8 @@ def check_put_answer(etag: str, checksum: str | None, *, expected_etag: str,
 def check_listed(entry: tuple[int, str], plan: ObjectPlan, *,
                  expected_etag: str) -> str | None:
     """Why an object a listing reports (size, ETag) is not the one pushed, or None.
-    Only for stores whose ETags are of the MD5 form (the caller HEADs the others)."""
+    For objects the store answered with ``expected_etag`` (an MD5): it must list that
+    ETag, no other, of whatever form."""
     size, etag = entry
     if size != plan.size:
         return f"the store holds {size} bytes, not {plan.size}"

@@ -59,12 +59,15 @@ Design notes
   ETag. That is what a HEAD proved: the object exists after the write, with the size
   and the MD5 of the bytes the store holds (the check fails, as the HEAD did, if the
   store's copy is other bytes or another size: ``test_an_object_the_store_holds_wrong``).
+  Stricter than the HEAD alone: an object the store answered with an MD5 ETag must
+  keep reporting that ETag (rclone's gateway lists a file removed under it from its
+  cache, with an empty ETag; a HEAD held only MD5-form ETags to the MD5).
   What a HEAD showed besides is the metadata and the checksum the store reports; both
   came in the same signed request the store acknowledged, and the probe showed this
   store keeps metadata and reports it back (and the checksum where it verifies). A key
-  the listing does not show (a store whose listings lag), one with an ETag not of the
-  MD5 form, and keys of a directory with fewer than ``LIST_AT_LEAST`` of them, get
-  their HEAD and the full check. An object counts as done (``ObjectsDone``, its
+  the listing does not show (a store whose listings lag) and keys of a directory with
+  fewer than ``LIST_AT_LEAST`` of them get their HEAD and the full check, the ETag
+  held to the answer's. An object counts as done (``ObjectsDone``, its
   ``repo_objects`` row) only once checked.
 """
 
@@ -502,8 +505,8 @@ class Pusher:
             for key in keys:
                 u = by_key[key]
                 entry = listed.get(key)
-                if entry is None or not md5_etag(entry[1]):
-                    single.append(key)  # not (yet) listed, or no MD5 to hold it to
+                if entry is None:
+                    single.append(key)  # not listed (yet): its HEAD says
                     continue
                 why = check_listed(entry, u.plan, expected_etag=u.md5_hex)
                 if why is not None:
@@ -513,7 +516,7 @@ class Pusher:
                 self._verified(job, u.plan, u.etag, progress, etags)
         for key in single:
             u = by_key[key]
-            head = await self._verify(job, u.plan, u.md5_hex, u.checksum)
+            head = await self._verify(job, u.plan, u.md5_hex, u.checksum, etag_required=True)
             self._verified(job, u.plan, head.get("etag") or u.etag, progress, etags)
 
     def _report(self, job: PushJob, progress: Progress) -> None:
@@ -526,14 +529,14 @@ class Pusher:
         return os.path.basename(plan.path or plan.key)
 
     async def _verify(self, job: PushJob, plan: ObjectPlan, expected_etag: str,
-                      expected_checksum: str | None) -> dict:
+                      expected_checksum: str | None, etag_required: bool = False) -> dict:
         head = await self._attempt(job, f"checking {self._name(plan)}",
                                    self.store.head_object, plan.key, small=True)
         if head is None:
             raise PushFailed("verify", f"{self.store.where}: {plan.key!r} is missing right "
                              "after it was stored")
         why = check_object(head, plan, expected_etag=expected_etag,
-                           expected_checksum=expected_checksum)
+                           expected_checksum=expected_checksum, etag_required=etag_required)
         if why is not None:
             self.metrics.errors.labels("verify").inc()
             raise PushFailed("verify", f"{self.store.where}: {plan.key!r} does not match "
