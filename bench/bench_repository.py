@@ -12,11 +12,14 @@ B. 5,000 x 4 KiB random files in 50 directories (``--files``).
 through the mount (``cp`` / ``rsync -a``, not timed). Once every upload is complete,
 ``SHA256SUMS`` (computed beforehand) is written next to the data: that makes the
 fileset whole and its import starts. The span runs from that write to the import's
-``Success`` (polled in ``info.json``): manifest check, hand-off, the push of every object
-and the listing, each verified by HEAD, and the manifest records.
+``Success`` (polled in the job's ``status`` file): manifest check, hand-off, the push of
+every object and the listing, each checked in the store (a listing per directory or a
+HEAD, see ``fsagent/repository/_pusher.py``), and the manifest records.
 **Baseline**: ``rclone copy`` of the same file or tree to the same server, with
-``--s3-chunk-size`` = the agent's ``part_size``, ``--s3-upload-concurrency`` and
-``--transfers`` = its ``concurrency`` (rclone also MD5s the whole file of a multipart
+``--s3-chunk-size`` = the agent's ``part_size``, ``--s3-upload-concurrency`` = its
+``concurrency`` and ``--transfers`` (files in flight) = its ``small_concurrency`` (requests
+for small objects in flight; ``--small-concurrency``), so both sides have as many
+requests in flight for either case (rclone also MD5s the whole file of a multipart
 upload first, and each part, as the agent does).
 
 Runs are interleaved (rclone, fsagent, rclone, fsagent ...; ``--runs``), medians with
@@ -33,6 +36,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -76,13 +80,13 @@ def sha256sums(src: Path) -> bytes:
 
 
 def rclone_copy(server, src: Path, bucket: str, prefix: str, part_size: int,
-                concurrency: int, work: Path) -> tuple[float, float]:
+                concurrency: int, transfers: int, work: Path) -> tuple[float, float]:
     env = dict(os.environ, RCLONE_CONFIG=str(work / "rclone.conf"), RCLONE_S3_PROVIDER="Other",
                RCLONE_S3_ENDPOINT=server.endpoint, RCLONE_S3_ACCESS_KEY_ID=ACCESS,
                RCLONE_S3_SECRET_ACCESS_KEY=SECRET, RCLONE_S3_FORCE_PATH_STYLE="true")
     argv = [str(Path(sys.executable).parent / "rclone"), "copy", str(src),
             f":s3:{bucket}/{prefix}", "--s3-chunk-size", f"{part_size // MiB}M",
-            "--s3-upload-concurrency", str(concurrency), "--transfers", str(concurrency),
+            "--s3-upload-concurrency", str(concurrency), "--transfers", str(transfers),
             "--exclude", "/.made"]
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, env=env)
@@ -93,12 +97,21 @@ def rclone_copy(server, src: Path, bucket: str, prefix: str, part_size: int,
     return elapsed, usage.ru_utime + usage.ru_stime
 
 
+def user_system(pid: int) -> tuple[float, float]:
+    """The agent's user and system CPU seconds (all threads): a request to a server on
+    loopback costs the kernel as much as the Python that makes it."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def agent_config(server, bucket: str, prefix: str, part_size: int, concurrency: int,
-                 creds: Path) -> str:
+                 small_concurrency: int, creds: Path) -> str:
     return ('import_grouping = "manifest"\nsettle_seconds = 0.5\nfileset_max_files = 100000\n'
             f'\n[repository]\nbackend = "s3"\nendpoint = "{server.endpoint}"\n'
             f'bucket = "{bucket}"\nprefix = "{prefix}"\ncredentials_file = "{creds}"\n'
-            f"part_size = {part_size}\nconcurrency = {concurrency}\n")
+            f"part_size = {part_size}\nconcurrency = {concurrency}\n"
+            f"small_concurrency = {small_concurrency}\n")
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
@@ -113,11 +126,13 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
 
 
 def agent_run(base: Path, server, bucket: str, prefix: str, src: Path, sums: bytes,
-              files: int, part_size: int, concurrency: int, creds: Path,
-              log_level: str) -> dict:
+              files: int, part_size: int, concurrency: int, small_concurrency: int,
+              creds: Path,
+              log_level: str, pyspy: str | None = None,
+              profile: Path | None = None) -> dict:
     base.mkdir()
     agent = AgentProcess(base, config=agent_config(server, bucket, prefix, part_size,
-                                                   concurrency, creds),
+                                                   concurrency, small_concurrency, creds),
                          args=["--log-level", log_level], env=agent_env()).start()
     try:
         dest = agent.uploads / "run"
@@ -133,7 +148,17 @@ def agent_run(base: Path, server, bucket: str, prefix: str, src: Path, sums: byt
             return st["tasks"].get("complete", 0) == files and st.get("collecting") == files
         wait_for(all_complete, 600, "every upload complete")
         pid = agent.proc.pid
+        spy = None
+        if pyspy:
+            # A sampling profile of the span, raw (collapsed stacks) for summing; only
+            # the thread holding the GIL is sampled, so the shares are of Python work,
+            # not of threads waiting on the server. It costs the agent a little time.
+            spy = subprocess.Popen([pyspy, "record", "-r", "200", "-p", str(pid), "-o",
+                                    str(profile), "--format", "raw", "--nonblocking", "--gil"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # py-spy attaches
         cpu0 = cpu_seconds(pid)
+        user0, system0 = user_system(pid)
         t0 = time.monotonic()
         with open(dest / "SHA256SUMS", "wb") as f:
             f.write(sums)
@@ -148,22 +173,34 @@ def agent_run(base: Path, server, bucket: str, prefix: str, src: Path, sums: byt
 
         def ended():
             # The one-word status file: info.json carries the spec (every file), and
-            # rendering it 50 times a second would load the agent being measured.
+            # rendering it often would load the agent being measured. Polled every
+            # 0.1 s: at 50 a second the lookups and reads were 5% of the agent's Python
+            # time in B (py-spy), for a span known to 0.1 s of 10.
             try:
                 return (agent.jobs / job_id / "status").read_text().strip() in (
                     "success", "failure")
             except OSError:
                 return False
-        wait_for(ended, 1800, "the import", 0.02)
+        wait_for(ended, 1800, "the import", 0.1)
         elapsed = time.monotonic() - t0
         cpu = cpu_seconds(pid) - cpu0
+        user, system = (now - before for now, before in zip(user_system(pid), (user0, system0)))
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
         info = json.loads((agent.jobs / job_id / "info.json").read_text())
         if info["State"] != "Success":
             raise SystemExit(f"import failed: {info['ErrorDescription']}")
         c = info["Content"]
-        assert c["ObjectsDone"] == c["ObjectsTotal"] == files + 2, c  # + manifest, listing
-        return {"seconds": elapsed, "cpu": cpu, "parts": c["PartsTotal"],
-                "retries": c["Retries"], "submitted": submitted,
+        if c["Retries"]:
+            # What the store refused: the first few retry lines of the job's log.
+            log = (agent.jobs / job_id / "log").read_text().splitlines()
+            for line in [x for x in log if "retrying" in x][:3]:
+                print(f"    {line}", flush=True)
+        # + the manifest, and the listing twice (ROOT/fileset.json, ROOT/.fileset-JOB.json)
+        assert c["ObjectsDone"] == c["ObjectsTotal"] == files + 3, c
+        return {"seconds": elapsed, "cpu": cpu, "user": user, "system": system,
+                "parts": c["PartsTotal"], "retries": c["Retries"], "submitted": submitted,
                 "runtime": info["EffectiveRuntime"]}
     finally:
         agent.cleanup()
@@ -188,11 +225,19 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=5000)
     ap.add_argument("--server", choices=sorted(SERVERS), default="rclone")
     ap.add_argument("--part-size", type=int, default=64 * MiB)
-    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--concurrency", type=int, default=4,
+                    help="the agent's concurrency (parts, large bodies) and rclone's "
+                    "--s3-upload-concurrency")
+    ap.add_argument("--small-concurrency", type=int, default=8,
+                    help="the agent's small_concurrency (small PUTs, HEADs, listings; "
+                    "its default) and rclone's --transfers (files in flight)")
     ap.add_argument("--dir", type=Path, default=Path.cwd())
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--skip-a", action="store_true")
     ap.add_argument("--skip-b", action="store_true")
+    ap.add_argument("--pyspy", help="a py-spy binary: profile the agent over each span "
+                    "(200 Hz, raw stacks in --profile-dir; times then include py-spy's cost)")
+    ap.add_argument("--profile-dir", type=Path, default=Path("/tmp"))
     args = ap.parse_args()
 
     tree = check_code_tree()
@@ -201,7 +246,8 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, load {load_average()}, "
           f"{mem_available_mib()} MiB available, {disk_of(work)}, {io_pressure()}")
     print(f"server: {args.server}; part size {args.part_size // MiB} MiB, "
-          f"{args.concurrency} in flight (both sides)")
+          f"{args.concurrency} parts in flight, {args.small_concurrency} small objects / "
+          "files in flight (both sides)")
     server = SERVERS[args.server](work).start()
     creds = work / "credentials"
     creds.write_text(f"[default]\naws_access_key_id = {ACCESS}\n"
@@ -223,16 +269,20 @@ def main() -> None:
             ours, theirs = [], []
             for run in range(args.runs):
                 t, cpu = rclone_copy(server, src, bucket, f"rclone-{name}{run}",
-                                     args.part_size, args.concurrency, work)
+                                     args.part_size, args.concurrency,
+                                     args.small_concurrency, work)
                 theirs.append({"seconds": t, "cpu": cpu})
                 clear_bucket(server, bucket)
                 r = agent_run(work / f"agent-{name}{run}", server, bucket,
                               f"fsagent-{name}{run}", src, sums, files, args.part_size,
-                              args.concurrency, creds, args.log_level)
+                              args.concurrency, args.small_concurrency, creds,
+                              args.log_level, args.pyspy,
+                              args.profile_dir / f"pyspy-repository-{name}{run}.txt")
                 ours.append(r)
                 clear_bucket(server, bucket)
                 print(f"  {name} run {run + 1}: rclone {t:.2f} s (cpu {cpu:.2f} s), fsagent "
-                      f"{r['seconds']:.2f} s (cpu {r['cpu']:.2f} s, {r['parts']} parts, "
+                      f"{r['seconds']:.2f} s (cpu {r['cpu']:.2f} s: user {r['user']:.2f}, system "
+                      f"{r['system']:.2f}; {r['parts']} parts, "
                       f"{r['retries']} retries; import submitted after "
                       f"{r['submitted']:.2f} s, ran {r['runtime']:.2f} s)", flush=True)
             ratio = (statistics.median(r["seconds"] for r in ours)

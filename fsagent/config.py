@@ -434,6 +434,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("repository.concurrency", _int_at_least(1), 4, "Requests (objects and parts) "
             "in flight to the store at once, over every import; each has its own worker "
             "thread, apart from `worker_threads`.", "integer"),
+    Setting("repository.small_concurrency", _int_at_least(1), 8, "Requests for small "
+            "objects (single PUTs of up to 1 MiB, HEADs, listings) in flight at once, apart "
+            "from `concurrency`: they wait on the store's latency, not its bandwidth, so "
+            "more of them keep it busy; each has its own worker thread.", "integer"),
     Setting("repository.cache_bytes", _optional_int_at_least(0), None, "With backend "
             "`s3`: the local copies of uploads verified in the store are a cache of at "
             "most this many bytes; beyond it the least recently used are evicted (the "
@@ -499,6 +503,7 @@ class Config:
     repository_credentials_file: Path | None = None
     repository_part_size: int = 64 * 2**20
     repository_concurrency: int = 4
+    repository_small_concurrency: int = 8
     repository_cache_bytes: int | None = None
     repository_cache_free_floor_bytes: int = 0
     repository_keep_deleted: bool = False

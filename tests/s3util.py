@@ -14,7 +14,10 @@
   whose body it forwarded completely, by part number: what the server received, not
   what the agent believes it sent. ``hold_after(n)``: once ``n`` parts went through,
   the response to every later part is held (the server has the part, the agent never
-  hears of it), which is the state an agent killed mid-push leaves.
+  hears of it), which is the state an agent killed mid-push leaves. ``hold_put(pattern)``:
+  the answer to the PUT whose request line matches is held (the server has stored the
+  object) until ``release(forward=True)`` passes it on, so a test can change what the
+  server holds before the agent hears that its PUT succeeded.
 """
 
 from __future__ import annotations
@@ -220,6 +223,8 @@ class CountingProxy:
         self.puts = 0                     # every PUT forwarded
         self._lock = threading.Lock()
         self._hold_after: int | None = None
+        self._hold_put: re.Pattern | None = None
+        self._forward_held = False
         self.held = threading.Event()     # a response is being held
         self._release = threading.Event()
         self._sockets: list[socket.socket] = []
@@ -234,8 +239,15 @@ class CountingProxy:
         self._hold_after = n
         self._release.clear()
 
-    def release(self) -> None:
+    def hold_put(self, pattern: bytes) -> None:
+        self._hold_put = re.compile(pattern)
+        self._release.clear()
+
+    def release(self, forward: bool = False) -> None:
+        """Let held answers go: passed on (``forward``) or dropped with the connection."""
         self._hold_after = None
+        self._hold_put = None
+        self._forward_held = forward
         self._release.set()
 
     def close(self) -> None:
@@ -275,6 +287,11 @@ class CountingProxy:
                         return
                     buf += data
                 head, _, buf = buf.partition(b"\r\n\r\n")
+                line = head.split(b"\r\n", 1)[0]
+                pattern = self._hold_put
+                if line.startswith(b"PUT ") and pattern is not None and pattern.search(line):
+                    self._hold_put = None  # that one PUT's answer
+                    hold.set()  # before the server can answer
                 server.sendall(head + b"\r\n\r\n")
                 m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
                 left = int(m.group(1)) if m else 0
@@ -286,7 +303,6 @@ class CountingProxy:
                     chunk, buf = buf[:left], buf[left:]
                     server.sendall(chunk)
                     left -= len(chunk)
-                line = head.split(b"\r\n", 1)[0]
                 part = _PART.search(line) if line.startswith(b"PUT ") else None
                 with self._lock:
                     if line.startswith(b"PUT "):
@@ -311,7 +327,9 @@ class CountingProxy:
                 if hold.is_set():
                     self.held.set()
                     self._release.wait()
-                    return  # the agent that sent it is gone (or the proxy closed): drop it
+                    if not self._forward_held or self._closed:
+                        return  # the agent that sent it is gone (or the proxy closed): drop it
+                    hold.clear()
                 client.sendall(data)
         except OSError:
             return  # either side closed the connection: nothing more to pass on

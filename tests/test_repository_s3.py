@@ -212,6 +212,60 @@ def test_small_and_multipart_files_are_pushed_and_verified(agent_factory, tmp_pa
     assert SECRET not in agent.log()
 
 
+@pytest.mark.parametrize("damage, files", [("bytes", 5), ("size", 5), ("bytes", 1),
+                                           ("gone", 5)])
+def test_an_object_the_store_holds_wrong_fails_the_import(agent_factory, tmp_path, rclone,
+                                                          damage, files):
+    """The store acknowledges a PUT but holds other bytes: rclone serves a directory, and
+    the test rewrites the object's file there while the proxy holds the answer to its
+    PUT, so the agent hears "200" only once the store's copy is wrong. The check after
+    the PUTs must catch it: with 5 files in one directory a listing (size and ETag),
+    with one file its HEAD; an object gone from the store is not listed, and its HEAD
+    finds nothing. The import fails naming the object; the upload stays."""
+    bucket = new_bucket(rclone)
+    proxy = CountingProxy(rclone.port)
+    try:
+        agent = agent_factory(config=repo_config(tmp_path, proxy.endpoint, bucket,
+                                                 quiet=3)).start()
+        proxy.hold_put(rb"^PUT /[^ ]*/lab1/plate/well-0000\.txt ")
+        data = {f"plate/well-{i:04d}.txt": f"{i}\n".encode() * 100 for i in range(files)}
+        for rel, body in data.items():
+            write_upload(agent, rel, body)
+        job_id = job_of(agent, f"plate/well-{files - 1:04d}.txt")
+        assert proxy.held.wait(PATIENCE), "the PUT was not held"
+        stored = rclone.data / bucket / "lab1/plate/well-0000.txt"
+        wait_for(stored.exists, what="the object's file on the server")
+        good = data["plate/well-0000.txt"]
+        if damage == "gone":
+            stored.unlink()
+        else:
+            stored.write_bytes(b"1" + good[1:] if damage == "bytes" else good + b"\n")
+        proxy.release(forward=True)
+        done = wait_job(agent, job_id)
+        assert done["State"] == "Failure", done
+        why = done["ErrorDescription"]
+        if damage == "gone":
+            # A store says it has no such object; rclone's gateway still lists it from
+            # its cache, without an ETag (the PUT's answer had the MD5).
+            assert ("'lab1/plate/well-0000.txt' is missing right after it was stored" in why
+                    or "'lab1/plate/well-0000.txt' does not match what was sent: its ETag "
+                    f"is , not {hashlib.md5(good).hexdigest()}" in why), why
+        else:
+            assert "'lab1/plate/well-0000.txt' does not match what was sent" in why, why
+            reasons = [f"its ETag is {hashlib.md5(b'1' + good[1:]).hexdigest()}, not "
+                       f"{hashlib.md5(good).hexdigest()}" if damage == "bytes" else
+                       f"the store holds {len(good) + 1} bytes, not {len(good)}"]
+            if files == 1:
+                # rclone forgets the metadata of a file rewritten under it; the HEAD's
+                # check looks at the metadata before the ETag.
+                reasons.append("its sha256 metadata is None")
+            assert any(r in why for r in reasons), why
+            assert metric(agent, "fsagent_repository_push_errors_total", kind="verify") == 1
+        assert (agent.uploads / "plate/well-0000.txt").read_bytes() == good
+    finally:
+        proxy.close()
+
+
 def test_agent_killed_mid_push_resumes_without_sending_a_part_twice(agent_factory, tmp_path,
                                                                     rclone):
     """The proxy counts the UploadPart requests the server received, by part number,
@@ -471,3 +525,30 @@ def test_check_object_names_what_differs():
     assert _push.check_object({**good, "etag": '"' + "1" * 32 + '"'}, plan,
                               expected_etag="0" * 32 + "-2", expected_checksum=None) is None
     assert [_push.backoff_delay(n) for n in (1, 2, 3, 9)] == [0.5, 1.0, 2.0, 30.0]
+
+
+def test_put_answers_listings_and_confirm_groups():
+    plan = _push.ObjectPlan(key="k", path="p", size=3, sha256="ab" * 32, metadata={})
+    md5 = "0" * 32
+    assert _push.check_put_answer(f'"{md5}"', None, expected_etag=md5,
+                                  expected_checksum="c") is None
+    assert "ETag" in _push.check_put_answer('"' + "1" * 32 + '"', None, expected_etag=md5,
+                                            expected_checksum=None)
+    assert "checksum" in _push.check_put_answer(md5, "d", expected_etag=md5,
+                                                expected_checksum="c")
+    # An ETag of another form says nothing about the bytes: not held to the MD5.
+    assert _push.check_put_answer('"opaque"', None, expected_etag=md5,
+                                  expected_checksum=None) is None
+    # An object the store answered with an MD5 must report it, of whatever form.
+    empty = {"size": 3, "etag": '""', "checksum_sha256": None, "metadata": {"sha256": "ab" * 32}}
+    assert _push.check_object(empty, plan, expected_etag=md5, expected_checksum=None) is None
+    assert "ETag" in _push.check_object(empty, plan, expected_etag=md5, expected_checksum=None,
+                                        etag_required=True)
+    assert "ETag" in _push.check_listed((3, ""), plan, expected_etag=md5)
+    assert _push.check_listed((3, md5), plan, expected_etag=md5) is None
+    assert "4 bytes" in _push.check_listed((4, md5), plan, expected_etag=md5)
+    assert "ETag" in _push.check_listed((3, "1" * 32), plan, expected_etag=md5)
+    groups, single = _push.confirm_groups(
+        ["a/3", "a/1", "a/2", "b/1", "a/sub/1", "top"], at_least=3)
+    assert groups == [("a/", ["a/1", "a/2", "a/3"])]
+    assert sorted(single) == ["a/sub/1", "b/1", "top"]

@@ -93,13 +93,15 @@ class RepositoryComponent(Component):
                             region=cfg.repository_region,
                             path_style=cfg.repository_path_style,
                             credentials=read_credentials(cfg.repository_credentials_file),
-                            concurrency=cfg.repository_concurrency)
+                            concurrency=cfg.repository_concurrency
+                            + cfg.repository_small_concurrency)
             target = f"{cfg.repository_endpoint or 'aws:' + cfg.repository_region}/" \
                      f"{cfg.repository_bucket}"
             self.pusher = Pusher(store=store, db=agent.db, uploads_dir=cfg.uploads_dir,
                                  prefix=cfg.repository_prefix,
                                  part_size=cfg.repository_part_size,
                                  concurrency=cfg.repository_concurrency,
+                                 small_concurrency=cfg.repository_small_concurrency,
                                  metrics=self.metrics, target=target)
             self.cache = Cache(host=agent, store=store, target=target,
                                prefix=cfg.repository_prefix,
@@ -238,10 +240,10 @@ class RepositoryComponent(Component):
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         if self.pusher is not None:
             cfg = self.agent.config
-            log.info("repository: s3 %s bucket %s prefix %r (part size %d, %d in flight)",
-                     cfg.repository_endpoint or "AWS", cfg.repository_bucket,
-                     cfg.repository_prefix, cfg.repository_part_size,
-                     cfg.repository_concurrency)
+            log.info("repository: s3 %s bucket %s prefix %r (part size %d, %d in flight, "
+                     "%d for small objects)", cfg.repository_endpoint or "AWS",
+                     cfg.repository_bucket, cfg.repository_prefix, cfg.repository_part_size,
+                     cfg.repository_concurrency, cfg.repository_small_concurrency)
             task_status.started()
             await self.cache.serve()
             return

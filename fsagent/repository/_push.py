@@ -47,7 +47,7 @@ __all__ = [
     "MAX_PARTS", "MIN_PART_SIZE", "Part", "ObjectPlan", "Progress", "object_key",
     "fileset_key", "effective_part_size", "split_parts", "multipart_etag",
     "composite_sha256", "object_metadata", "mtime_text", "resume_parts", "check_object",
-    "backoff_delay", "b64",
+    "backoff_delay", "b64", "md5_etag", "check_put_answer", "check_listed", "confirm_groups",
 ]
 
 MAX_PARTS = 10_000
@@ -196,11 +196,13 @@ def md5_matches_etag(md5_digest: bytes, etag: str) -> bool:
 
 
 def check_object(head: Mapping[str, Any], plan: ObjectPlan, *, expected_etag: str,
-                 expected_checksum: str | None) -> str | None:
+                 expected_checksum: str | None, etag_required: bool = False) -> str | None:
     """Why the object the server reports is not the one pushed, or None if it is.
 
     ``head``: ``size``, ``etag``, ``checksum_sha256`` (or None), ``metadata`` (keys
-    compared case-insensitively: some stores capitalise them)."""
+    compared case-insensitively: some stores capitalise them). ``etag_required``: the
+    store answered the PUT with ``expected_etag``, so the object must report it, of
+    whatever form its ETag is now."""
     if head["size"] != plan.size:
         return f"the store holds {head['size']} bytes, not {plan.size}"
     meta = {k.lower(): v for k, v in (head.get("metadata") or {}).items()}
@@ -211,10 +213,60 @@ def check_object(head: Mapping[str, Any], plan: ObjectPlan, *, expected_etag: st
         if got != expected_checksum:
             return f"its x-amz-checksum-sha256 is {got!r}, not {expected_checksum!r}"
     etag = _etag(head.get("etag") or "")
-    if _MD5_ETAG.fullmatch(etag) and ("-" in etag) == ("-" in expected_etag):
+    md5_form = _MD5_ETAG.fullmatch(etag) and ("-" in etag) == ("-" in expected_etag)
+    if etag_required or md5_form:
         if etag != expected_etag:
             return f"its ETag is {etag}, not {expected_etag} (the MD5 we sent)"
     return None
+
+
+def md5_etag(etag: str) -> bool:
+    """Whether ``etag`` is of the MD5 form (``md5`` or ``md5-N``), quotes and case aside."""
+    return _MD5_ETAG.fullmatch(_etag(etag)) is not None
+
+
+def check_put_answer(etag: str, checksum: str | None, *, expected_etag: str,
+                     expected_checksum: str | None) -> str | None:
+    """Why the answer to a single PUT shows the store took other bytes, or None.
+
+    An ETag of the MD5 form must be the MD5 we computed; a checksum the answer carries
+    (some stores echo ``x-amz-checksum-sha256``) must be the one we sent."""
+    if md5_etag(etag) and _etag(etag) != expected_etag:
+        return f"its ETag is {_etag(etag)}, not {expected_etag} (the MD5 we sent)"
+    if expected_checksum is not None and checksum and checksum != expected_checksum:
+        return f"its x-amz-checksum-sha256 is {checksum!r}, not {expected_checksum!r}"
+    return None
+
+
+def check_listed(entry: tuple[int, str], plan: ObjectPlan, *,
+                 expected_etag: str) -> str | None:
+    """Why an object a listing reports (size, ETag) is not the one pushed, or None.
+    For objects the store answered with ``expected_etag`` (an MD5): it must list that
+    ETag, no other, of whatever form."""
+    size, etag = entry
+    if size != plan.size:
+        return f"the store holds {size} bytes, not {plan.size}"
+    if _etag(etag) != expected_etag:
+        return f"its ETag is {_etag(etag)}, not {expected_etag} (the MD5 we sent)"
+    return None
+
+
+def confirm_groups(keys: Iterable[str], *, at_least: int) -> tuple[list[tuple[str, list[str]]],
+                                                                    list[str]]:
+    """How to confirm ``keys`` after their PUTs: (prefix, sorted keys) groups of at
+    least ``at_least`` keys directly under one prefix (one ranged listing each), and
+    the keys of smaller groups (one HEAD each: as cheap, and the full check)."""
+    by_prefix: dict[str, list[str]] = {}
+    for key in keys:
+        head, slash, _ = key.rpartition("/")
+        by_prefix.setdefault(head + slash, []).append(key)
+    groups, single = [], []
+    for prefix, members in sorted(by_prefix.items()):
+        if len(members) >= at_least:
+            groups.append((prefix, sorted(members)))
+        else:
+            single += members
+    return groups, single
 
 
 def backoff_delay(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> float:

@@ -2,14 +2,18 @@
 
 Design notes
 ------------
-* **Concurrency.** ``repository.concurrency`` bounds the requests in flight over the
-  whole agent (one ``CapacityLimiter``; two imports running at once share it). Each
-  push runs that many object workers; a multipart object fans its parts out to the
-  same limit, so one big file uses every slot and a thousand small ones do too.
-  Requests block, so each runs in a worker thread of that limiter: a request waits on
-  the network for seconds, and holding the agent's own ``worker_threads`` (FUSE
-  writes, hashing) that long would stall the mount. Reading a body and hashing it
-  happens in the same thread as its request.
+* **Concurrency.** Two limits over the whole agent (``CapacityLimiter``s; two
+  imports running at once share them). ``repository.concurrency`` bounds requests
+  with a large body (parts, single PUTs over ``SMALL_BODY``): they wait on bandwidth,
+  and a multipart object fans its parts out to that limit, so one big file uses every
+  slot; at most that many multipart objects are in progress at once.
+  ``repository.small_concurrency`` (default 8) bounds the others (small PUTs, HEADs,
+  listings): they wait on the store's latency, one round trip each, so more of them in
+  flight keep a distant store busy. Each push runs the larger of the two as object
+  workers. Requests block, so each runs in a worker thread of its limiter: a request
+  waits on the network for seconds, and holding the agent's own ``worker_threads``
+  (FUSE writes, hashing) that long would stall the mount. Reading a body and hashing
+  it happens in the same thread as its request.
 * **One pass over the bytes we must hash, none we need not.** A single PUT carries
   the upload's verified SHA-256 as ``x-amz-checksum-sha256`` (where the store verifies
   it), so the store proves it received exactly the verified bytes without us hashing
@@ -37,6 +41,34 @@ Design notes
   that verifies refuses it) and then a right one (it must report it back); the
   probe is deleted. A store that accepts the wrong one does not verify, so the header
   is not sent and objects are held to Content-MD5, size, ETag and metadata instead.
+  The same probe object carries ``sha256`` metadata: the store must report it back,
+  with the object's size and its MD5 as ETag, for ``confirm_by_listing``.
+* **Every object is checked before the import succeeds.** A multipart object, and
+  any object of a store that failed the probe, by its HEAD (``_push.check_object``:
+  size, ``sha256`` metadata, the checksum where verified, an MD5-form ETag). A single
+  PUT on a store that passed it is checked in two steps instead, for one listing per
+  directory (of up to 1,000 keys a page) instead of one HEAD per object, which was
+  half the requests of a fileset of small files (``_confirm``): (1) its answer: a 2xx,
+  an MD5-form ETag equal to the MD5 of the bytes we read and sent (the store computed
+  it over what it received), and a checksum, if the answer carries one, equal to the
+  upload's verified SHA-256; where the store verifies checksums (probed: it refused a
+  wrong one) the PUT carried that SHA-256, so its acceptance is the store's proof it
+  received exactly the verified bytes. (2) Once a batch (``CONFIRM_BATCH``, and at the
+  end of the push) is acknowledged, a ranged listing of their keys per directory
+  (``list_range``): each key must be listed with the size pushed and that MD5 as
+  ETag. That is what a HEAD proved: the object exists after the write, with the size
+  and the MD5 of the bytes the store holds (the check fails, as the HEAD did, if the
+  store's copy is other bytes or another size: ``test_an_object_the_store_holds_wrong``).
+  Stricter than the HEAD alone: an object the store answered with an MD5 ETag must
+  keep reporting that ETag (rclone's gateway lists a file removed under it from its
+  cache, with an empty ETag; a HEAD held only MD5-form ETags to the MD5).
+  What a HEAD showed besides is the metadata and the checksum the store reports; both
+  came in the same signed request the store acknowledged, and the probe showed this
+  store keeps metadata and reports it back (and the checksum where it verifies). A key
+  the listing does not show (a store whose listings lag) and keys of a directory with
+  fewer than ``LIST_AT_LEAST`` of them get their HEAD and the full check, the ETag
+  held to the answer's. An object counts as done (``ObjectsDone``, its
+  ``repo_objects`` row) only once checked.
 """
 
 from __future__ import annotations
@@ -53,9 +85,9 @@ from typing import Any, Protocol
 import trio
 
 from ._push import (
-    ObjectPlan, Part, Progress, b64, backoff_delay, check_object, composite_sha256,
-    effective_part_size, md5_matches_etag, multipart_etag, object_key, resume_parts,
-    split_parts,
+    ObjectPlan, Part, Progress, b64, backoff_delay, check_listed, check_object,
+    check_put_answer, composite_sha256, confirm_groups, effective_part_size, md5_etag,
+    md5_matches_etag, multipart_etag, object_key, resume_parts, split_parts,
 )
 from ._s3 import RangeReader, StoreError, open_for_reading
 
@@ -67,6 +99,8 @@ SMALL_BODY = 2**20     # bodies up to this are read once into memory
 READ_CHUNK = 2**20
 MAX_DIGEST_RETRIES = 5  # a body that never matches its digest: the file keeps changing
 MAX_UPLOAD_RESTARTS = 3  # a multipart upload the store forgot, started again this often
+CONFIRM_BATCH = 1000   # single PUTs confirmed by a listing once this many wait (and at the end)
+LIST_AT_LEAST = 3      # fewer objects under one prefix are HEADed, not listed
 
 
 class PushFailed(Exception):
@@ -84,6 +118,16 @@ class _UploadGone(Exception):
     def __init__(self, upload_id: str):
         super().__init__(upload_id)
         self.upload_id = upload_id
+
+
+@dataclasses.dataclass
+class _Unconfirmed:
+    """A single PUT the store acknowledged as we sent it, not yet seen in a listing."""
+
+    plan: ObjectPlan
+    etag: str                 # as the store answered
+    md5_hex: str              # what its ETag must be
+    checksum: str | None      # the x-amz-checksum-sha256 sent (for a HEAD, if needed)
 
 
 class PushJob(Protocol):
@@ -144,7 +188,8 @@ def _hash_range(fd: int, offset: int, size: int, want_sha: bool,
     return md5.digest(), (sha.digest() if sha else None), (bytes(kept) if keep else None)
 
 
-def _put_file(store, real: str, plan: ObjectPlan, checksums: bool) -> tuple[str, bytes]:
+def _put_file(store, real: str, plan: ObjectPlan,
+              checksums: bool) -> tuple[tuple[str, str | None], bytes]:
     """PUT one file as one object; (ETag, MD5)."""
     fd = open_for_reading(real)
     try:
@@ -157,7 +202,8 @@ def _put_file(store, real: str, plan: ObjectPlan, checksums: bool) -> tuple[str,
         os.close(fd)
 
 
-def _put_bytes(store, plan: ObjectPlan, checksums: bool) -> tuple[str, bytes]:
+def _put_bytes(store, plan: ObjectPlan,
+               checksums: bool) -> tuple[tuple[str, str | None], bytes]:
     md5 = hashlib.md5(plan.body).digest()
     sha = b64(hashlib.sha256(plan.body).digest()) if checksums else None
     return store.put_object(plan.key, plan.body, b64(md5), sha, plan.metadata), md5
@@ -228,6 +274,7 @@ class Pusher:
 
     def __init__(self, *, store, db, uploads_dir, prefix: str, part_size: int,
                  concurrency: int, metrics: PushMetrics, target: str,
+                 small_concurrency: int | None = None,
                  shutting_down: trio.Event | None = None):
         self.store = store
         self.db = db
@@ -235,10 +282,19 @@ class Pusher:
         self.prefix = prefix
         self.part_size = part_size
         self.concurrency = concurrency
-        self.limiter = trio.CapacityLimiter(concurrency)
+        self.limiter = trio.CapacityLimiter(concurrency)   # parts, bodies over SMALL_BODY
+        self.small_concurrency = small_concurrency or concurrency
+        # Small bodies, HEADs, listings: latency-bound, so more of them in flight.
+        self.small_limiter = trio.CapacityLimiter(self.small_concurrency)
+        # Multipart objects in progress at once (their parts share ``limiter``).
+        self.multipart_slots = trio.CapacityLimiter(concurrency)
         self.metrics = metrics
         self.target = target
         self.checksums: bool | None = None   # None until probed
+        # Whether the store keeps the user metadata it is given and reports the MD5 of
+        # a single PUT as its ETag (probed with the checksum): single PUTs are then
+        # confirmed by a listing, not one HEAD each (see the design notes).
+        self.confirm_by_listing: bool | None = None
         self._probe_lock = trio.Lock()
         self.last_error: str | None = None
         self.active: dict[str, Progress] = {}   # job ID -> progress of its running push
@@ -250,16 +306,18 @@ class Pusher:
     # -- one request, retried -------------------------------------------------------------
 
     async def _attempt(self, job: PushJob, what: str, fn: Callable, *args: Any,
-                       upload_id: str | None = None) -> Any:
+                       upload_id: str | None = None, small: bool = False) -> Any:
         """``fn(*args)`` in a worker thread, retried while it fails transiently.
-        ``upload_id``: the multipart upload it belongs to (NoSuchUpload: ``_UploadGone``)."""
+        ``upload_id``: the multipart upload it belongs to (NoSuchUpload: ``_UploadGone``);
+        ``small``: a request without a large body (``small_limiter``)."""
         attempt = 0
+        limiter = self.small_limiter if small else self.limiter
         while True:
             try:
-                return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+                return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
             except StoreError as e:
                 if e.kind == "permission" and await trio.to_thread.run_sync(
-                        self.store.bucket_missing, limiter=self.limiter):
+                        self.store.bucket_missing, limiter=self.small_limiter):
                     e = StoreError("bucket", False, f"{self.store.where}: the bucket does not "
                                    f"exist (NoSuchBucket; the store answered {e.code}); "
                                    "create it or fix repository.bucket", "NoSuchBucket")
@@ -281,24 +339,29 @@ class Pusher:
     # -- the checksum probe ---------------------------------------------------------------
 
     async def probe(self, job: PushJob) -> bool:
-        """Whether the store verifies ``x-amz-checksum-sha256`` (found out once)."""
+        """Whether the store verifies ``x-amz-checksum-sha256`` (found out once, with
+        ``confirm_by_listing``)."""
         async with self._probe_lock:
             if self.checksums is None:
-                self.checksums = await self._probe(job)
-                log.info("repository %s %s x-amz-checksum-sha256", self.store.where,
-                         "verifies" if self.checksums else "does not verify")
+                self.checksums, self.confirm_by_listing = await self._probe(job)
+                log.info("repository %s %s x-amz-checksum-sha256; single PUTs are "
+                         "confirmed by %s", self.store.where,
+                         "verifies" if self.checksums else "does not verify",
+                         "listings" if self.confirm_by_listing else "one HEAD each")
             return self.checksums
 
-    async def _probe(self, job: PushJob) -> bool:
+    async def _probe(self, job: PushJob) -> tuple[bool, bool]:
         key = object_key(self.prefix, f".fsagent-probe-{secrets.token_hex(8)}")
         body = b"fsagent checksum probe\n"
-        md5 = b64(hashlib.md5(body).digest())
+        md5 = hashlib.md5(body).digest()
         wrong = b64(hashlib.sha256(b"not the body").digest())
-        right = b64(hashlib.sha256(body).digest())
+        sha = hashlib.sha256(body).digest()
+        right = b64(sha)
+        metadata = {"sha256": sha.hex()}
 
-        def put(sha: str) -> bool:
+        def put(checksum: str | None) -> bool:
             try:
-                self.store.put_object(key, body, md5, sha, {})
+                self.store.put_object(key, body, b64(md5), checksum, metadata)
                 return True
             except StoreError as e:
                 if e.kind in ("digest", "request"):
@@ -306,17 +369,31 @@ class Pusher:
                 raise
 
         try:
-            if await self._attempt(job, "the checksum probe", put, wrong):
-                return False  # it took a body whose checksum is wrong: no verification
-            if not await self._attempt(job, "the checksum probe", put, right):
-                return False  # it refuses the header itself
-            head = await self._attempt(job, "the checksum probe", self.store.head_object, key)
-            return head is not None and head.get("checksum_sha256") == right
+            # A store that takes a body whose checksum is wrong does not verify it; one
+            # that refuses the right one refuses the header itself. Either way the
+            # objects go without it, and so does the probe's second PUT.
+            verifies = not await self._attempt(job, "the checksum probe", put, wrong,
+                                               small=True)
+            if verifies and not await self._attempt(job, "the checksum probe", put, right,
+                                                    small=True):
+                verifies = False
+            if not verifies and not await self._attempt(job, "the checksum probe", put,
+                                                        None, small=True):
+                raise PushFailed("request", f"{self.store.where} refused a small PUT (the "
+                                 "checksum probe) with nothing but its Content-MD5")
+            head = await self._attempt(job, "the checksum probe", self.store.head_object,
+                                       key, small=True)
+            if head is None:
+                return False, False
+            meta = {k.lower(): v for k, v in (head.get("metadata") or {}).items()}
+            listable = (head["size"] == len(body) and meta.get("sha256") == sha.hex()
+                        and md5_matches_etag(md5, head.get("etag") or ""))
+            return verifies and head.get("checksum_sha256") == right, listable
         finally:
             with trio.CancelScope(shield=True):
                 try:
                     await trio.to_thread.run_sync(self.store.delete_object, key,
-                                                  limiter=self.limiter)
+                                                  limiter=self.small_limiter)
                 except StoreError:
                     pass  # a probe object left behind is harmless; the next probe replaces it
 
@@ -359,11 +436,14 @@ class Pusher:
                 if o.path is not None and o.task is not None:
                     await self.before_read(o.task)
         queue = iter(todo)
+        unconfirmed: list[_Unconfirmed] = []
+        workers = max(self.concurrency, self.small_concurrency)
         try:
             async with trio.open_nursery() as nursery:
-                for _ in range(min(self.concurrency, len(todo))):
+                for _ in range(min(workers, len(todo))):
                     nursery.start_soon(self._worker, job, queue, checksums, uploads, parts,
-                                       progress, etags)
+                                       progress, etags, unconfirmed)
+            await self._confirm(job, unconfirmed, progress, etags)
         except BaseExceptionGroup as group:
             first = _first_error(group)
             if first is group:
@@ -376,20 +456,68 @@ class Pusher:
             self.pushed()
         return etags
 
-    async def _worker(self, job, queue, checksums, uploads, parts, progress, etags):
+    async def _worker(self, job, queue, checksums, uploads, parts, progress, etags,
+                      unconfirmed: list[_Unconfirmed]):
         for plan in queue:
             if plan.multipart(self.part_size):
-                etag = await self._push_multipart(job, plan, checksums, uploads.get(plan.key),
-                                                  parts, progress)
-            else:
-                etag = await self._push_single(job, plan, checksums, progress)
-            etags[plan.key] = etag
-            progress.objects_done += 1
-            self.metrics.objects_pushed.inc()
-            self.db.stage(("repo-object", self.target, plan.key), _UPSERT_OBJECT,
-                          (self.target, plan.key, plan.sha256, plan.size, etag, plan.task,
-                           job.job_id, time.time()))
-            self._report(job, progress)
+                async with self.multipart_slots:
+                    etag = await self._push_multipart(job, plan, checksums,
+                                                      uploads.get(plan.key), parts, progress)
+                self._verified(job, plan, etag, progress, etags)
+                continue
+            pending = await self._push_single(job, plan, checksums, progress)
+            if isinstance(pending, str):
+                self._verified(job, plan, pending, progress, etags)
+                continue
+            unconfirmed.append(pending)
+            if len(unconfirmed) >= CONFIRM_BATCH:
+                # Taken whole before the first await: no other worker confirms them too.
+                batch = unconfirmed[:]
+                del unconfirmed[:]
+                await self._confirm(job, batch, progress, etags)
+
+    def _verified(self, job: PushJob, plan: ObjectPlan, etag: str, progress: Progress,
+                  etags: dict[str, str]) -> None:
+        """``plan``'s object is in the store as pushed: counted, recorded (a re-run of
+        the import skips it)."""
+        etags[plan.key] = etag
+        progress.objects_done += 1
+        self.metrics.objects_pushed.inc()
+        self.db.stage(("repo-object", self.target, plan.key), _UPSERT_OBJECT,
+                      (self.target, plan.key, plan.sha256, plan.size, etag, plan.task,
+                       job.job_id, time.time()))
+        self._report(job, progress)
+
+    async def _confirm(self, job: PushJob, batch: list[_Unconfirmed], progress: Progress,
+                       etags: dict[str, str]) -> None:
+        """Check single PUTs the store acknowledged (``_push_single``) against what it
+        lists: per prefix, one ranged listing of their keys (size and ETag, the MD5 we
+        sent); a key not listed, or under a prefix with only a few of them, by its own
+        HEAD (the full ``check_object``). Raises ``PushFailed`` on the first mismatch."""
+        if not batch:
+            return
+        by_key = {u.plan.key: u for u in batch}
+        groups, single = confirm_groups(by_key, at_least=LIST_AT_LEAST)
+        for prefix, keys in groups:
+            listed = await self._attempt(
+                job, f"listing {prefix or 'the bucket'}", self.store.list_range, prefix,
+                keys[0], keys[-1], 2 + len(keys) // 500, small=True)
+            for key in keys:
+                u = by_key[key]
+                entry = listed.get(key)
+                if entry is None:
+                    single.append(key)  # not listed (yet): its HEAD says
+                    continue
+                why = check_listed(entry, u.plan, expected_etag=u.md5_hex)
+                if why is not None:
+                    self.metrics.errors.labels("verify").inc()
+                    raise PushFailed("verify", f"{self.store.where}: {key!r} does not match "
+                                     f"what was sent: {why}")
+                self._verified(job, u.plan, u.etag, progress, etags)
+        for key in single:
+            u = by_key[key]
+            head = await self._verify(job, u.plan, u.md5_hex, u.checksum, etag_required=True)
+            self._verified(job, u.plan, head.get("etag") or u.etag, progress, etags)
 
     def _report(self, job: PushJob, progress: Progress) -> None:
         job.content.update(progress.content())
@@ -401,14 +529,14 @@ class Pusher:
         return os.path.basename(plan.path or plan.key)
 
     async def _verify(self, job: PushJob, plan: ObjectPlan, expected_etag: str,
-                      expected_checksum: str | None) -> dict:
+                      expected_checksum: str | None, etag_required: bool = False) -> dict:
         head = await self._attempt(job, f"checking {self._name(plan)}",
-                                   self.store.head_object, plan.key)
+                                   self.store.head_object, plan.key, small=True)
         if head is None:
             raise PushFailed("verify", f"{self.store.where}: {plan.key!r} is missing right "
                              "after it was stored")
         why = check_object(head, plan, expected_etag=expected_etag,
-                           expected_checksum=expected_checksum)
+                           expected_checksum=expected_checksum, etag_required=etag_required)
         if why is not None:
             self.metrics.errors.labels("verify").inc()
             raise PushFailed("verify", f"{self.store.where}: {plan.key!r} does not match "
@@ -416,18 +544,30 @@ class Pusher:
         return head
 
     async def _push_single(self, job, plan: ObjectPlan, checksums: bool,
-                           progress: Progress) -> str:
+                           progress: Progress) -> str | _Unconfirmed:
+        """One PUT: the ETag of the object, verified by its HEAD, or (a store that
+        ``confirm_by_listing``) what ``_confirm`` checks it against later."""
         name = self._name(plan)
+        small = plan.size <= SMALL_BODY
         if plan.path is None:
-            etag, md5 = await self._attempt(job, f"{name}", _put_bytes, self.store, plan,
-                                            checksums)
+            (etag, echoed), md5 = await self._attempt(job, f"{name}", _put_bytes, self.store,
+                                                      plan, checksums, small=small)
         else:
             real = str(self.uploads_dir / plan.path)
-            etag, md5 = await self._attempt(job, f"{name}", _put_file, self.store, real, plan,
-                                            checksums)
+            (etag, echoed), md5 = await self._attempt(job, f"{name}", _put_file, self.store,
+                                                      real, plan, checksums, small=small)
         self.metrics.bytes_pushed.inc(plan.size)
         progress.bytes_sent += plan.size
         expected = b64(bytes.fromhex(plan.sha256)) if checksums else None
+        why = check_put_answer(etag, echoed, expected_etag=md5.hex(),
+                               expected_checksum=expected)
+        if why is not None:
+            self.metrics.errors.labels("verify").inc()
+            raise PushFailed("verify", f"{self.store.where}: {plan.key!r} does not match "
+                             f"what was sent: {why}")
+        if self.confirm_by_listing and md5_etag(etag):
+            self._report(job, progress)
+            return _Unconfirmed(plan, etag, md5.hex(), expected)
         head = await self._verify(job, plan, md5.hex(), expected)
         return head.get("etag") or etag
 
