@@ -30,6 +30,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -63,7 +64,8 @@ def free_port() -> int:
     raise RuntimeError("no free port below the ephemeral range")
 
 
-def s3_client(endpoint: str, access: str = ADMIN_ACCESS, secret: str = ADMIN_SECRET):
+def s3_client(endpoint: str, access: str = ADMIN_ACCESS, secret: str = ADMIN_SECRET,
+              verify: str | None = None):
     import botocore.config
     import botocore.session
     session = botocore.session.Session()
@@ -71,7 +73,7 @@ def s3_client(endpoint: str, access: str = ADMIN_ACCESS, secret: str = ADMIN_SEC
     session.set_config_variable("credentials_file", os.devnull)
     return session.create_client(
         "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=access,
-        aws_secret_access_key=secret,
+        aws_secret_access_key=secret, verify=verify,
         config=botocore.config.Config(
             s3={"addressing_style": "path"}, retries={"total_max_attempts": 3},
             request_checksum_calculation="when_required",
@@ -118,7 +120,9 @@ class S3Server(abc.ABC):
                 raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n"
                                    f"{self.log_path.read_text(errors='replace')[-3000:]}")
             try:
-                urllib.request.urlopen(self.endpoint + "/", timeout=2).close()
+                context = None if self.ca_file() is None else ssl.create_default_context(
+                    cafile=self.ca_file())
+                urllib.request.urlopen(self.endpoint + "/", timeout=2, context=context).close()
                 return
             except urllib.error.HTTPError:
                 return  # it answers (403 to an anonymous request): ready
@@ -142,8 +146,12 @@ class S3Server(abc.ABC):
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(15)
 
+    def ca_file(self) -> str | None:
+        """The CA that signed its certificate (HTTPS servers), else None."""
+        return None
+
     def client(self, access: str = ADMIN_ACCESS, secret: str = ADMIN_SECRET):
-        return s3_client(self.endpoint, access, secret)
+        return s3_client(self.endpoint, access, secret, verify=self.ca_file())
 
     def make_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
@@ -158,6 +166,39 @@ class RcloneS3(S3Server):
                 "--auth-key", f"{ACCESS},{SECRET}", "--auth-key",
                 f"{ADMIN_ACCESS},{ADMIN_SECRET}", "--config", str(self.base / "rclone.conf"),
                 str(self.data)]
+
+
+class RcloneS3TLS(RcloneS3):
+    """``rclone serve s3`` over HTTPS, with a certificate for 127.0.0.1 signed by a CA
+    made for the test (``ca``: trust it with ``SSL_CERT_FILE`` / ``AWS_CA_BUNDLE``)."""
+
+    name = "rclone-tls"
+
+    def __init__(self, base: Path):
+        super().__init__(base)
+        self.ca = base / "ca.pem"
+        self.cert, self.key = base / "server.pem", base / "server.key"
+        ca_key = base / "ca.key"
+        openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
+        subprocess.run(openssl + ["-keyout", str(ca_key), "-out", str(self.ca),
+                                  "-subj", "/CN=fsagent test CA"],
+                       check=True, capture_output=True)
+        subprocess.run(openssl + ["-keyout", str(self.key), "-out", str(self.cert),
+                                  "-subj", "/CN=127.0.0.1", "-CA", str(self.ca),
+                                  "-CAkey", str(ca_key),
+                                  "-addext", "subjectAltName=IP:127.0.0.1"],
+                       check=True, capture_output=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def argv(self) -> list[str]:
+        return super().argv()[:-1] + ["--cert", str(self.cert), "--key", str(self.key),
+                                      str(self.data)]
+
+    def ca_file(self) -> str | None:
+        return str(self.ca)
 
 
 class SeaweedS3(S3Server):

@@ -38,8 +38,9 @@ Design notes
   full client.
 * **Errors** become ``StoreError(kind, transient, message)``: ``connection``,
   ``timeout``, ``server`` (5xx), ``throttled`` and ``digest`` (the body did not match
-  its digest) are transient; ``credentials``, ``bucket``, ``permission`` and
-  ``request`` (any other refusal) are not. Messages name the endpoint and bucket,
+  its digest) are transient; ``credentials``, ``bucket``, ``permission``,
+  ``certificate`` (an HTTPS certificate we do not trust) and ``request`` (any other
+  refusal) are not. Messages name the endpoint and bucket,
   never a key.
 """
 
@@ -85,6 +86,18 @@ _DIGEST = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch",
 COPY_LIMIT = 5 * 2**30    # the largest object one CopyObject may copy (S3)
 COPY_PART = 2**30         # a part of a server-side multipart copy
 STREAM_PART = 64 * 2**20  # a part copied through the agent (held in memory once)
+
+
+def _certificate_refused(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it: botocore and urllib3 wrap it) is a TLS
+    certificate the store presented and we do not trust (or a name it does not cover)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, ssl.SSLCertVerificationError) or \
+                "CERTIFICATE_VERIFY_FAILED" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 class StoreError(Exception):
@@ -490,6 +503,12 @@ class S3Store:
                 return StoreError("server", True, f"{text} (HTTP {status})", code)
             return StoreError("request", False, f"{self.where} refused {what} ({text}, "
                               f"HTTP {status})", code)
+        if _certificate_refused(e):
+            # Not a network hiccup: trying again cannot make the certificate trusted.
+            return StoreError("certificate", False,
+                              f"{self.where}: its TLS certificate is not trusted "
+                              f"({_reason(e)}); trust its CA (the system's store, or "
+                              "SSL_CERT_FILE and AWS_CA_BUNDLE) or fix repository.endpoint")
         if isinstance(e, (botocore.exceptions.ConnectTimeoutError,
                           botocore.exceptions.ReadTimeoutError)):
             return StoreError("timeout", True, _reason(e))
