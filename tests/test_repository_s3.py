@@ -19,7 +19,9 @@ import json
 import os
 import re
 import subprocess
+import socket
 import sys
+import threading
 import time
 import uuid
 
@@ -597,3 +599,49 @@ def test_put_answers_listings_and_confirm_groups():
         ["a/3", "a/1", "a/2", "b/1", "a/sub/1", "top"], at_least=3)
     assert groups == [("a/", ["a/1", "a/2", "a/3"])]
     assert sorted(single) == ["a/sub/1", "b/1", "top"]
+
+
+def test_lean_connections_read_chunked_answers_with_trailers_and_keep_the_connection():
+    """The lean path's HTTP/1.1 reader (``_s3._Connections``) against a loopback server
+    that answers once chunked with a trailer field and once with Content-Length, on one
+    connection: both bodies whole, the connection reused, then a server-closed idle
+    connection replaced without an error."""
+    from fsagent.repository._s3 import _Connections
+    answers = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+               b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nETag: \"e\"\r\n\r\nabc",
+               b"HTTP/1.1 204 No Content\r\n\r\n"]
+    accepted = []
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+
+    def serve():
+        for batch in ([answers[0], answers[1]], [answers[2]]):
+            conn, _ = listener.accept()
+            accepted.append(conn)
+            for answer in batch:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                conn.sendall(answer)
+            conn.close()  # idle: the next request finds it closed
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        pool = _Connections("http", f"127.0.0.1:{listener.getsockname()[1]}", 4, 5.0, 5.0)
+        first = pool.request("GET", "/a", {"Host": "x"}, None)
+        assert (first.status, first.data) == (200, b"hello world")
+        second = pool.request("PUT", "/b", {"Host": "x", "Content-Length": "2"}, b"hi")
+        assert (second.status, second.data, second.headers.get("ETag")) == (200, b"abc",
+                                                                             '"e"')
+        assert len(accepted) == 1  # the second request reused the connection
+        server_deadline = time.monotonic() + PATIENCE
+        while accepted[0].fileno() != -1 and time.monotonic() < server_deadline:
+            time.sleep(0.01)  # the server closed it: the pool must notice and reconnect
+        third = pool.request("HEAD", "/c", {"Host": "x"}, None)
+        assert third.status == 204 and len(accepted) == 2
+    finally:
+        listener.close()
+        server.join(PATIENCE)

@@ -360,8 +360,9 @@ class _Connections:
                     raise ConnectionError(errno.ECONNRESET, "a chunked answer was cut")
                 size = int(size_line.split(b";")[0].strip() or b"0", 16)
                 if size == 0:
-                    while reader.readline(65537) not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
+                    trailer = reader.readline(65537)
+                    while trailer not in (b"\r\n", b"\n", b""):  # trailer fields: unused
+                        trailer = reader.readline(65537)
                     break
                 chunks.append(_read_exactly(reader, size))
                 reader.readline(65537)  # the CRLF after the chunk
