@@ -23,8 +23,11 @@ import hashlib
 import json
 import os
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
+
+import pytest
 
 FSAGENT_KEYS = ("state", "sha256", "job", "task", "offset", "size", "error")
 SETTLED_STATES = ("complete", "failed")
@@ -190,3 +193,47 @@ def manifest_problems(by_id: dict[str, dict], rows: dict[str, tuple]) -> list[st
                             f"sha256 {digest} task {task}; the job imported "
                             f"{spec.get('size')} / {spec.get('sha256')} / {spec.get('task')}")
     return problems
+
+
+# ext4 (``stat -f`` names it ext2/ext3) hands a freed inode number out again and keeps
+# inode generations: there the tests that need either must run, never skip.
+_REUSING_FILESYSTEMS = ("ext2/ext3",)
+
+
+def filesystem_type(path: Path) -> str:
+    return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def reuse_inode(directory: Path, ino: int, tries: int = 5000) -> Path:
+    """Create files in ``directory`` until one gets inode number ``ino`` (freed just
+    before), and return it. ext4 gives a new file the lowest free number of its
+    directory's group, so the others are kept until then (each fills a lower free
+    number) and removed after. A filesystem that never reuses numbers (tmpfs, btrfs)
+    cannot have the case: skipped there, a failure on ext4."""
+    made = []
+    try:
+        for i in range(tries):
+            candidate = directory / f".reuse-{i}"
+            candidate.write_bytes(b"")
+            if os.lstat(candidate).st_ino == ino:
+                return candidate
+            made.append(candidate)
+    finally:
+        for other in made:
+            other.unlink()
+    kind = filesystem_type(directory)
+    if kind in _REUSING_FILESYSTEMS:
+        pytest.fail(f"{kind} did not reuse inode {ino} in {tries} new files")
+    pytest.skip(f"{kind} does not hand a freed inode number out again: no reuse to test")
+
+
+def require_generation(generation: int | None, path: Path) -> int:
+    """``generation`` (``BackingTree.identity``'s), which ext4 always has; a filesystem
+    without ``FS_IOC_GETVERSION`` (tmpfs) cannot have the case: skipped there."""
+    if generation is None:
+        kind = filesystem_type(path)
+        if kind in _REUSING_FILESYSTEMS:
+            pytest.fail(f"{kind} gave no inode generation for {path}")
+        pytest.skip(f"{kind} keeps no inode generations (FS_IOC_GETVERSION)")
+    return generation

@@ -32,7 +32,7 @@ import pytest
 from conftest import wait_for
 from integrity_util import (import_jobs, import_problems, imports_finished, job_state,
                             jobs_listing, look, manifest, manifest_problems, members_of,
-                            sha256_bytes, skipped_by, spec_member)
+                            reuse_inode, sha256_bytes, skipped_by, spec_member)
 
 QUICK = """
 settle_seconds = 0.3
@@ -391,18 +391,7 @@ def test_a_reused_inode_number_is_not_the_removed_file_renamed(agent_factory):
     backing = agent.state / "data" / "uploads" / "d"
     ino = os.lstat(backing / "s1").st_ino
     os.unlink(backing / "s1")
-    made, reused = [], None  # ext4 gives the lowest free number: fill the lower ones
-    for i in range(5000):
-        candidate = backing / f"new-{i}"
-        candidate.write_bytes(b"")
-        if os.lstat(candidate).st_ino == ino:
-            reused = candidate
-            break
-        made.append(candidate)
-    for other in made:
-        other.unlink()
-    if reused is None:
-        pytest.skip(f"inode {ino} not reused after 5,000 files on this filesystem")
+    reused = reuse_inode(backing, ino)
     new = os.urandom(30_000)
     reused.write_bytes(new)
     os.rename(reused, backing / "s6")

@@ -39,6 +39,7 @@ from fsagent.uploads._task import (
 )
 from fsagent.uploads._writer import BackingWriter
 from fsagent.uploads._writes import WritePath
+from integrity_util import require_generation, reuse_inode
 from test_uploads_units import rule  # completion_event with every fact at its default
 
 KiB, MiB = 1024, 1024 * 1024
@@ -676,30 +677,11 @@ async def test_recovery_rows_without_an_inode_match_by_path(db, store, paths):
     assert row.ino == st.st_ino  # recorded from now on
 
 
-def reuse_inode(directory: Path, ino: int, tries: int = 5000) -> Path:
-    """Create files in ``directory`` until one gets inode number ``ino`` (freed just
-    before). ext4 gives a new file the lowest free number of its directory's group, so
-    the others are kept until then (each fills a lower free number) and removed after."""
-    made = []
-    try:
-        for i in range(tries):
-            candidate = directory / f".reuse-{i}"
-            candidate.write_bytes(b"")
-            if os.lstat(candidate).st_ino == ino:
-                return candidate
-            made.append(candidate)
-    finally:
-        for other in made:
-            other.unlink()
-    pytest.skip(f"inode {ino} not reused after {tries} files on this filesystem")
-
-
 def identified(paths: BackingTree, rel: bytes) -> dict:
     """The identity a live task records for the file at ``rel``."""
     st, generation = paths.identity(rel)
-    if generation is None:
-        pytest.skip("this filesystem keeps no inode generations (FS_IOC_GETVERSION)")
-    return {"ino": st.st_ino, "ino_generation": generation}
+    return {"ino": st.st_ino,
+            "ino_generation": require_generation(generation, paths.path(rel))}
 
 
 async def test_recovery_a_reused_inode_number_moved_elsewhere_is_a_new_file(db, store, paths):
