@@ -232,6 +232,22 @@ class BackingTree:
             return False
         return True
 
+    def any_exists(self, rels: list[bytes]) -> bool:
+        """Whether anything is at any of ``rels`` (``exists`` for each, stopping at the
+        first): one ``lstat`` per name, with no context manager per name below PATH_MAX
+        (the uploads pipeline asks this for every file it completes)."""
+        for rel in rels:
+            path = self.root + b"/" + rel if rel else self.root
+            try:
+                if len(path) < PATH_MAX:
+                    os.lstat(path)
+                else:
+                    self.lstat(rel)
+            except OSError:
+                continue
+            return True
+        return False
+
     def open(self, rel: bytes, flags: int = os.O_RDONLY, mode: int = 0o777) -> int:
         with self.at(rel) as path:
             return os.open(path, flags, mode)

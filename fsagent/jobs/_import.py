@@ -70,7 +70,8 @@ import trio
 
 from .. import longpaths
 from ..repository import PushFailed
-from ._kinds import JobFailed, Kind, RunContext, SpecError, confine, only_keys, register
+from ._kinds import (JobFailed, Kind, Resolver, RunContext, SpecError, confine, only_keys,
+                     register)
 from ._states import ErrorCode
 
 __all__ = ["Import", "import_tasks", "stage_manifest_move"]
@@ -130,8 +131,9 @@ def stage_manifest_move(db, task: str, job_id: str, path: str) -> None:
 
 def _check_regular(uploads_dir, paths: list[str]) -> None:
     """Worker thread: each path is a regular file inside uploads/ (``SpecError``)."""
+    resolver = Resolver()
     for path in paths:
-        real = confine(uploads_dir, path)
+        real = confine(uploads_dir, path, resolver=resolver)
         if not stat.S_ISREG(longpaths.stat_follow(real).st_mode):
             raise SpecError(f"{path!r} is not a regular file")
 
@@ -139,9 +141,10 @@ def _check_regular(uploads_dir, paths: list[str]) -> None:
 def _stat_all(uploads_dir, paths: list[str]) -> list[os.stat_result | str]:
     """Worker thread: each path's stat, or why it cannot be imported."""
     out: list[os.stat_result | str] = []
+    resolver = Resolver()
     for path in paths:
         try:
-            out.append(longpaths.stat_follow(confine(uploads_dir, path)))
+            out.append(longpaths.stat_follow(confine(uploads_dir, path, resolver=resolver)))
         except SpecError as e:
             out.append(str(e))
         except (FileNotFoundError, NotADirectoryError):

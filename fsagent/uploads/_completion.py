@@ -148,9 +148,8 @@ class Completion:
         out = [(a, v, f"user.fsagent.{a}") for a, v in sorted(t.client.items())]
         directory, _, name = t.rel.rpartition(b"/")
         # Most directories have no manifest: a few failed stats here beat a thread hop.
-        candidates = [m for m, _ in manifest_names_for(name)
-                      if self._paths.exists(directory + b"/" + m if directory else m)]
-        if not candidates:
+        if not self._paths.any_exists([directory + b"/" + m if directory else m
+                                       for m, _ in manifest_names_for(name)]):
             return out
         try:
             found = await self._to_thread(_read_manifests, self._paths, directory, name)

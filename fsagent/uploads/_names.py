@@ -159,8 +159,17 @@ class Names:
         t.held = from_rsync and st.st_mtime_ns == 0
         t.renamed_by_rsync = from_rsync and t.timed and not t.held
         # rsync -X carries the source's user.fsagent.* declarations onto its temp file.
+        # One listxattr first: most files carry none, and a failed getxattr per name
+        # costs a syscall and an exception each (rsync's small-file path).
+        try:
+            with self._paths.at(t.rel) as path:
+                present = set(os.listxattr(path, follow_symlinks=False))
+        except OSError:
+            present = set()
         for algorithm in ("size", *ALGORITHMS):
             name = FSAGENT_XATTR + algorithm.encode()
+            if os.fsdecode(name) not in present:
+                continue
             try:
                 with self._paths.at(t.rel) as path:
                     value = os.getxattr(path, name, follow_symlinks=False)

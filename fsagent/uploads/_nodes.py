@@ -145,12 +145,20 @@ class _Entry(Node):
 
     @property
     def rel(self) -> bytes:
-        if self.detached:
+        # A loop, not recursion through the parents' ``rel``: every request asks for
+        # it, some several times. ENOENT if this node or any directory above it was
+        # unlinked or replaced.
+        names = []
+        node = self
+        while node.parent is not None:
+            if node.detached:
+                raise FUSEError(errno.ENOENT)
+            names.append(node.name)
+            node = node.parent
+        if node.detached:
             raise FUSEError(errno.ENOENT)
-        if self.parent is None:
-            return b""
-        base = self.parent.rel
-        return base + b"/" + self.name if base else self.name
+        names.reverse()
+        return b"/".join(names)
 
     def place(self):
         """``with node.place() as path``: a path to the backing object (``longpaths.py``)."""
