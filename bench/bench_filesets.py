@@ -5,7 +5,8 @@ Prints one table: the machine, the agent's config, then the rows the issue's tar
 A. ``rsync -a`` of 5,000 x 4 KiB files in 50 directories into ``MOUNT/uploads/A``, timed
    from rsync's start until every upload is ``complete`` and every import job it names
    succeeded, against the same ``rsync -a`` + ``sync`` into a plain directory on the same
-   disk. Runs are interleaved (plain, agent, plain, agent, ...; ``--runs``); medians,
+   disk. Runs are interleaved (plain, agent, plain, agent, ...; ``--runs``), each from a
+   quiet disk (``quiet_disk``: the last run's removals written back first); medians,
    min-max and the ratio of medians. Each agent run uses a **fresh agent** (new state dir,
    empty database and job history): the job history fills up and starts evicting after
    ``job_history`` jobs, and the task table grows with every run, so a reused agent would
@@ -147,6 +148,34 @@ def io_pressure() -> str:
         return "io pressure some " + " ".join(some.split()[1:3])
     except OSError:
         return "io pressure n/a"
+
+
+def disk_written_sectors() -> int:
+    """Sectors written to every disk so far (``/proc/diskstats``, whole devices)."""
+    total = 0
+    for line in open("/proc/diskstats"):
+        fields = line.split()
+        if len(fields) > 9 and not fields[2].startswith(("loop", "ram")):
+            total += int(fields[9])
+    return total
+
+
+def quiet_disk(timeout: float = 15.0) -> float:
+    """``sync``, then wait until the disks wrote nothing for 0.5 s (or ``timeout``); the
+    seconds waited. Before every run, plain or agent: the previous run's removal of
+    5,000 files is still being written back and discarded (ext4 here mounts with
+    ``discard``) when the next run starts, and it slows that run's creates several
+    times over, whichever side the run is on."""
+    t0 = time.monotonic()
+    os.sync()
+    last = disk_written_sectors()
+    while time.monotonic() - t0 < timeout:
+        time.sleep(0.5)
+        now = disk_written_sectors()
+        if now == last:
+            break
+        last = now
+    return time.monotonic() - t0
 
 
 # -- the agent from outside ---------------------------------------------------------------
@@ -554,7 +583,9 @@ def main() -> None:
             os.sync()
             plain, runs = [], []
             for i in range(args.runs):
+                quiet_disk()
                 plain.append(plain_run(src, base / "plain-a"))
+                quiet_disk()
                 try:
                     runs.append(agent_run(base / f"agent-a{i}", src, args.files,
                                           args.log_level, interval=0.05, timeout=args.timeout))
@@ -569,8 +600,9 @@ def main() -> None:
                 rows += rows_a(runs, plain, args.files)
         if args.big:
             src = make_tree(base / "src-b" / "B", args.big_files, 1024)
-            os.sync()
+            quiet_disk()
             plain_b = plain_run(src, base / "plain-b")
+            quiet_disk()
             print(f"  B plain: {plain_b:.2f} s; agent run starts, load {load_average()}",
                   flush=True)
             try:

@@ -187,7 +187,8 @@ class _Entry(Node):
                 os.chown(path, attr.st_uid if fields.update_uid else -1,
                          attr.st_gid if fields.update_gid else -1, follow_symlinks=False)
             if fields.update_atime or fields.update_mtime:
-                st = self.stat()
+                # Both given (utimensat from cp -p, rsync, tar): no stat for the other.
+                st = None if fields.update_atime and fields.update_mtime else self.stat()
                 atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
                 mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
                 os.utime(path, ns=(atime, mtime), follow_symlinks=False)
