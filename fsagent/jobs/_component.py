@@ -86,7 +86,9 @@ class JobsComponent(Component):
         """Upload ``task`` leaves import ``job_id``: a job that has not started and
         imports nothing else is cancelled; any other skips the upload when it runs."""
         job = self.engine.jobs.get(job_id)
-        if job is None or job.kind != "import":
+        # Only a pending job can be cancelled for it; a finished one's spec is packed
+        # (``Job.stored_spec``), not worth unpacking for every upload removed after it.
+        if job is None or job.kind != "import" or job.state is not State.PENDING:
             return
         if import_tasks(job.spec) <= {task}:
             await self.engine.cancel_if_not_started(job_id)
