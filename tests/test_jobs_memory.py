@@ -24,8 +24,8 @@ import trio
 from fsagent.config import load_config
 from fsagent.db import Database
 from fsagent.events import EventHub
-from fsagent.jobs._engine import Engine, Job
-from fsagent.jobs._nodes import render_jobs_json
+from fsagent.jobs._engine import Engine, Job, PackedSpec
+from fsagent.jobs._nodes import JobsListing, render_jobs_json
 from fsagent.jobs._states import State
 from fsagent.service.metrics import Registry
 
@@ -79,6 +79,19 @@ def _old_rendering(engine: Engine) -> bytes:
     return ("[\n" + lines + "\n]\n" if lines else "[]\n").encode()
 
 
+def _check_reads(listing: JobsListing, expected: bytes) -> None:
+    """Reads of any offset and size, across pieces, give the document's bytes; a
+    listing holds its finished jobs' specs packed, nothing unpacked but the last read."""
+    assert listing.size == len(expected)
+    assert any(isinstance(p, PackedSpec) for p in listing.pieces)
+    for size in (1, 7, 4096, 131072, len(expected) + 10):
+        got = b"".join(listing.read(offset, size) for offset in range(0, listing.size, size))
+        assert got == expected, size
+    for offset in (0, 5, listing.ends[0] - 1, listing.ends[0], listing.size - 1):
+        assert listing.read(offset, 300) == expected[offset : offset + 300]
+    assert listing.read(listing.size, 10) == b"" == listing.read(listing.size + 5, 10)
+
+
 def test_a_finished_fileset_import_keeps_no_member_list_and_shows_the_same(tmp_path):
     host = _Host(tmp_path)
     engine = Engine(host)
@@ -92,7 +105,7 @@ def test_a_finished_fileset_import_keeps_no_member_list_and_shows_the_same(tmp_p
     assert done.state is State.SUCCESS
     # Finished: the spec is kept as bytes and no list of members hangs off the record.
     assert [x for x in _lists_reachable(done) if len(x) >= 3] == []
-    assert isinstance(done.stored_spec, bytes)
+    assert isinstance(done.stored_spec, PackedSpec)
     # Still running: its spec is the dict the run reads.
     assert running.stored_spec["files"][0][1] == "exp/d0/f00000"
     # What the files show is unchanged: the whole spec in info(), jobs.json the same bytes.
@@ -100,10 +113,11 @@ def test_a_finished_fileset_import_keeps_no_member_list_and_shows_the_same(tmp_p
     assert json.loads(done.info_json()) == done.info()
     rendered = render_jobs_json(engine)
     assert rendered == _old_rendering(engine)
+    _check_reads(JobsListing(engine), rendered)
     assert [j["Spec"] for j in json.loads(rendered)] == [spec, _fileset_spec(3)]
     # A failed job is packed too, and a retry runs it again with the spec as a dict.
     engine._apply(running, "fail")
-    assert isinstance(running.stored_spec, bytes)
+    assert isinstance(running.stored_spec, PackedSpec)
     engine._apply(running, "retry")
     assert running.state is State.PENDING and running.stored_spec == _fileset_spec(3)
     engine._apply(running, "start")
@@ -114,10 +128,11 @@ def test_a_finished_fileset_import_keeps_no_member_list_and_shows_the_same(tmp_p
     host.metrics = Registry()  # the next start's engine registers its metrics afresh
     again = Engine(host)
     again.load()
-    assert isinstance(again.jobs["done"].stored_spec, bytes)
+    assert isinstance(again.jobs["done"].stored_spec, PackedSpec)
     assert again.jobs["done"].spec == spec and again.jobs["done"].state is State.SUCCESS
     assert [x for x in _lists_reachable(again.jobs["done"]) if len(x) >= 3] == []
     # (the running job was requeued: pending, its spec a dict)
     assert again.jobs["running"].stored_spec == _fileset_spec(3)
     assert render_jobs_json(again) == _old_rendering(again)
+    _check_reads(JobsListing(again), _old_rendering(again))
     host.db.close()

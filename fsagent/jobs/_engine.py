@@ -82,8 +82,8 @@ from ._kinds import KINDS, JobFailed, KindEnv, RunContext, SpecError, Stopped
 from ._log import JobLog, JobLogs
 from ._states import ErrorCode, IllegalMove, State, next_state
 
-__all__ = ["Engine", "Job", "NoSuchJob", "BadSpec", "JobExists", "JobNotFinished",
-           "ShuttingDown", "valid_job_name"]
+__all__ = ["Engine", "Job", "PackedSpec", "NoSuchJob", "BadSpec", "JobExists",
+           "JobNotFinished", "ShuttingDown", "valid_job_name"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,21 @@ def _compact_json(value) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
+class PackedSpec:
+    """A finished job's spec: its compact JSON (ASCII: ``json.dumps`` escapes the rest),
+    compressed, and that JSON's length, so ``jobs.json`` knows its size without
+    unpacking it."""
+
+    __slots__ = ("data", "length")
+
+    def __init__(self, text: str):
+        self.data = zlib.compress(text.encode("ascii"))
+        self.length = len(text)
+
+    def text(self) -> str:
+        return zlib.decompress(self.data).decode("ascii")
+
+
 @dataclasses.dataclass(eq=False)
 class Job:
     id: str
@@ -143,7 +158,7 @@ class Job:
     # its compact JSON compressed (``pack_spec``; ``spec`` and ``spec_json`` read
     # either). A fileset's spec lists every member: as Python objects ~230 bytes each,
     # packed ~70, and the history keeps 1,000 jobs (100,000 members and more).
-    stored_spec: dict[str, Any] | bytes
+    stored_spec: dict[str, Any] | PackedSpec
     state: State
     priority: int = 0
     progress: int = 0
@@ -168,19 +183,18 @@ class Job:
     def spec(self) -> dict[str, Any]:
         """The spec (a new dict each time for a finished job: read it, do not change it)."""
         stored = self.stored_spec
-        return stored if isinstance(stored, dict) else json.loads(zlib.decompress(stored))
+        return stored if isinstance(stored, dict) else json.loads(stored.text())
 
     def spec_json(self) -> str:
         """The spec as compact JSON (what ``jobs.json`` shows), without building it as
         Python objects when it is packed."""
         stored = self.stored_spec
-        return (_compact_json(stored) if isinstance(stored, dict)
-                else zlib.decompress(stored).decode())
+        return _compact_json(stored) if isinstance(stored, dict) else stored.text()
 
     def pack_spec(self) -> None:
         """A finished job: keep the spec as compressed compact JSON (see ``stored_spec``)."""
         if isinstance(self.stored_spec, dict):
-            self.stored_spec = zlib.compress(_compact_json(self.stored_spec).encode())
+            self.stored_spec = PackedSpec(_compact_json(self.stored_spec))
 
     def unpack_spec(self) -> None:
         """The job may run again (retry): its spec as a dict."""
@@ -235,8 +249,18 @@ class Job:
         """``info()`` as one line of compact JSON (a ``jobs.json`` record), the same bytes
         ``json.dumps(self.info(), separators=(",", ":"))`` gives, with the spec's JSON put
         in as text: a finished fileset's spec is never built as Python objects."""
-        head = _compact_json(self.info(with_spec=False))
-        return f'{head[:-1]},"Spec":{self.spec_json()}}}'.encode()
+        head, packed = self.info_json_parts()
+        return head if packed is None else head + packed.text().encode("ascii") + b"}"
+
+    def info_json_parts(self) -> tuple[bytes, PackedSpec | None]:
+        """``info_json()`` of a finished job as ``(the record up to its spec's JSON, the
+        packed spec)``, the record then ending with ``}``; ``(info_json(), None)`` for
+        a job whose spec is not packed."""
+        head = _compact_json(self.info(with_spec=False))[:-1].encode()
+        stored = self.stored_spec
+        if isinstance(stored, dict):
+            return head + b',"Spec":' + _compact_json(stored).encode() + b"}", None
+        return head + b',"Spec":', stored
 
     def row(self) -> tuple:
         return (self.id, self.seq, self.kind, self.spec_json(), self.state.value,
