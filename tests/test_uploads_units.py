@@ -162,3 +162,16 @@ def test_a_tasks_fingerprint_is_kept_packed_and_reads_and_stores_as_before():
         assert Task.from_row(t.row()).fingerprint == proof
     t.fingerprint = None
     assert t.fingerprint is None and Task.from_row(t.row()).fingerprint is None
+
+
+def test_the_node_of_an_uploaded_file_has_no_dict():
+    """The kernel keeps a node per file it has seen (100,000 and more after a big copy):
+    slots only, and every attribute a node uses is one of them."""
+    from fsagent.uploads._nodes import UploadDir, UploadFile, UploadSpecial, UploadSymlink
+
+    root = UploadDir(None, None, b"")
+    for kind in (UploadFile, UploadDir, UploadSymlink, UploadSpecial):
+        node = kind(None, root, b"name")
+        assert not hasattr(node, "__dict__"), kind
+        assert node.inode is None and node.looked_up is None and not node.detached
+        assert node.rel == b"name"
