@@ -1,5 +1,7 @@
-"""What a finished job keeps in memory (issue 12: 100,000 files in 1,000 fileset imports
-under 200 MiB), checked on the real engine in-process, not by timing or RSS.
+"""What the agent keeps in memory (issue 12: 100,000 files in 1,000 fileset imports
+under 200 MiB), checked structurally, not by timing or RSS: a finished job's record on
+the real engine in-process, and what the agent imports at start-up. (The per-upload
+records: ``test_uploads_units.py``, the fingerprint and node tests.)
 
 Design notes
 ------------
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
+import sys
 
 import trio
 
@@ -136,3 +140,14 @@ def test_a_finished_fileset_import_keeps_no_member_list_and_shows_the_same(tmp_p
     assert render_jobs_json(again) == _old_rendering(again)
     _check_reads(JobsListing(again), _old_rendering(again))
     host.db.close()
+
+
+def test_the_agent_does_not_load_the_s3_client_unless_it_makes_one():
+    """botocore's session and config are ~7 MiB of RSS; with the local backend (the
+    default) nothing uses them."""
+    code = ("import sys, fsagent.agent, fsagent.cli; "
+            "print(sorted(m for m in sys.modules if m in ('botocore.session', "
+            "'botocore.config')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
