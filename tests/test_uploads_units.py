@@ -139,3 +139,39 @@ def test_row_round_trip():
     for field in ("rel", "task_id", "state", "declared_size", "client", "computed", "job",
                   "held"):
         assert getattr(back, field) == getattr(t, field)
+
+
+def test_a_tasks_fingerprint_is_kept_packed_and_reads_and_stores_as_before():
+    """100,000 complete uploads each keep a fingerprint: packed, not a tuple of three
+    ints (~180 bytes each as objects). It reads as the tuple, travels in its three
+    columns and comes back from a row unchanged, before 1970 included."""
+    import gc
+
+    from fsagent.uploads._task import COLUMNS
+
+    t = Task(rel=b"exp/a.tif")
+    assert t.fingerprint is None
+    for proof in [(1024, 1796010932448152930, 1796010932448152931), (0, -5, 2**62)]:
+        t.fingerprint = proof
+        assert t.fingerprint == proof
+        held = gc.get_referents(t)
+        assert not [x for x in held if type(x) is tuple]
+        assert not [x for x in held if type(x) is int and x in proof[1:]]
+        row = dict(zip(COLUMNS, t.row()))
+        assert (row["fp_size"], row["fp_mtime_ns"], row["fp_ctime_ns"]) == proof
+        assert Task.from_row(t.row()).fingerprint == proof
+    t.fingerprint = None
+    assert t.fingerprint is None and Task.from_row(t.row()).fingerprint is None
+
+
+def test_the_node_of_an_uploaded_file_has_no_dict():
+    """The kernel keeps a node per file it has seen (100,000 and more after a big copy):
+    slots only, and every attribute a node uses is one of them."""
+    from fsagent.uploads._nodes import UploadDir, UploadFile, UploadSpecial, UploadSymlink
+
+    root = UploadDir(None, None, b"")
+    for kind in (UploadFile, UploadDir, UploadSymlink, UploadSpecial):
+        node = kind(None, root, b"name")
+        assert not hasattr(node, "__dict__"), kind
+        assert node.inode is None and node.looked_up is None and not node.detached
+        assert node.rel == b"name"

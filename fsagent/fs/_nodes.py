@@ -107,6 +107,9 @@ class Handle:
 class Node(abc.ABC):
     """One object in the tree. ``inode`` is assigned by the Filesystem on first use."""
 
+    # No __dict__ of its own, so that a subclass with ``__slots__`` has none at all (the
+    # nodes of uploaded files: one per file the kernel remembers); others get theirs.
+    __slots__ = ()
     inode: int | None = None
     entry_timeout = 1.0
     attr_timeout = 1.0

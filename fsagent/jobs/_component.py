@@ -11,7 +11,7 @@ from typing import Any
 import trio
 
 from ..component import Component, Host
-from ..fs import DynamicFile, Node
+from ..fs import Node
 from ..rpc import RpcError, current_peer
 from . import _archive, _import, _verify  # noqa: F401  (each registers its kind)
 from ._engine import (
@@ -20,7 +20,7 @@ from ._engine import (
 from ._handle import jobhandle_methods
 from ._import import import_tasks, stage_manifest_move
 from ._kinds import KINDS
-from ._nodes import JobsDirectory, render_jobs_json
+from ._nodes import JobsDirectory, JobsJson
 from ._states import IllegalMove, State, UnknownVerb
 
 __all__ = ["JobsComponent", "KINDS", "BadSpec", "NoSuchJob", "JobExists", "JobNotFinished",
@@ -86,7 +86,9 @@ class JobsComponent(Component):
         """Upload ``task`` leaves import ``job_id``: a job that has not started and
         imports nothing else is cancelled; any other skips the upload when it runs."""
         job = self.engine.jobs.get(job_id)
-        if job is None or job.kind != "import":
+        # Only a pending job can be cancelled for it; a finished one's spec is packed
+        # (``Job.stored_spec``), not worth unpacking for every upload removed after it.
+        if job is None or job.kind != "import" or job.state is not State.PENDING:
             return
         if import_tasks(job.spec) <= {task}:
             await self.engine.cancel_if_not_started(job_id)
@@ -95,10 +97,7 @@ class JobsComponent(Component):
 
     def root_entries(self) -> dict[bytes, Node]:
         return {b"jobs": JobsDirectory(self.engine),
-                # A stat may reuse the size of a rendering this recent (fs/_nodes.py):
-                # a `cat` renders twice, not four times.
-                b"jobs.json": DynamicFile(lambda: render_jobs_json(self.engine),
-                                          reuse_size_for=0.25)}
+                b"jobs.json": JobsJson(self.engine)}
 
     def status(self) -> dict[str, Any]:
         return {"counts": self.engine.counts(), "runs_started": self.engine.started_count,

@@ -70,6 +70,7 @@ import re
 import shutil
 import time
 import uuid
+import zlib
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -81,8 +82,8 @@ from ._kinds import KINDS, JobFailed, KindEnv, RunContext, SpecError, Stopped
 from ._log import JobLog, JobLogs
 from ._states import ErrorCode, IllegalMove, State, next_state
 
-__all__ = ["Engine", "Job", "NoSuchJob", "BadSpec", "JobExists", "JobNotFinished",
-           "ShuttingDown", "valid_job_name"]
+__all__ = ["Engine", "Job", "PackedSpec", "NoSuchJob", "BadSpec", "JobExists",
+           "JobNotFinished", "ShuttingDown", "valid_job_name"]
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +130,35 @@ def orthanc_time(t: float | None) -> str | None:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}"
 
 
+def _compact_json(value) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+class PackedSpec:
+    """A finished job's spec: its compact JSON (ASCII: ``json.dumps`` escapes the rest),
+    compressed, and that JSON's length, so ``jobs.json`` knows its size without
+    unpacking it."""
+
+    __slots__ = ("data", "length")
+
+    def __init__(self, text: str):
+        self.data = zlib.compress(text.encode("ascii"))
+        self.length = len(text)
+
+    def text(self) -> str:
+        return zlib.decompress(self.data).decode("ascii")
+
+
 @dataclasses.dataclass(eq=False)
 class Job:
     id: str
     seq: int
     kind: str
-    spec: dict[str, Any]
+    # The spec as submitted: a dict while the job may still run; once it is finished,
+    # its compact JSON compressed (``pack_spec``; ``spec`` and ``spec_json`` read
+    # either). A fileset's spec lists every member: as Python objects ~230 bytes each,
+    # packed ~70, and the history keeps 1,000 jobs (100,000 members and more).
+    stored_spec: dict[str, Any] | PackedSpec
     state: State
     priority: int = 0
     progress: int = 0
@@ -154,6 +178,28 @@ class Job:
     ctx: RunContext | None = None
     scope: trio.CancelScope | None = None
     log: JobLog | None = None          # made on first use (``Engine.log_of``)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The spec (a new dict each time for a finished job: read it, do not change it)."""
+        stored = self.stored_spec
+        return stored if isinstance(stored, dict) else json.loads(stored.text())
+
+    def spec_json(self) -> str:
+        """The spec as compact JSON (what ``jobs.json`` shows), without building it as
+        Python objects when it is packed."""
+        stored = self.stored_spec
+        return _compact_json(stored) if isinstance(stored, dict) else stored.text()
+
+    def pack_spec(self) -> None:
+        """A finished job: keep the spec as compressed compact JSON (see ``stored_spec``)."""
+        if isinstance(self.stored_spec, dict):
+            self.stored_spec = PackedSpec(_compact_json(self.stored_spec))
+
+    def unpack_spec(self) -> None:
+        """The job may run again (retry): its spec as a dict."""
+        if not isinstance(self.stored_spec, dict):
+            self.stored_spec = self.spec
 
     def effective_runtime(self) -> float:
         extra = time.monotonic() - self.run_started if self.run_started is not None else 0.0
@@ -176,9 +222,10 @@ class Job:
             return dict(self.ctx.content)
         return self.content
 
-    def info(self) -> dict[str, Any]:
-        """The Orthanc-style record of ``info.json`` and ``jobs.json``."""
-        return {
+    def info(self, *, with_spec: bool = True) -> dict[str, Any]:
+        """The Orthanc-style record of ``info.json`` and ``jobs.json`` (``Spec`` last;
+        left out if not ``with_spec``)."""
+        record = {
             "ID": self.id,
             "Type": self.kind,
             "State": self.state.orthanc,
@@ -193,11 +240,30 @@ class Job:
             "Timestamp": orthanc_time(self.updated),
             "Content": self.live_content(),
             "Outputs": self.outputs,
-            "Spec": self.spec,
         }
+        if with_spec:
+            record["Spec"] = self.spec
+        return record
+
+    def info_json(self) -> bytes:
+        """``info()`` as one line of compact JSON (a ``jobs.json`` record), the same bytes
+        ``json.dumps(self.info(), separators=(",", ":"))`` gives, with the spec's JSON put
+        in as text: a finished fileset's spec is never built as Python objects."""
+        head, packed = self.info_json_parts()
+        return head if packed is None else head + packed.text().encode("ascii") + b"}"
+
+    def info_json_parts(self) -> tuple[bytes, PackedSpec | None]:
+        """``info_json()`` of a finished job as ``(the record up to its spec's JSON, the
+        packed spec)``, the record then ending with ``}``; ``(info_json(), None)`` for
+        a job whose spec is not packed."""
+        head = _compact_json(self.info(with_spec=False))[:-1].encode()
+        stored = self.stored_spec
+        if isinstance(stored, dict):
+            return head + b',"Spec":' + _compact_json(stored).encode() + b"}", None
+        return head + b',"Spec":', stored
 
     def row(self) -> tuple:
-        return (self.id, self.seq, self.kind, json.dumps(self.spec), self.state.value,
+        return (self.id, self.seq, self.kind, self.spec_json(), self.state.value,
                 self.priority, self.live_progress(), self.live_message(), self.error_code,
                 self.error_description, json.dumps(self.content), json.dumps(self.outputs),
                 self.owner_uid, self.created, self.completed, self.runtime, self.updated)
@@ -213,13 +279,14 @@ _DELETE = "DELETE FROM jobs WHERE id = ?"
 def _job_from_row(row: tuple) -> Job:
     (id_, seq, kind, spec, state, priority, progress, message, error_code, error_description,
      content, outputs, owner_uid, created, completed, runtime, updated) = row
-    job = Job(id=id_, seq=seq, kind=kind, spec=json.loads(spec), state=State(state),
+    job = Job(id=id_, seq=seq, kind=kind, stored_spec=json.loads(spec), state=State(state),
               priority=priority, progress=progress, message=message, error_code=error_code,
               error_description=error_description, content=json.loads(content),
               outputs=json.loads(outputs), owner_uid=owner_uid, created=created,
               completed=completed, runtime=runtime, updated=updated)
     if job.state.final:
         job.ended.set()
+        job.pack_spec()
     return job
 
 
@@ -368,7 +435,8 @@ class Engine:
             raise JobExists(job_id)
         self._seq += 1
         now = time.time()
-        job = Job(id=job_id, seq=self._seq, kind=kind, spec=normalised, state=State.PENDING,
+        job = Job(id=job_id, seq=self._seq, kind=kind, stored_spec=normalised,
+                  state=State.PENDING,
                   priority=priority, owner_uid=owner_uid, created=now, updated=now,
                   message="queued")
         self.jobs[job_id] = job
@@ -525,8 +593,10 @@ class Engine:
         if after.final:
             job.completed = now
             job.ended.set()
+            job.pack_spec()
         elif before.final:
             job.ended = trio.Event()
+            job.unpack_spec()
         # The first line only: a command's error output belongs to the job's log file.
         failed = (f": error {job.error_code}: {job.error_description.splitlines()[0]}"
                   if after is State.FAILURE and job.error_description else "")
@@ -558,8 +628,7 @@ class Engine:
         if self._events.active:
             # Without the spec: a fileset's lists every member (hundreds of KB), and
             # a running job is republished as its runtime grows. ``Jobs.show`` has it.
-            record = job.info()
-            del record["Spec"]
+            record = job.info(with_spec=False)
             self.agent.events.publish(self._events, job.id, record)
 
     def _log(self, job: Job, line: str) -> None:

@@ -15,6 +15,10 @@ Design notes
   a draft (a real job is ENOTEMPTY). A spec that spans several kernel write chunks
   (each a multiple of 4 KiB) is accumulated until it parses; a short write that does
   not parse is final and refused at once.
+* **``jobs.json``** is never rendered whole (``JobsListing``): ~15 MB for a thousand
+  fileset imports, and a rendering's peak stays in the agent's RSS. Its records are
+  built at open, but a finished job's spec, nearly all of those bytes, stays packed
+  until a read reaches it.
 * **Reading.** Value files render on open (``DynamicFile``: direct_io, one snapshot per
   handle). ``wait`` blocks its read until the job is finished and ends with ESHUTDOWN
   if the agent stops first. ``outputs/*`` are real files under the state dir, read
@@ -38,6 +42,7 @@ Design notes
 
 from __future__ import annotations
 
+import bisect
 import errno
 import json
 import os
@@ -48,11 +53,12 @@ from pyfuse3 import FUSEError
 
 from ..fs import DynamicFile, Handle, Node, make_attributes
 from ._engine import (
-    BadSpec, Engine, JobExists, JobNotFinished, NoSuchJob, ShuttingDown, valid_job_name,
+    BadSpec, Engine, JobExists, JobNotFinished, NoSuchJob, PackedSpec, ShuttingDown,
+    valid_job_name,
 )
 from ._states import IllegalMove, State, UnknownVerb
 
-__all__ = ["JobsDirectory", "render_jobs_json"]
+__all__ = ["JobsDirectory", "JobsJson", "JobsListing", "render_jobs_json"]
 
 _ERRNO = {
     NoSuchJob: errno.ENOENT,
@@ -82,14 +88,104 @@ def may_manage(owner_uid: int | None, ctx) -> None:
         raise FUSEError(errno.EPERM)
 
 
+class JobsListing:
+    """``jobs.json`` as it is at one moment, served a piece at a time.
+
+    A thousand fileset imports listing 100,000 files is ~15 MB of JSON; rendered whole
+    at each open (and at each stat, for its size), its peak stayed in the agent's RSS.
+    Here the document is a list of pieces: bytes (the records, each whole but for a
+    finished job's spec) alternating with the packed specs of finished jobs
+    (``PackedSpec``, kept by the job anyway: no copy). Every piece's length is known
+    without unpacking, so the size is exact, and a read unpacks only the specs it
+    covers. The bytes are those of ``json.dumps(info, separators=(",", ":"))`` per
+    record, one record per line: a packed spec is immutable, so what a handle reads is
+    the listing as it was at open, however the jobs change or go meanwhile."""
+
+    __slots__ = ("pieces", "ends", "size", "_unpacked")
+
+    def __init__(self, engine: Engine):
+        pieces: list[bytes | PackedSpec] = []
+        buf = bytearray(b"[")
+        first = True
+        for job in engine.listing():
+            buf += b"\n" if first else b",\n"
+            first = False
+            head, packed = job.info_json_parts()
+            buf += head
+            if packed is not None:
+                pieces += (bytes(buf), packed)
+                buf = bytearray(b"}")
+        buf += b"]\n" if first else b"\n]\n"
+        pieces.append(bytes(buf))
+        self.pieces = pieces
+        self.ends: list[int] = []
+        end = 0
+        for piece in pieces:
+            end += piece.length if isinstance(piece, PackedSpec) else len(piece)
+            self.ends.append(end)
+        self.size = end
+        self._unpacked: tuple[int, bytes] | None = None  # the last spec read (sequential)
+
+    def _piece(self, i: int) -> bytes:
+        piece = self.pieces[i]
+        if not isinstance(piece, PackedSpec):
+            return piece
+        if self._unpacked is None or self._unpacked[0] != i:
+            self._unpacked = (i, piece.text().encode("ascii"))
+        return self._unpacked[1]
+
+    def read(self, offset: int, size: int) -> bytes:
+        out = []
+        i = bisect.bisect_right(self.ends, offset)
+        while size > 0 and i < len(self.pieces):
+            start = self.ends[i - 1] if i else 0
+            chunk = self._piece(i)[offset - start : offset - start + size]
+            out.append(chunk)
+            offset += len(chunk)
+            size -= len(chunk)
+            i += 1
+        return b"".join(out)
+
+    def render(self) -> bytes:
+        """The whole document (for tests and small listings)."""
+        return self.read(0, self.size)
+
+
 def render_jobs_json(engine: Engine) -> bytes:
-    """A JSON array, one job's info record per line. Each line is encoded by json's C
-    encoder: with ``indent`` the pure-Python one runs, ~3x slower and with ~3x the
-    memory at its peak (a thousand fileset imports listing 100,000 files is ~15 MB of
-    JSON; the peak stays in the agent's RSS)."""
-    lines = ",\n".join(json.dumps(job.info(), separators=(",", ":"))
-                        for job in engine.listing())
-    return ("[\n" + lines + "\n]\n" if lines else "[]\n").encode()
+    """``jobs.json`` whole: a JSON array, one job's info record per line."""
+    return JobsListing(engine).render()
+
+
+class _ListingHandle(Handle):
+    direct_io = True
+
+    def __init__(self, node: Node, listing: JobsListing):
+        super().__init__(node)
+        self.listing = listing
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return self.listing.read(offset, size)
+
+
+class JobsJson(Node):
+    """``MOUNT/jobs.json``: every job's info record (``JobsListing``), a snapshot per
+    open, as any rendered file (``fs.DynamicFile``), but never rendered whole."""
+
+    entry_timeout = 1.0
+    attr_timeout = 0.0  # the size changes with the jobs
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    async def getattr(self, ctx):
+        return make_attributes(inode=self.inode, mode=stat.S_IFREG | 0o444,
+                               size=JobsListing(self.engine).size, entry_timeout=1.0,
+                               attr_timeout=0.0)
+
+    async def open(self, flags, ctx):
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            raise FUSEError(errno.EACCES)
+        return _ListingHandle(self, JobsListing(self.engine))
 
 
 class JobsDirectory(Node):

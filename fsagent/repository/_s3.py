@@ -62,9 +62,9 @@ import xml.etree.ElementTree as ElementTree
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-import botocore.config
+# botocore.session and botocore.config are imported by ``S3Store`` when it is made: the
+# agent imports this module with any backend, and those two are ~7 MiB of its RSS.
 import botocore.exceptions
-import botocore.session
 import urllib3
 
 from .. import longpaths
@@ -450,6 +450,8 @@ class S3Store:
         self.copy_limit, self.copy_part, self.stream_part = COPY_LIMIT, COPY_PART, STREAM_PART
         self.where = f"{endpoint or 'AWS ' + region} bucket {bucket!r}"
         key, secret, token = credentials
+        import botocore.config  # not at module level: see the imports
+        import botocore.session
         session = botocore.session.Session()
         # Nothing from ~/.aws/config may change what the settings say.
         session.set_config_variable("config_file", os.devnull)

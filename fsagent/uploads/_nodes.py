@@ -133,15 +133,19 @@ class _Entry(Node):
     """Common to every node under uploads/: where it lives, attributes, user xattrs."""
 
     entry_timeout = attr_timeout = CACHE_SECONDS
-    # The lstat a lookup just made, taken by the getattr that answers the same lookup
-    # (``Filesystem.lookup`` calls it next, with no await in between).
-    looked_up: os.stat_result | None = None
+    # Slots, no __dict__ (``Node`` has none either): the kernel keeps a node per file it
+    # has seen, 100,000 and more, and a dict's values cost ~50 bytes more per node.
+    __slots__ = ("uploads", "parent", "name", "detached", "looked_up", "inode")
 
     def __init__(self, uploads, parent: UploadDir | None, name: bytes):
         self.uploads = uploads  # the UploadsComponent
         self.parent = parent
         self.name = name
         self.detached = False  # unlinked or replaced: may still be open, has no path
+        # The lstat a lookup just made, taken by the getattr that answers the same
+        # lookup (``Filesystem.lookup`` calls it next, with no await in between).
+        self.looked_up: os.stat_result | None = None
+        self.inode: int | None = None  # the Filesystem's, given on first use (``Node``)
 
     @property
     def rel(self) -> bytes:
@@ -248,6 +252,7 @@ class _Entry(Node):
 class UploadDir(_Entry):
     is_directory = True
     negative_timeout = CACHE_SECONDS  # names appear only through the mount
+    __slots__ = ("_cache",)
 
     def __init__(self, uploads, parent: UploadDir | None, name: bytes):
         super().__init__(uploads, parent, name)
@@ -419,6 +424,8 @@ class UploadDir(_Entry):
 
 
 class UploadSymlink(_Entry):
+    __slots__ = ()
+
     async def readlink(self, ctx) -> bytes:
         with backing_errors(), self.place() as path:
             return os.readlink(path)
@@ -427,6 +434,8 @@ class UploadSymlink(_Entry):
 class UploadSpecial(_Entry):
     """A FIFO, socket or device node: stored and described, never an upload task."""
 
+    __slots__ = ()
+
 
 # The open handles of a file nobody has open: one shared empty set instead of a set per
 # node (216 bytes each; the kernel keeps a node per file it has seen, 100,000 and more).
@@ -434,6 +443,8 @@ _NO_HANDLES: frozenset = frozenset()
 
 
 class UploadFile(_Entry):
+    __slots__ = ("handles",)
+
     def __init__(self, uploads, parent: UploadDir | None, name: bytes):
         super().__init__(uploads, parent, name)
         self.handles: set[FileHandle] | frozenset = _NO_HANDLES

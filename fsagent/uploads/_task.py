@@ -49,6 +49,7 @@ import enum
 import os
 import re
 import sqlite3
+import struct
 import time
 import types
 import uuid
@@ -251,6 +252,9 @@ def digests_of(values: Mapping[str, str]) -> Mapping[str, str]:
         return Sha256Only(values["sha256"])
     return dict(values)
 
+# A fingerprint packed: size, mtime_ns, ctime_ns (signed: an mtime may be before 1970).
+_FINGERPRINT = struct.Struct("=qqq")
+
 COLUMNS = ("task_id", "path", "state", "bytes_present", "durable_offset", "declared_size",
             "client_md5", "client_sha1", "client_sha256", "md5", "sha1", "sha256", "job",
             "error", "held", "renamed_by_rsync", "created", "updated", "completed", "ino",
@@ -282,7 +286,9 @@ class Task:
     completed: float | None = None
     ino: int | None = None          # the backing file's inode (follows renames)
     ino_generation: int | None = None  # ... and its generation: (ino, this) names the file
-    fingerprint: tuple[int, int, int] | None = None  # (size, mtime_ns, ctime_ns) verified
+    # (size, mtime_ns, ctime_ns) verified, packed (``fingerprint`` reads and sets it): 64
+    # bytes, where the tuple and its three ints took ~180 (x 100,000 complete uploads).
+    packed_fingerprint: bytes | None = None
     job_sha256: str | None = None   # the SHA-256 of the version ``job`` imports
     # -- runtime only --
     tracked: bool = True
@@ -306,6 +312,15 @@ class Task:
     @property
     def path(self) -> str:
         return os.fsdecode(self.rel)
+
+    @property
+    def fingerprint(self) -> tuple[int, int, int] | None:
+        packed = self.packed_fingerprint
+        return None if packed is None else _FINGERPRINT.unpack(packed)
+
+    @fingerprint.setter
+    def fingerprint(self, value: tuple[int, int, int] | None) -> None:
+        self.packed_fingerprint = None if value is None else _FINGERPRINT.pack(*value)
 
     def apply(self, event: Event) -> State | None:
         """Move along the transition table (raises ``TaskStateError`` if not allowed)."""
@@ -391,8 +406,8 @@ class Task:
             job=values["job"], error=values["error"], held=bool(values["held"]),
             renamed_by_rsync=bool(values["renamed_by_rsync"]), created=values["created"],
             updated=values["updated"], completed=values["completed"], ino=values["ino"],
-            fingerprint=(None if values["fp_size"] is None else
-                         (values["fp_size"], values["fp_mtime_ns"], values["fp_ctime_ns"])),
+            packed_fingerprint=(None if values["fp_size"] is None else _FINGERPRINT.pack(
+                values["fp_size"], values["fp_mtime_ns"], values["fp_ctime_ns"])),
             job_sha256=values["job_sha256"], ino_generation=values["ino_generation"],
             stored=True, committed=True,
         )
