@@ -282,6 +282,41 @@ def test_two_manifests_listing_the_same_files_make_one_set(agent_factory, tmp_pa
         (j["Content"], [m["path"] for m in members_of(j)]) for j in found]
 
 
+def test_a_manifest_still_being_written_holds_back_the_set_of_the_files_it_lists(
+        agent_factory, tmp_path):
+    """MD5SUMS is sent first but is still being written (held open) when SHA256SUMS and
+    the three files it lists are complete. Their set must wait for MD5SUMS (it lists the
+    same files: one fileset), not be imported without it; filesets.json shows it waiting.
+    Then MD5SUMS is finished: one job imports all five."""
+    agent = agent_factory(config=QUICK + 'import_grouping = "manifest"\n').start()
+    src = tmp_path / "run"
+    files = make_tree(src, 1, 3)
+    names = sorted(os.listdir(src / "d0"))
+    write_sums(src / "d0", names)
+    md5 = subprocess.run(["md5sum", *names], cwd=src / "d0", check=True,
+                         capture_output=True).stdout
+    (agent.uploads / "d0").mkdir()
+    with open(agent.uploads / "d0" / "MD5SUMS", "wb") as incoming:
+        incoming.write(md5[:10])
+        incoming.flush()
+        subprocess.run(["rsync", "-a", f"{src}/", f"{agent.uploads}/"], check=True)
+        sent = [*files, "d0/SHA256SUMS"]
+        wait_for(lambda: all(task_attrs(agent.uploads / rel).get("state") == "complete"
+                             for rel in sent), what="the listed files and SHA256SUMS")
+        # Waiting (or, the bug, already taken: then its job shows up instead).
+        waiting = wait_for(lambda: [s for s in filesets(agent) if s["files"] == 4
+                                    and s.get("heldBy") == ["d0/MD5SUMS"]]
+                           or import_jobs(agent.mount), what="the set, waiting or taken")
+        assert not import_jobs(agent.mount), f"imported without MD5SUMS: {waiting}"
+        assert waiting[0]["waitingForCount"] == 0, waiting
+        incoming.write(md5[10:])
+    found = check_imported_once(agent, {
+        **files, "d0/SHA256SUMS": (src / "d0" / "SHA256SUMS").read_bytes(),
+        "d0/MD5SUMS": md5})
+    assert len(found) == 1 and found[0]["Content"]["Files"] == 5, [
+        (j["Content"], [m["path"] for m in members_of(j)]) for j in found]
+
+
 # -- import_command with the fileset -----------------------------------------------------------
 
 

@@ -46,7 +46,7 @@ from typing import Any
 from ._manifests import manifest_kind
 from ._task import State, Task
 
-__all__ = ["Fileset", "FilesetCollector", "GROUPINGS"]
+__all__ = ["Fileset", "FilesetCollector", "GROUPINGS", "VIEW_LIMIT"]
 
 GROUPINGS = ("directory", "manifest", "file")
 VIEW_LIMIT = 100  # paths listed per fileset in filesets.json (the counts are whole)

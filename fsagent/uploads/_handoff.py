@@ -52,7 +52,7 @@ import trio
 
 from ..component import Host
 from ..longpaths import BackingTree
-from ._filesets import Fileset, FilesetCollector
+from ._filesets import VIEW_LIMIT, Fileset, FilesetCollector
 from ._manifests import manifest_kind, parse_manifest
 from ._store import TaskTable
 from ._task import State, Task
@@ -200,7 +200,14 @@ class ImportHandOff:
         """The filesets being collected (``filesets.json``)."""
         if self.collector is None:
             return []
-        return self.collector.view(trio.current_time(), self._tasks.get, self._submitting)
+        out = self.collector.view(trio.current_time(), self._tasks.get, self._submitting)
+        incoming = self._incoming_manifests()
+        for item in out:
+            root = item.get("root")
+            held = incoming.get(os.fsencode(root)) if root is not None else None
+            if held:
+                item["heldBy"] = sorted(held)[:VIEW_LIMIT]  # manifests not complete yet
+        return out
 
     async def collect(self) -> None:
         """Submit each fileset as the collector makes it ready."""
@@ -214,7 +221,7 @@ class ImportHandOff:
             if poll:
                 next_poll = now + MANIFEST_POLL_SECONDS
             ready = self.collector.take_ready(now, self._tasks.get, poll=poll,
-                                              held=self._reading)
+                                              held=self._held_directories())
             self._submitting.extend(ready)
             for fileset in ready:
                 try:
@@ -225,6 +232,29 @@ class ImportHandOff:
             due = next_poll if due is None else min(due, next_poll)
             with trio.move_on_at(due):
                 await self._collected.wait()
+
+    def _incoming_manifests(self) -> dict[bytes, list[str]]:
+        """Manifests still being written or verified, by directory: a manifest set in
+        that directory waits for them (``MD5SUMS`` sent before ``SHA256SUMS`` may
+        complete after it and the files both list: it must join their set, not follow
+        it as a set of its own). Once verified, a manifest is read on its way into the
+        collector (``_reading``, with no await between). A manifest that failed holds
+        nothing back; one left partial completes when it settles (or is removed). Only
+        unfinished tasks are looked at: few, however many uploads the store holds."""
+        out: dict[bytes, list[str]] = {}
+        if self.collector is None or self.collector.grouping != "manifest":
+            return out
+        for t in self._tasks.unfinished:
+            if t.state not in (State.FAILED, State.COMPLETE) and not t.ended:
+                directory, _, name = t.rel.rpartition(b"/")
+                if manifest_kind(name) is not None:
+                    out.setdefault(directory, []).append(t.path)
+        return out
+
+    def _held_directories(self) -> set[bytes]:
+        """Directories whose manifest sets wait: a manifest there is being read, or is
+        still being written or verified (``_incoming_manifests``)."""
+        return set(self._reading) | set(self._incoming_manifests())
 
     # -- submitting ----------------------------------------------------------------------
 
