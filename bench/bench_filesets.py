@@ -5,8 +5,9 @@ Prints one table: the machine, the agent's config, then the rows the issue's tar
 A. ``rsync -a`` of 5,000 x 4 KiB files in 50 directories into ``MOUNT/uploads/A``, timed
    from rsync's start until every upload is ``complete`` and every import job it names
    succeeded, against the same ``rsync -a`` + ``sync`` into a plain directory on the same
-   disk. Runs are interleaved (plain, agent, plain, agent, ...; ``--runs``), each from a
-   quiet disk (``quiet_disk``: the last run's removals written back first); medians,
+   disk. Runs are interleaved (plain, agent, plain, agent, ...; ``--runs``), each into a
+   new directory (nothing is removed until the end: see ``plain_run``) from a quiet disk
+   (``quiet_disk``); medians,
    min-max and the ratio of medians. Each agent run uses a **fresh agent** (new state dir,
    empty database and job history): the job history fills up and starts evicting after
    ``job_history`` jobs, and the task table grows with every run, so a reused agent would
@@ -162,10 +163,9 @@ def disk_written_sectors() -> int:
 
 def quiet_disk(timeout: float = 15.0) -> float:
     """``sync``, then wait until the disks wrote nothing for 0.5 s (or ``timeout``); the
-    seconds waited. Before every run, plain or agent: the previous run's removal of
-    5,000 files is still being written back and discarded (ext4 here mounts with
-    ``discard``) when the next run starts, and it slows that run's creates several
-    times over, whichever side the run is on."""
+    seconds waited. Before every run, plain or agent: the previous run's writes (the
+    agent's database, its checkpoints) are not the next run's to pay for, whichever
+    side it is on."""
     t0 = time.monotonic()
     os.sync()
     last = disk_written_sectors()
@@ -349,8 +349,9 @@ def start_agent(base: Path, log_level: str) -> AgentProcess:
 
 
 def stop_agent(agent: AgentProcess) -> None:
+    # Its files stay until the work dir goes, as the plain copies do (``plain_run``):
+    # removing them here would slow the next run's creates, whichever side it is.
     agent.cleanup()
-    shutil.rmtree(agent.base, ignore_errors=True)
 
 
 # -- the trees ----------------------------------------------------------------------------
@@ -375,12 +376,16 @@ def rsync_cmd(src: Path, dest: Path) -> list[str]:
 
 
 def plain_run(src: Path, dest: Path) -> float:
+    """``rsync -a`` + ``sync`` into ``dest``, a new directory: kept (removed with the work
+    dir at the end), as each agent run's state dir is. On this VM's ext4, files created
+    where a tree was just removed cost ~10x more (a 5,000-file rsync: 2.8 s into a
+    directory re-made at a removed one's path, 0.27-0.6 s into a new one), so removing
+    each run's copy and re-using its path made the baseline up to 10x slower than a plain
+    copy is (the ratios published before 2026-11-30 have that error)."""
     t0 = time.monotonic()
     subprocess.run(rsync_cmd(src, dest), check=True)
     os.sync()
-    elapsed = time.monotonic() - t0
-    shutil.rmtree(dest)
-    return elapsed
+    return time.monotonic() - t0
 
 
 def agent_run(base: Path, src: Path, files: int, log_level: str, *, interval: float,
@@ -584,7 +589,7 @@ def main() -> None:
             plain, runs = [], []
             for i in range(args.runs):
                 quiet_disk()
-                plain.append(plain_run(src, base / "plain-a"))
+                plain.append(plain_run(src, base / f"plain-a{i}"))
                 quiet_disk()
                 try:
                     runs.append(agent_run(base / f"agent-a{i}", src, args.files,
