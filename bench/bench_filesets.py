@@ -376,12 +376,13 @@ def rsync_cmd(src: Path, dest: Path) -> list[str]:
 
 
 def plain_run(src: Path, dest: Path) -> float:
-    """``rsync -a`` + ``sync`` into ``dest``, a new directory: kept (removed with the work
-    dir at the end), as each agent run's state dir is. On this VM's ext4, files created
-    where a tree was just removed cost ~10x more (a 5,000-file rsync: 2.8 s into a
-    directory re-made at a removed one's path, 0.27-0.6 s into a new one), so removing
-    each run's copy and re-using its path made the baseline up to 10x slower than a plain
-    copy is (the ratios published before 2026-11-30 have that error)."""
+    """``rsync -a`` + ``sync`` into ``dest``, a new directory, kept (removed with the work
+    dir at the end) as each agent run's state dir is. On this VM's ext4 the cost of
+    creating a file swings ~10x with the disk's state: a 5,000-file rsync into new
+    directories one after another took 2.85, 0.62, 0.27, 0.27 s, and into a directory
+    re-made where the last copy was removed 2.7-2.9 s every time, which is what this
+    bench did before 2026-11-30 (the ratios it printed until then were against that
+    slow baseline). Read the per-run ratios, not only the ratio of the medians."""
     t0 = time.monotonic()
     subprocess.run(rsync_cmd(src, dest), check=True)
     os.sync()
