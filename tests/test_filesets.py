@@ -265,14 +265,21 @@ def test_manifest_set_held_back_by_a_failing_file_then_repaired(agent_factory, t
     assert len(found) == 1 and found[0]["Content"]["Files"] == 4
 
 
-def test_two_manifests_listing_the_same_files_make_one_set(agent_factory, tmp_path):
-    agent = agent_factory(config=QUICK + 'import_grouping = "manifest"\n').start()
-    src = tmp_path / "run"
+def two_manifests(src: Path) -> tuple[dict[str, bytes], bytes]:
+    """Three files in ``src/d0`` with their SHA256SUMS; returns the files and the MD5SUMS
+    that lists them too (not written: the caller sends it its own way)."""
     files = make_tree(src, 1, 3)
     names = sorted(os.listdir(src / "d0"))
     write_sums(src / "d0", names)
     md5 = subprocess.run(["md5sum", *names], cwd=src / "d0", check=True,
                          capture_output=True).stdout
+    return files, md5
+
+
+def test_two_manifests_listing_the_same_files_make_one_set(agent_factory, tmp_path):
+    agent = agent_factory(config=QUICK + 'import_grouping = "manifest"\n').start()
+    src = tmp_path / "run"
+    files, md5 = two_manifests(src)
     (src / "d0" / "MD5SUMS").write_bytes(md5)
     subprocess.run(["rsync", "-a", f"{src}/", f"{agent.uploads}/"], check=True)
     found = check_imported_once(agent, {
@@ -290,11 +297,7 @@ def test_a_manifest_still_being_written_holds_back_the_set_of_the_files_it_lists
     Then MD5SUMS is finished: one job imports all five."""
     agent = agent_factory(config=QUICK + 'import_grouping = "manifest"\n').start()
     src = tmp_path / "run"
-    files = make_tree(src, 1, 3)
-    names = sorted(os.listdir(src / "d0"))
-    write_sums(src / "d0", names)
-    md5 = subprocess.run(["md5sum", *names], cwd=src / "d0", check=True,
-                         capture_output=True).stdout
+    files, md5 = two_manifests(src)
     (agent.uploads / "d0").mkdir()
     with open(agent.uploads / "d0" / "MD5SUMS", "wb") as incoming:
         incoming.write(md5[:10])
