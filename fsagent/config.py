@@ -253,6 +253,19 @@ def _credentials_file(value: Any, base: Path) -> Path | None:
     return path
 
 
+def _ca_file(value: Any, base: Path) -> Path | None:
+    path = _optional_path(value, base)
+    if path is not None:
+        import ssl
+        try:
+            ssl.create_default_context(cafile=str(path))
+        except (OSError, ssl.SSLError) as e:
+            reason = getattr(e, "strerror", None) or getattr(e, "reason", None) or e
+            raise ValueError(f"{path}: not a readable PEM file of CA certificates "
+                             f"({reason})") from None
+    return path
+
+
 def read_credentials(path: Path | None) -> tuple[str, str, str | None]:
     """(access key, secret key, session token) from AWS's shared-credentials INI file
     (profile ``$AWS_PROFILE``, else ``default``), or without a file from
@@ -427,6 +440,10 @@ SETTINGS: tuple[Setting, ...] = (
             "`aws_access_key_id`, `aws_secret_access_key`, optional `aws_session_token`). "
             "Unset: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` from the environment. Keys "
             "are never settings, flags or log lines.", "path"),
+    Setting("repository.ca_file", _ca_file, None, "With an `https` endpoint: a PEM file "
+            "of the CA certificates to trust for it (an on-site store signed by the lab's "
+            "own CA), instead of the system's. Unset: the system's CAs (`SSL_CERT_FILE` "
+            "and `AWS_CA_BUNDLE` apply).", "path"),
     Setting("repository.part_size", _int_at_least(5 * 2**20), 64 * 2**20, "Files up to "
             "this size are one PUT; larger ones are multipart uploads of parts this size "
             "(raised for files over 10,000 parts), resumed part by part after a restart. At "
@@ -501,6 +518,7 @@ class Config:
     repository_region: str = "us-east-1"
     repository_path_style: bool = True
     repository_credentials_file: Path | None = None
+    repository_ca_file: Path | None = None
     repository_part_size: int = 64 * 2**20
     repository_concurrency: int = 4
     repository_small_concurrency: int = 8

@@ -42,6 +42,10 @@ CASES = {
     "mount not a string": ("mount = 5\n", ["mount", "path"]),
     "invalid toml": ("mount = \n", ["config", "not valid TOML"]),
     "state inside mount": ('mount = "m"\nstate_dir = "m/state"\n', ["state_dir", "inside"]),
+    "ca_file missing": ('[repository]\nca_file = "nope.pem"\n',
+                        ["repository.ca_file", "nope.pem", "not a readable PEM"]),
+    "ca_file not PEM": ('[repository]\nca_file = "c.toml"\n',
+                        ["repository.ca_file", "c.toml", "not a readable PEM"]),
 }
 
 

@@ -375,18 +375,24 @@ def test_missing_bucket_fails_the_import_at_once(agent_factory, tmp_path, server
     assert "'no-such-bucket-x'" in done["ErrorDescription"]
 
 
-def test_an_https_store_with_a_private_ca(agent_factory, tmp_path):
+@pytest.mark.parametrize("trusted_by", ["environment", "ca_file"])
+def test_an_https_store_with_a_private_ca(agent_factory, tmp_path, trusted_by):
     """The store over HTTPS (``rclone serve s3`` with a certificate from a CA made for
-    the test, trusted through ``SSL_CERT_FILE`` and ``AWS_CA_BUNDLE``): small files
-    (a PUT each, confirmed by a listing), a multipart file, and an evicted file read
-    back through the mount, all byte-identical."""
+    the test, trusted through ``SSL_CERT_FILE`` and ``AWS_CA_BUNDLE``, or through
+    ``repository.ca_file`` alone): small files (a PUT each, confirmed by a listing), a
+    multipart file, and an evicted file read back through the mount, all
+    byte-identical."""
     (tmp_path / "tls").mkdir()
     server = RcloneS3TLS(tmp_path / "tls").start()
     try:
         bucket = new_bucket(server)
-        trust = {"SSL_CERT_FILE": server.ca_file(), "AWS_CA_BUNDLE": server.ca_file()}
+        if trusted_by == "environment":
+            trust, setting = {"SSL_CERT_FILE": server.ca_file(),
+                              "AWS_CA_BUNDLE": server.ca_file()}, ""
+        else:
+            trust, setting = {}, f'ca_file = "{server.ca_file()}"\n'
         agent = agent_factory(config=repo_config(tmp_path, server.endpoint, bucket, quiet=2)
-                              + "cache_bytes = 1\n", env=trust).start()
+                              + "cache_bytes = 1\n" + setting, env=trust).start()
         files = {f"tls/s{i}.txt": f"small {i}\n".encode() * 50 for i in range(4)}
         files["tls/big.bin"] = os.urandom(11 * MiB)   # three parts
         for rel, data in files.items():
@@ -402,20 +408,30 @@ def test_an_https_store_with_a_private_ca(agent_factory, tmp_path):
         server.stop()
 
 
+@pytest.mark.parametrize("ca_file", [None, "another CA"])
 def test_an_https_store_whose_certificate_is_not_trusted_fails_at_once(agent_factory,
-                                                                        tmp_path):
-    """The same store without its CA trusted: the import fails with a description that
-    names the certificate, not after retrying for ever."""
+                                                                        tmp_path, ca_file):
+    """The same store without its CA trusted (nothing set, or ``repository.ca_file``
+    naming another CA, which replaces the system's): the import fails with a
+    description that names the certificate (and the setting), not after retrying for
+    ever."""
     (tmp_path / "tls").mkdir()
     server = RcloneS3TLS(tmp_path / "tls").start()
     try:
         bucket = new_bucket(server)
+        setting = ""
+        if ca_file:
+            (tmp_path / "other").mkdir()
+            other = RcloneS3TLS(tmp_path / "other")  # its CA is made, it is not started
+            setting = f'ca_file = "{other.ca_file()}"\n'
         agent = agent_factory(config=repo_config(tmp_path, server.endpoint, bucket,
-                                                 grouping="file")).start()
+                                                 grouping="file") + setting).start()
         write_upload(agent, "tls/a.txt", b"a\n")
         done = wait_job(agent, job_of(agent, "tls/a.txt"))
         assert done["State"] == "Failure", done
         assert "certificate" in done["ErrorDescription"].lower(), done
+        if ca_file:
+            assert "repository.ca_file" in done["ErrorDescription"], done
     finally:
         server.stop()
 

@@ -94,7 +94,9 @@ class RepositoryComponent(Component):
                             path_style=cfg.repository_path_style,
                             credentials=read_credentials(cfg.repository_credentials_file),
                             concurrency=cfg.repository_concurrency
-                            + cfg.repository_small_concurrency)
+                            + cfg.repository_small_concurrency,
+                            ca_file=(None if cfg.repository_ca_file is None
+                                     else str(cfg.repository_ca_file)))
             target = f"{cfg.repository_endpoint or 'aws:' + cfg.repository_region}/" \
                      f"{cfg.repository_bucket}"
             self.pusher = Pusher(store=store, db=agent.db, uploads_dir=cfg.uploads_dir,

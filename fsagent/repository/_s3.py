@@ -259,11 +259,12 @@ class _Connections:
     ``ConnectionError`` for the rest, with the system's words."""
 
     def __init__(self, scheme: str, netloc: str, maxsize: int, connect_timeout: float,
-                 read_timeout: float):
+                 read_timeout: float, ca_file: str | None = None):
         parts = urlsplit(f"{scheme}://{netloc}")
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if scheme == "https" else 80)
-        self.tls = ssl.create_default_context() if scheme == "https" else None
+        # ca_file: those CAs only, as botocore's ``verify=PATH``; else the system's.
+        self.tls = ssl.create_default_context(cafile=ca_file) if scheme == "https" else None
         self.maxsize = maxsize
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -401,14 +402,14 @@ class _Lean:
 
     def __init__(self, endpoint: str, bucket: str, region: str, path_style: bool,
                  credentials: tuple[str, str, str | None], concurrency: int,
-                 connect_timeout: float, read_timeout: float):
+                 connect_timeout: float, read_timeout: float, ca_file: str | None = None):
         parts = urlsplit(endpoint)
         self.host = parts.netloc if path_style else f"{bucket}.{parts.netloc}"
         # The path of the bucket's root, as sent and as signed.
         self.root = f"/{_uri(bucket, '')}/" if path_style else "/"
         self.signer = _SigV4(credentials, region)
         self.connections = _Connections(parts.scheme, self.host, concurrency + 2,
-                                        connect_timeout, read_timeout)
+                                        connect_timeout, read_timeout, ca_file)
 
     def request(self, method: str, key: str, headers: dict[str, str],
                 body: bytes | None = None, query: dict[str, str] | None = None) -> _Answer:
@@ -441,8 +442,12 @@ class S3Store:
 
     def __init__(self, *, endpoint: str | None, bucket: str, region: str, path_style: bool,
                  credentials: tuple[str, str, str | None], concurrency: int,
-                 connect_timeout: float = 5.0, read_timeout: float = 60.0):
+                 connect_timeout: float = 5.0, read_timeout: float = 60.0,
+                 ca_file: str | None = None):
+        """``ca_file``: a PEM file of the only CAs trusted for an https endpoint (else
+        the system's)."""
         self.endpoint = endpoint
+        self.ca_file = ca_file
         self.bucket = bucket
         # Copies (keep_deleted): one CopyObject up to this, S3's limit; parts above it
         # (COPY_PART server-side, STREAM_PART through the agent). Attributes, so a test
@@ -469,10 +474,11 @@ class S3Store:
         )
         self._client = session.create_client(
             "s3", endpoint_url=endpoint, aws_access_key_id=key,
-            aws_secret_access_key=secret, aws_session_token=token, config=config)
+            aws_secret_access_key=secret, aws_session_token=token, config=config,
+            verify=ca_file)  # None: botocore's default (the system's, AWS_CA_BUNDLE)
         self._lean = None if endpoint is None else _Lean(
             endpoint, bucket, region, path_style, credentials, concurrency,
-            connect_timeout, read_timeout)
+            connect_timeout, read_timeout, ca_file)
 
     # -- errors -------------------------------------------------------------------------
 
@@ -510,8 +516,12 @@ class S3Store:
             # Not a network hiccup: trying again cannot make the certificate trusted.
             return StoreError("certificate", False,
                               f"{self.where}: its TLS certificate is not trusted "
-                              f"({_reason(e)}); trust its CA (the system's store, or "
-                              "SSL_CERT_FILE and AWS_CA_BUNDLE) or fix repository.endpoint")
+                              f"({_reason(e)}); " + (
+                                  f"repository.ca_file ({self.ca_file}) does not hold its "
+                                  "CA" if self.ca_file else
+                                  "trust its CA (repository.ca_file, the system's store, "
+                                  "or SSL_CERT_FILE and AWS_CA_BUNDLE)")
+                              + " or fix repository.endpoint")
         if isinstance(e, (botocore.exceptions.ConnectTimeoutError,
                           botocore.exceptions.ReadTimeoutError)):
             return StoreError("timeout", True, _reason(e))
