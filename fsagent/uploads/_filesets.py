@@ -228,14 +228,15 @@ class FilesetCollector:
                    held: Container[bytes] = ()) -> list[Fileset]:
         """The filesets to import now, taken out of the collector. ``poll``: check every
         manifest set in full (a listed file may have been imported elsewhere, or a
-        manifest removed, without a completion here). Manifest sets whose directory is
-        in ``held`` wait (a manifest there is still being read: it may join them)."""
+        manifest removed, without a completion here). A manifest set that would be ready
+        waits while its directory is in ``held`` (a manifest there is still arriving: it
+        may join it); asked only then, so ``held`` may be costly to answer."""
         ready, self._full = self._full, []
         for key, s in list(self._sets.items()):
             if self.grouping == "directory":
                 due = now - s.last_added >= self.quiet_seconds
             else:
-                if not (s.dirty or poll) or s.root in held:
+                if not (s.dirty or poll):
                     continue
                 if (len(s.members) < s.expected and not poll
                         and now - s.checked_at < MANIFEST_RECHECK_SECONDS):
@@ -246,6 +247,9 @@ class FilesetCollector:
                     continue
                 waiting, failed = s.missing(lookup)
                 due = bool(s.manifests) and not waiting and not failed
+                if due and s.root in held:
+                    s.dirty = True  # looked at again when the hold ends (a wake-up)
+                    continue
             if due:
                 self._close(s)
                 ready.append(self._full.pop())

@@ -72,6 +72,28 @@ MANIFEST_LIMIT = 16 * 2**20    # bigger "manifests" are not manifests
 MANIFEST_POLL_SECONDS = 5.0
 
 
+class _Held:
+    """``directory in held`` for ``FilesetCollector.take_ready``: whether a manifest in
+    it is being read, or still being written or verified. Answered when asked (for a set
+    that would otherwise be imported now), once per directory per pass."""
+
+    __slots__ = ("_handoff", "_answers")
+
+    def __init__(self, handoff: ImportHandOff):
+        self._handoff = handoff
+        self._answers: dict[bytes, bool] = {}
+
+    def __contains__(self, directory: object) -> bool:
+        if not isinstance(directory, bytes):
+            return False
+        answer = self._answers.get(directory)
+        if answer is None:
+            answer = self._answers[directory] = bool(
+                directory in self._handoff._reading
+                or self._handoff._incoming_manifests(directory))
+        return answer
+
+
 class ImportHandOff:
     def __init__(self, agent: Host, tasks: TaskTable, paths: BackingTree):
         self._agent = agent
@@ -233,28 +255,29 @@ class ImportHandOff:
             with trio.move_on_at(due):
                 await self._collected.wait()
 
-    def _incoming_manifests(self) -> dict[bytes, list[str]]:
-        """Manifests still being written or verified, by directory: a manifest set in
-        that directory waits for them (``MD5SUMS`` sent before ``SHA256SUMS`` may
-        complete after it and the files both list: it must join their set, not follow
-        it as a set of its own). Once verified, a manifest is read on its way into the
-        collector (``_reading``, with no await between). A manifest that failed holds
-        nothing back; one left partial completes when it settles (or is removed). Only
-        unfinished tasks are looked at: few, however many uploads the store holds."""
+    def _incoming_manifests(self, directory: bytes | None = None) -> dict[bytes, list[str]]:
+        """Manifests still being written or verified, by directory (only ``directory``'s,
+        if given): a manifest set there waits for them (``MD5SUMS`` sent before
+        ``SHA256SUMS`` may complete after it and the files both list: it must join their
+        set, not follow it as a set of its own). Once verified, a manifest is read on its
+        way into the collector (``_reading``, with no await between). A manifest that
+        failed holds nothing back; one left partial completes when it settles (or is
+        removed). A pass over the unfinished tasks: asked only for a set that would
+        otherwise be imported now, and for ``filesets.json``."""
         out: dict[bytes, list[str]] = {}
         if self.collector is None or self.collector.grouping != "manifest":
             return out
         for t in self._tasks.unfinished:
             if t.state not in (State.FAILED, State.COMPLETE) and not t.ended:
-                directory, _, name = t.rel.rpartition(b"/")
-                if manifest_kind(name) is not None:
-                    out.setdefault(directory, []).append(t.path)
+                where, _, name = t.rel.rpartition(b"/")
+                if (directory is None or where == directory) and manifest_kind(name):
+                    out.setdefault(where, []).append(t.path)
         return out
 
-    def _held_directories(self) -> set[bytes]:
+    def _held_directories(self) -> _Held:
         """Directories whose manifest sets wait: a manifest there is being read, or is
         still being written or verified (``_incoming_manifests``)."""
-        return set(self._reading) | set(self._incoming_manifests())
+        return _Held(self)
 
     # -- submitting ----------------------------------------------------------------------
 
